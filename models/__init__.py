@@ -1,0 +1,1 @@
+"""Plain torch models: rerankers, the hybrid-expert adaptor, losses and metrics."""

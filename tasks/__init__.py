@@ -1,0 +1,1 @@
+"""Pipeline stages: pure functions plus thin Prefect ``@task`` wrappers over files."""

@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny hand-made data sets in each supported format."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+GENRES19 = ["0"] * 19
+
+N_USERS, N_ITEMS, PER_USER = 6, 40, 20
+
+
+def _ratings(n_users: int = N_USERS, per_user: int = PER_USER) -> list[tuple[int, int, int, int]]:
+    """Deterministic (user, item, rating, timestamp) rows; user u rates items u..u+per_user-1."""
+    rows = []
+    for u in range(1, n_users + 1):
+        for k in range(per_user):
+            item = (u + 3 * k) % N_ITEMS + 1
+            rows.append((u, item, 1 + (u + k) % 5, 880000000 + 1000 * u + 10 * (per_user - k)))
+    return rows
+
+
+@pytest.fixture
+def ml100k_dir(tmp_path: Path) -> Path:
+    """A tiny MovieLens-100K folder in the GroupLens layout."""
+    d = tmp_path / "ml-100k"
+    d.mkdir()
+    (d / "u.user").write_text(
+        "".join(f"{u}|{20 + u}|{'MF'[u % 2]}|student|0213{u}\n" for u in range(1, N_USERS + 1))
+    )
+    items = []
+    for i in range(1, N_ITEMS + 1):
+        flags = list(GENRES19)
+        flags[1 + i % 18] = "1"
+        title = "American President, The (1995)" if i == 7 else f"Movie {i} (19{50 + i})"
+        items.append(f"{i}|{title}|01-Jan-1995||http://x|{'|'.join(flags)}\n")
+    (d / "u.item").write_text("".join(items), encoding="latin-1")
+    (d / "u.data").write_text("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in _ratings()))
+    return d
+
+
+@pytest.fixture
+def ml1m_dir(tmp_path: Path) -> Path:
+    """A tiny MovieLens-1M folder (``::``-separated, latin-1)."""
+    d = tmp_path / "ml-1m"
+    d.mkdir()
+    (d / "users.dat").write_text(
+        "".join(f"{u}::{'MF'[u % 2]}::25::{u % 21}::0213{u}\n" for u in range(1, N_USERS + 1))
+    )
+    movies = []
+    for i in range(1, N_ITEMS + 1):
+        title = "Amélie, Le fabuleux destin d' (2001)" if i == 3 else f"Film {i} (19{50 + i})"
+        movies.append(f"{i}::{title}::Comedy|Romance\n")
+    (d / "movies.dat").write_text("".join(movies), encoding="latin-1")
+    (d / "ratings.dat").write_text("".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in _ratings()))
+    return d
+
+
+@pytest.fixture
+def amazon_dir(tmp_path: Path) -> Path:
+    """A tiny Amazon-Books 2018 folder (reviews + metadata JSON lines)."""
+    d = tmp_path / "amazon"
+    d.mkdir()
+    meta = [
+        {"asin": f"B{i:04d}", "title": f"Book, Number {i}", "category": ["Books", "Fiction"]}
+        for i in range(1, N_ITEMS + 1)
+    ]
+    (d / "meta_Books.json").write_text("".join(json.dumps(m) + "\n" for m in meta))
+    reviews = [
+        {"reviewerID": f"U{u}", "asin": f"B{i:04d}", "overall": float(r), "unixReviewTime": t}
+        for u, i, r, t in _ratings()
+    ]
+    # One user with a single review: removed by the 5-core filter.
+    reviews.append({"reviewerID": "ULONE", "asin": "B0001", "overall": 5.0, "unixReviewTime": 1})
+    (d / "Books.json").write_text("".join(json.dumps(r) + "\n" for r in reviews))
+    return d
