@@ -81,3 +81,59 @@ def amazon_dir(tmp_path: Path) -> Path:
     reviews.append({"reviewerID": "ULONE", "asin": "B0001", "overall": 5.0, "unixReviewTime": 1})
     (d / "Books.json").write_text("".join(json.dumps(r) + "\n" for r in reviews))
     return d
+
+
+# --------------------------------------------------------------------------- models
+
+
+@pytest.fixture(scope="session")
+def default_policy_path() -> str:
+    """The real default policy LLM (SmolLM2-135M-Instruct), built once into the asset cache."""
+    from tasks.assets import policy_model
+
+    return policy_model()
+
+
+@pytest.fixture(scope="session")
+def encoder_path() -> str:
+    """The real default knowledge encoder (all-MiniLM-L6-v2) from the asset cache."""
+    from tasks.assets import encoder_model
+
+    return encoder_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_path(tmp_path_factory: pytest.TempPathFactory, default_policy_path: str) -> str:
+    """A 2-layer, 64-wide Llama with the SmolLM2 tokenizer and chat template (random weights)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llm")
+    tok = AutoTokenizer.from_pretrained(default_policy_path)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A temporary Prefect API on SQLite for the whole session (about 6 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield
