@@ -19,6 +19,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
@@ -26,7 +27,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from tasks.assets import AssetError
 from tasks.datasets import DATASETS, DataError, load_dataset
 from tasks.io import atomic_dir
-from tasks.rerank_lists import TaskConfig, build_task, task_counts
+from tasks.rerank_lists import RerankTask, TaskConfig, build_task, task_counts
 
 log = logging.getLogger(__name__)
 
@@ -51,20 +52,25 @@ def prepare(
     data_dir: str | Path | None = None,
     cfg: TaskConfig | None = None,
     min_interactions: int = 5,
+    max_users: int | None = None,
 ) -> dict:
     """Prepare ``dataset`` into ``<out>/data`` and return its counts.
 
-    Nothing is written when loading or building fails; an existing ``<out>/data`` is replaced
-    only once the new one is complete.
+    ``max_users`` keeps a seeded random subset of the users (their lists are exactly those of
+    the full preparation). Nothing is written when loading or building fails; an existing
+    ``<out>/data`` is replaced only once the new one is complete.
     """
     cfg = cfg or TaskConfig()
     data = load_dataset(dataset, data_dir, min_interactions=min_interactions)
     task = build_task(data, cfg)
+    if max_users:
+        task = subset_users(task, max_users, cfg.seed)
     counts = task_counts(task, data)
     meta = {
         "dataset": dataset,
         "data_dir": str(data_dir) if data_dir else None,
         "min_interactions": min_interactions,
+        "max_users": max_users,
         "task": asdict(cfg),
         "counts": counts,
     }
@@ -78,6 +84,20 @@ def prepare(
         task.lists.write_parquet(tmp / "lists.parquet")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return counts
+
+
+def subset_users(task: RerankTask, max_users: int, seed: int) -> RerankTask:
+    """Keep ``max_users`` users drawn at random (seeded), with their histories and lists."""
+    ids = np.sort(task.users["user_id"].to_numpy())
+    if max_users >= len(ids):
+        return task
+    keep = np.sort(np.random.default_rng(seed + 2).choice(ids, max_users, replace=False))
+    keep_list = keep.tolist()
+    return RerankTask(
+        users=task.users.filter(pl.col("user_id").is_in(keep_list)),
+        history=task.history.filter(pl.col("user_id").is_in(keep_list)),
+        lists=task.lists.filter(pl.col("user_id").is_in(keep_list)),
+    )
 
 
 def load_prepared(run_dir: str | Path) -> PreparedData:
@@ -116,11 +136,23 @@ def prepare_data_task(
     test_frac: float = 0.1,
     valid_frac: float = 0.1,
     min_interactions: int = 5,
-) -> str:
-    """Prefect wrapper: prepare the data set under ``<out>/data`` and return that path."""
+    max_users: int | None = None,
+    run_uid: str = "",
+) -> dict:
+    """Prefect wrapper: prepare the data set under ``<out>/data``; return its path and counts.
+
+    ``run_uid`` only enters the cache key (a new run folder gets new cache entries).
+    """
+    import time
+
+    t0 = time.perf_counter()
     cfg = TaskConfig(seed=seed, test_frac=test_frac, valid_frac=valid_frac)
-    prepare(dataset, out, data_dir, cfg, min_interactions)
-    return str(Path(out) / "data")
+    counts = prepare(dataset, out, data_dir, cfg, min_interactions, max_users)
+    return {
+        "path": str(Path(out) / "data"),
+        "counts": counts,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--valid-frac", type=float, default=0.1, help="share of non-test users for validation"
     )
     p.add_argument(
+        "--max-users", type=int, default=None, help="keep a seeded random subset of users"
+    )
+    p.add_argument(
         "--min-interactions",
         type=int,
         default=5,
@@ -164,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     cfg = TaskConfig(seed=args.seed, test_frac=args.test_frac, valid_frac=args.valid_frac)
     try:
-        counts = prepare(args.dataset, args.out, args.data_dir, cfg, args.min_interactions)
+        counts = prepare(
+            args.dataset, args.out, args.data_dir, cfg, args.min_interactions, args.max_users
+        )
     except (DataError, AssetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

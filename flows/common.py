@@ -1,0 +1,290 @@
+"""What every flow shares: the command line from a pydantic model, the run-folder lock,
+MLflow tracking with explicit run ids, and the task-runner choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import json
+import logging
+import math
+import os
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# --------------------------------------------------------------------------- run folder lock
+
+
+class RunLockedError(RuntimeError):
+    """Another process is writing the same run folder."""
+
+
+@contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on ``run_dir`` for the duration of a flow run.
+
+    The lock is an ``flock`` on ``<run_dir>/.lock``: the kernel releases it when the holder
+    dies, even by SIGKILL, so a killed run can be resumed at once.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / ".lock"
+    fh = open(path, "a+")  # noqa: SIM115 - held for the whole context
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise RunLockedError(
+                f"run folder {run_dir} is in use by another run (pid {holder}); "
+                "wait for it to finish or choose another --run-name"
+            ) from None
+        raise
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield run_dir
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+def tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI``, else SQLite at an absolute path in the project."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+
+
+class Tracker:
+    """MLflow logging with explicit run ids (safe from Prefect's worker threads).
+
+    Every call names its run id; nothing relies on MLflow's thread-local active run.
+    """
+
+    def __init__(self, experiment: str, uri: str | None = None) -> None:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri or tracking_uri()
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = (
+            found.experiment_id if found else self.client.create_experiment(experiment)
+        )
+
+    def start(self, name: str, parent_run_id: str | None = None, tags: dict | None = None) -> str:
+        """Create a run (a child when ``parent_run_id`` is given) and return its id."""
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        return run.info.run_id
+
+    def find(self, name: str, parent_run_id: str | None = None) -> str | None:
+        """The id of an unfinished-or-finished run with this name (and parent), if any."""
+        query = f"attributes.run_name = '{name}'"
+        if parent_run_id:
+            query += f" and tags.mlflow.parentRunId = '{parent_run_id}'"
+        runs = self.client.search_runs([self.experiment_id], query, max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = [Param(k, str(v)[:6000]) for k, v in _flatten(params).items()]
+        existing = self.client.get_run(run_id).data.params
+        fresh = [p for p in flat if p.key not in existing]
+        for start in range(0, len(fresh), 100):
+            self.client.log_batch(run_id, params=fresh[start : start + 100])
+
+    def metrics(self, run_id: str, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        rows = [
+            Metric(_clean_key(k), float(v), now, step or 0)
+            for k, v in _flatten(metrics).items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        ]
+        for start in range(0, len(rows), 500):
+            self.client.log_batch(run_id, metrics=rows[start : start + 500])
+
+    def artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(run_id, str(path), artifact_path)
+        elif path.exists():
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+
+def _clean_key(key: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
+
+
+def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _arg_type(annotation: Any) -> tuple[Any, list | None, bool]:
+    """(converter, choices, is_bool) for a pydantic field annotation."""
+    origin = get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return _arg_type(args[0]) if len(args) == 1 else (str, None, False)
+    if origin is Literal:
+        choices = list(get_args(annotation))
+        return type(choices[0]), choices, False
+    if origin is list:
+        (inner,) = get_args(annotation) or (str,)
+        conv, choices, _ = _arg_type(inner)
+        return _ListOf(conv, choices), None, False
+    if annotation is bool:
+        return bool, None, True
+    if annotation in (int, float, str):
+        return annotation, None, False
+    return str, None, False
+
+
+class _ListOf:
+    """argparse type for a comma-separated list (``1,2,3`` or ``dlcm,prm``)."""
+
+    def __init__(self, conv: Any, choices: list | None) -> None:
+        self.conv, self.choices = conv, choices
+        self.__name__ = "list"
+
+    def __call__(self, text: str) -> list:
+        values = [self.conv(v.strip()) for v in text.split(",") if v.strip()]
+        bad = [v for v in values if self.choices and v not in self.choices]
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"invalid choice {bad[0]!r} (choose from {', '.join(map(str, self.choices))})"
+            )
+        return values
+
+
+def build_parser(model: type[BaseModel], prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one ``--flag`` per field of ``model`` (help = its description)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for name, field in model.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        conv, choices, is_bool = _arg_type(field.annotation)
+        help_text = field.description or ""
+        default = field.default if field.default is not None else None
+        if is_bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        else:
+            if isinstance(conv, _ListOf):
+                arg_type: Any = conv
+            elif conv in (int, float) and not choices:
+                arg_type = conv
+            else:
+                arg_type = str
+            if isinstance(default, list):
+                default = ",".join(map(str, default))
+            parser.add_argument(
+                flag,
+                type=arg_type,
+                choices=[str(c) for c in choices] if choices else None,
+                default=None,
+                help=f"{help_text} (default: {default})" if default is not None else help_text,
+            )
+    parser.set_defaults(_prog=prog)
+    return parser
+
+
+def parse_params(model: type[BaseModel], argv: list[str] | None, prog: str, description: str):
+    """Parse ``argv`` into ``model``; only the flags given override the model's defaults.
+
+    Returns ``(params, explicit)`` where ``explicit`` holds the names set on the command line.
+    Validation errors exit with status 2 and a message naming the parameter.
+    """
+    parser = build_parser(model, prog, description)
+    ns = vars(parser.parse_args(argv))
+    ns.pop("_prog", None)
+    given = {k: v for k, v in ns.items() if v is not None}
+    for name, value in list(given.items()):
+        _, choices, _ = _arg_type(model.model_fields[name].annotation)
+        if choices and not isinstance(choices[0], str):
+            given[name] = type(choices[0])(value)
+    try:
+        return model(**given), set(given)
+    except ValidationError as exc:
+        parser.exit(2, f"{prog}: error: {format_validation_error(exc)}\n")
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per bad parameter: ``--name: message``."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ())) or "parameters"
+        parts.append(f"--{loc.replace('_', '-')}: {err.get('msg')}")
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------- task runner
+
+
+def make_task_runner(kind: Literal["threads", "ray"], max_workers: int | None = None):
+    """Threads by default; Ray (``prefect-ray``) for a cluster or several GPUs."""
+    if kind == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError as exc:
+            raise RuntimeError(
+                "task_runner='ray' needs prefect-ray: pip install -e '.[ray]'"
+            ) from exc
+        address = os.environ.get("RAY_ADDRESS")
+        init_kwargs = {"num_cpus": max_workers} if (max_workers and not address) else {}
+        return RayTaskRunner(address=address, init_kwargs=init_kwargs or None)
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=max_workers)
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)
