@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import errno
 import fcntl
+import inspect
 import json
 import logging
 import math
@@ -288,3 +289,22 @@ def make_task_runner(kind: Literal["threads", "ray"], max_workers: int | None = 
 
 def dump_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+# --------------------------------------------------------------------------- flat flow signature
+
+
+def flat_signature(model: type[BaseModel]) -> inspect.Signature:
+    """A keyword-only signature with one parameter per field of ``model``.
+
+    Given to a flow function, it makes Prefect show the model's fields as a flat form (with
+    their descriptions) and accept ``prefect deployment run ... -p rounds=3``, while the model
+    stays the single definition of the parameters.
+    """
+    params = [
+        inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, default=field, annotation=field.annotation
+        )
+        for name, field in model.model_fields.items()
+    ]
+    return inspect.Signature(params, return_annotation=dict)

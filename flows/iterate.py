@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flows.common import (
     Tracker,
+    flat_signature,
     make_task_runner,
     parse_params,
     run_lock,
@@ -202,9 +203,20 @@ def ensure_run_uid(run_dir: Path) -> str:
 # --------------------------------------------------------------------------- the flow
 
 
-@flow(name="rlrf4rec-iterate", log_prints=True)
-def iterate(params: IterateParams = IterateParams()) -> dict:  # noqa: B008
-    """RLRF4Rec: R rounds of sample, score, pair and DPO; then Table I on the test users."""
+def _iterate(**kwargs) -> dict:
+    """RLRF4Rec: R rounds of sample, score, pair and DPO; then Table I on the test users.
+
+    Takes the fields of :class:`IterateParams` as keyword arguments.
+    """
+    return run_iterate(IterateParams(**kwargs))
+
+
+_iterate.__signature__ = flat_signature(IterateParams)  # type: ignore[attr-defined]
+iterate = flow(name="rlrf4rec-iterate", log_prints=True)(_iterate)
+
+
+def run_iterate(params: IterateParams) -> dict:
+    """Validate, lock the run folder, open the MLflow parent run and run the loop subflow."""
     from tasks.assets import encoder_model, policy_model
 
     p = params.resolved()
@@ -224,6 +236,7 @@ def iterate(params: IterateParams = IterateParams()) -> dict:  # noqa: B008
             tracker.end(parent, "FAILED")
             raise
         tracker.end(parent)
+    result["mlflow_run_id"] = parent
     return result
 
 
@@ -626,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     params, _ = parse_params(IterateParams, argv, "python -m flows.iterate", DESCRIPTION)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        result = iterate(params)
+        result = iterate(**params.model_dump(exclude_unset=True))
     except AssetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
