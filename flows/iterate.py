@@ -250,9 +250,8 @@ def rlrf4rec_loop(
     parent_run_id: str,
 ) -> dict:
     """The stages, in order (see the module docstring)."""
-    from tasks.generate import available_gpus
-
     from tasks.data import prepare_data_task
+    from tasks.generate import available_gpus
     from tasks.loop import (
         dpo_task,
         encode_items_task,
@@ -260,6 +259,7 @@ def rlrf4rec_loop(
         pair_task,
         prompts_task,
         score_task,
+        train_reward_task,
     )
     from tasks.report import write_report
 
@@ -296,16 +296,13 @@ def rlrf4rec_loop(
         timings,
         "round_00",
     )
-    reward_model = _train(
-        p,
+    reward_model = train_reward_task(
         run,
-        R / "reward_model",
-        p.reward_backbone,
-        p.seed,
+        str(R / "reward_model"),
+        _train_cfg(p, p.reward_backbone, p.seed),
         knowledge0["vectors"],
         items["path"],
-        True,
-        run_uid,
+        run_uid=run_uid,
     )
     timings["round_00.train_reward_model"] = reward_model["seconds"]
     tracker.metrics(
@@ -572,41 +569,28 @@ def _knowledge(
     return {"vectors": vectors["path"], "generation": samples["stats"]}
 
 
-def _train_cfg(p: IterateParams, backbone: str, seed: int, hold_out: bool) -> dict:
+def _train_cfg(p: IterateParams, backbone: str, seed: int) -> dict:
+    """Reranker settings (fast CPU default or the paper's) as a plain dict for the task."""
     from tasks.reranker import TrainConfig
 
-    cfg = (
-        TrainConfig.paper(backbone)
-        if p.reranker_settings == "paper"
-        else TrainConfig(backbone=backbone)
-    )
-    out = dict(cfg.__dict__)
+    cfg = TrainConfig.paper(backbone) if p.reranker_settings == "paper" else TrainConfig()
+    out = cfg.to_dict()
     out.update({"backbone": backbone, "seed": seed})
-    if "hold_out_reward_lists" in out:
-        out["hold_out_reward_lists"] = hold_out
     if p.reranker_epochs:
         out["epochs"] = p.reranker_epochs
     return out
 
 
-def _train(p, run, out_dir, backbone, seed, vectors, item_vectors, hold_out, run_uid) -> dict:
-    from tasks.loop import train_reranker_task
+def _train_eval(p, run, out_dir, backbone, seed, vectors, item_vectors, run_uid, timings) -> dict:
+    from tasks.loop import evaluate_task, train_reranker_task
 
-    return train_reranker_task(
+    trained = train_reranker_task(
         run,
-        str(out_dir),
-        _train_cfg(p, backbone, seed, hold_out),
+        str(out_dir / "model"),
+        _train_cfg(p, backbone, seed),
         vectors,
         item_vectors,
         run_uid=run_uid,
-    )
-
-
-def _train_eval(p, run, out_dir, backbone, seed, vectors, item_vectors, run_uid, timings) -> dict:
-    from tasks.loop import evaluate_task
-
-    trained = _train(
-        p, run, out_dir / "model", backbone, seed, vectors, item_vectors, False, run_uid
     )
     ev = evaluate_task(
         trained["model_dir"], run, vectors, item_vectors, str(out_dir), run_uid=run_uid

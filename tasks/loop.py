@@ -211,6 +211,41 @@ def train_reranker_task(
     return {"model_dir": out_dir, "train": _jsonable(info), "seconds": _timed(t0)}
 
 
+@task(name="train-reward-model", **CACHED)
+def train_reward_task(
+    run: str,
+    out_dir: str,
+    train_cfg: dict,
+    vectors_path: str,
+    item_vectors_path: str | None,
+    n_folds: int = 2,
+    run_uid: str = "",
+) -> dict:
+    """Train the cross-fitted reward reranker on round-0 knowledge (see :mod:`tasks.reward`)."""
+    from tasks.reranker import TrainConfig
+    from tasks.reward import train_reward_model
+
+    t0 = time.perf_counter()
+    meta = train_reward_model(
+        Path(run),
+        Path(out_dir),
+        TrainConfig(**train_cfg),
+        user_vectors(vectors_path),
+        _read_optional(item_vectors_path),
+        n_folds=n_folds,
+    )
+    valid = [f["summary"].get("valid", {}) for f in meta["folds"]]
+    stats = {
+        "folds": meta["n_folds"],
+        "valid_map@5": float(np.mean([v.get("map@5", np.nan) for v in valid])),
+        "valid_ndcg@5": float(np.mean([v.get("ndcg@5", np.nan) for v in valid])),
+        "best_epoch_mean": float(
+            np.mean([f["summary"].get("best_epoch", 0) for f in meta["folds"]])
+        ),
+    }
+    return {"model_dir": out_dir, "train": stats, "seconds": _timed(t0)}
+
+
 @task(name="evaluate-reranker", **CACHED)
 def evaluate_task(
     model_dir: str,
@@ -258,11 +293,12 @@ def score_task(
     from tasks.reward import score_samples
 
     t0 = time.perf_counter()
-    vectors = pl.read_parquet(vectors_path)
+    vectors = pl.read_parquet(vectors_path).with_columns(pl.col("sample_idx").cast(pl.Int64))
     scores = score_samples(
         Path(reward_model_dir), Path(run), vectors, item_vectors=_read_optional(item_vectors_path)
     )
-    samples = pl.read_parquet(samples_path)
+    samples = pl.read_parquet(samples_path).with_columns(pl.col("sample_idx").cast(pl.Int64))
+    scores = scores.with_columns(pl.col("sample_idx").cast(pl.Int64)).drop_nulls("ndcg_at_5")
     scored = samples.join(scores, on=["user_id", "sample_idx"], how="inner")
     write_parquet(scored, Path(out_path))
     stats = {}
