@@ -17,9 +17,9 @@ import typing
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -303,8 +303,22 @@ def flat_signature(model: type[BaseModel]) -> inspect.Signature:
     """
     params = [
         inspect.Parameter(
-            name, inspect.Parameter.KEYWORD_ONLY, default=field, annotation=field.annotation
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=field.default,
+            annotation=Annotated[field.annotation, Field(description=field.description)],
         )
         for name, field in model.model_fields.items()
     ]
     return inspect.Signature(params, return_annotation=dict)
+
+
+def flat_docstring(model: type[BaseModel], summary: str) -> str:
+    """A Google-style docstring whose ``Args:`` are the model's field descriptions.
+
+    Prefect reads parameter descriptions for its UI form from the flow function's docstring.
+    """
+    lines = [summary.strip(), "", "Args:"]
+    for name, field in model.model_fields.items():
+        lines.append(f"    {name}: {(field.description or name).strip()}")
+    return "\n".join(lines) + "\n"

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flows.common import (
     Tracker,
+    flat_docstring,
     flat_signature,
     make_task_runner,
     parse_params,
@@ -212,6 +213,9 @@ def _iterate(**kwargs) -> dict:
 
 
 _iterate.__signature__ = flat_signature(IterateParams)  # type: ignore[attr-defined]
+_iterate.__doc__ = flat_docstring(
+    IterateParams, "RLRF4Rec: R rounds of sample, score, pair and DPO; then Table I."
+)
 iterate = flow(name="rlrf4rec-iterate", log_prints=True)(_iterate)
 
 
@@ -372,17 +376,18 @@ def rlrf4rec_loop(
             run_uid=run_uid,
         )
         timings[f"{tag}.dpo"] = dpo["seconds"]
-        adapter = dpo["adapter_dir"]
-        if dpo.get("merged_dir"):
-            policy_for_sampling, sampling_adapter = dpo["merged_dir"], None
-        else:
-            policy_for_sampling, sampling_adapter = policy_path, adapter
+        if not dpo.get("skipped"):
+            adapter = dpo["adapter_dir"]
+            if dpo.get("merged_dir"):
+                policy_for_sampling, sampling_adapter = dpo["merged_dir"], None
+            else:
+                policy_for_sampling, sampling_adapter = policy_path, adapter
         info = {
             "round": r,
             "generation": samples["stats"],
             "reward": scored["stats"],
             "pairs": pairs["stats"],
-            "dpo": dpo.get("metrics", {}),
+            "dpo": {**dpo.get("metrics", {}), "skipped": int(bool(dpo.get("skipped")))},
         }
         tracker.metrics(child, {k: v for k, v in info.items() if k != "round"}, step=r)
         tracker.metrics(child, {f"seconds.{k}": v for k, v in timings.items() if k.startswith(tag)})
@@ -390,7 +395,8 @@ def rlrf4rec_loop(
             parent_run_id, {"reward_mean": scored["stats"][f"{reward_col}_mean"]}, step=r
         )
         tracker.artifact(child, pairs["path"])
-        tracker.artifact(child, adapter, "adapter")
+        if adapter and not dpo.get("skipped"):
+            tracker.artifact(child, adapter, "adapter")
         if p.eval_each_round or r == p.rounds:
             k = _knowledge(
                 p,

@@ -348,15 +348,27 @@ def dpo_task(
     init_adapter: str | None = None,
     run_uid: str = "",
 ) -> dict:
-    """LoRA-DPO on the round's pairs; returns the adapter (and merged checkpoint) paths."""
+    """LoRA-DPO on the round's pairs; returns the adapter (and merged checkpoint) paths.
+
+    A round whose pairs were all dropped trains nothing: the previous policy is kept and the
+    result says ``skipped``.
+    """
     from tasks.dpo import DPOConfig, train_dpo
 
     t0 = time.perf_counter()
     pairs = pl.read_parquet(pairs_path)
     if pairs.height == 0:
-        raise ValueError(f"{pairs_path}: no preference pairs to train on (all dropped)")
+        log.warning("%s: no preference pairs (all dropped); the policy is unchanged", pairs_path)
+        return {
+            "adapter_dir": init_adapter,
+            "merged_dir": None,
+            "metrics": {},
+            "skipped": True,
+            "seconds": _timed(t0),
+        }
     result = train_dpo(model, pairs, Path(out_dir), DPOConfig(**dpo_cfg), init_adapter=init_adapter)
     result = _jsonable(result)
+    result["skipped"] = False
     result["seconds"] = _timed(t0)
     write_json(result, Path(out_dir) / "result.json")
     return result

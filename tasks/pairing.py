@@ -11,8 +11,8 @@ Strategies:
   outlier such as an empty string).
 
 A pair whose reward difference is zero is a tie; one below ``min_margin`` is a small margin;
-both are dropped and counted. Degenerate samples (empty, whitespace-only, cut at the token
-limit) are never chosen; they may be rejected.
+both are dropped and counted. Empty or whitespace-only samples are never chosen (they may be
+rejected); samples cut at the token limit may be chosen (short budgets cut most answers).
 """
 
 from __future__ import annotations
@@ -63,8 +63,7 @@ def build_pairs(
     """Pairs from scored samples.
 
     Args:
-        samples: ``user_id``, ``sample_idx``, ``text``, ``reward_col`` and optionally
-            ``degenerate`` (Boolean).
+        samples: ``user_id``, ``sample_idx``, ``text`` and ``reward_col``.
         prompts: ``user_id``, ``prompt`` (the user message the samples answer).
         strategy: see the module docstring.
         min_margin: pairs whose reward difference is below this are dropped (ties, where the
@@ -79,8 +78,6 @@ def build_pairs(
     if min_margin < 0:
         raise ValueError(f"min_margin must be >= 0, got {min_margin}")
     prompt_of = dict(zip(prompts["user_id"].to_list(), prompts["prompt"].to_list(), strict=True))
-    if "degenerate" not in samples.columns:
-        samples = samples.with_columns(pl.lit(False).alias("degenerate"))
     grouped = samples.sort(["user_id", "sample_idx"]).group_by("user_id", maintain_order=True)
     rows: list[dict] = []
     ties = small = none = users = 0
@@ -89,7 +86,7 @@ def build_pairs(
         idx = group["sample_idx"].to_numpy()
         text = group["text"].to_list()
         reward = group[reward_col].to_numpy().astype(np.float64)
-        ok = ~group["degenerate"].to_numpy().astype(bool)
+        ok = np.array([bool(t.strip()) for t in text])
         candidates = _select(strategy, reward, ok)
         if not candidates:
             none += 1

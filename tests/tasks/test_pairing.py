@@ -6,13 +6,13 @@ import pytest
 from tasks.pairing import build_pairs
 
 
-def _samples(rewards: dict[int, list[float]], degenerate: dict[int, list[bool]] | None = None):
+def _samples(rewards: dict[int, list[float]], empty: dict[int, list[bool]] | None = None):
     rows = []
     for uid, rs in rewards.items():
         for i, r in enumerate(rs):
-            deg = (degenerate or {}).get(uid, [False] * len(rs))[i]
-            rows.append({"user_id": uid, "sample_idx": i, "text": f"u{uid}s{i}", "reward": r,
-                         "degenerate": deg})  # fmt: skip
+            blank = (empty or {}).get(uid, [False] * len(rs))[i]
+            text = "  " if blank else f"u{uid}s{i}"
+            rows.append({"user_id": uid, "sample_idx": i, "text": text, "reward": r})
     return pl.DataFrame(rows)
 
 
@@ -47,7 +47,7 @@ def test_mu_2sigma_rejects_near_target() -> None:
     assert pairs.row(0, named=True)["rejected_idx"] == 3
 
 
-def test_degenerate_never_chosen() -> None:
+def test_empty_never_chosen() -> None:
     samples = _samples({1: [0.9, 0.5, 0.1]}, {1: [True, False, False]})
     pairs, _ = build_pairs(samples, PROMPTS, "best_worst")
     assert pairs.row(0, named=True)["chosen_idx"] == 1
