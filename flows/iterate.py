@@ -519,22 +519,36 @@ def _sample(
     shards = select_prompts_task(
         prompts_path, splits, n_shards, str(out_dir / "prompts"), run_uid=run_uid
     )
-    futures = [
-        sample_task.submit(
-            path,
-            str(out_dir / "samples" / f"shard{k:02d}.parquet"),
-            model,
-            _sampling(p, n, round_idx),
-            p.backend,
-            adapter,
-            round_idx,
-            gpus[k % len(gpus)] if gpus else None,
-            run_uid=run_uid,
-        )
-        for k, path in enumerate(shards["shards"])
-    ]
+    gpu_options = _ray_gpu_options(p, gpus)
+    with gpu_options:
+        futures = [
+            sample_task.submit(
+                path,
+                str(out_dir / "samples" / f"shard{k:02d}.parquet"),
+                model,
+                _sampling(p, n, round_idx),
+                p.backend,
+                adapter,
+                round_idx,
+                # Under Ray the worker's CUDA_VISIBLE_DEVICES is set by Ray itself.
+                gpus[k % len(gpus)] if gpus and p.task_runner != "ray" else None,
+                run_uid=run_uid,
+            )
+            for k, path in enumerate(shards["shards"])
+        ]
     results = [f.result() for f in futures]
     return merge_samples_task(results, str(out_dir / "samples.parquet"), run_uid=run_uid)
+
+
+def _ray_gpu_options(p: IterateParams, gpus: list[int]):
+    """With Ray on a GPU host, each sampling shard asks Ray for one whole GPU."""
+    from contextlib import nullcontext
+
+    if p.task_runner != "ray" or not gpus:
+        return nullcontext()
+    from prefect_ray.context import remote_options
+
+    return remote_options(num_gpus=1)
 
 
 def _knowledge(

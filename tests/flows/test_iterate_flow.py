@@ -143,3 +143,24 @@ def test_invalid_parameters_refused(flag, value, message, capsys, tmp_path) -> N
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_flow_runs_on_local_ray(tmp_path: Path, tiny_llm_path: str, prefect_harness) -> None:
+    """The same flow with the Ray task runner: sampling shards run as Ray tasks."""
+    import os
+
+    pytest.importorskip("prefect_ray")
+    from flows.iterate import iterate
+
+    data_dir = write_grouplens(tmp_path / "ml", n_users=14, n_items=50, per_user=20)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = iterate(
+        run_name="ray", runs_dir=str(tmp_path / "runs"), data_dir=str(data_dir), max_users=0,
+        policy_model=tiny_llm_path, rounds=1, n_samples=2, max_new_tokens=8,
+        backend="transformers", backbones=["dlcm"], seeds=[1], reranker_epochs=1,
+        dpo_max_steps=1, n_shards=2, task_runner="ray", experiment="tiny-ray",
+    )  # fmt: skip
+    run = Path(result["run_dir"])
+    shards = sorted((run / "round_01" / "samples").glob("shard*.parquet"))
+    assert len(shards) == 2
+    assert (run / "report.md").exists()
