@@ -97,7 +97,7 @@ class DirectParams(BaseModel):
     seeds: list[int] | None = Field(
         None,
         description="one full run per seed (split, windows, sampling, training), e.g. 0,1,2; "
-        "several give mean and 95% CI (profile)",
+        "several give a mean with a 95 percent confidence interval (profile)",
     )
     policy_model: str = Field(
         "SmolLM2-135M-Instruct",
@@ -335,7 +335,7 @@ def _direct(**kwargs) -> dict:
 
 
 _direct.__signature__ = flat_signature(DirectParams)  # type: ignore[attr-defined]
-direct_flow = flow(name="rlrf4rec-direct", log_prints=True)(_direct)
+direct_flow = flow(name="rlrf4rec-direct")(_direct)
 
 
 def run_direct(params: DirectParams) -> dict:
@@ -363,6 +363,11 @@ def run_direct(params: DirectParams) -> dict:
 
 def _users(n: int | None) -> int | None:
     return n or None
+
+
+def _fp(*results: dict | None) -> str:
+    """The content fingerprints of upstream results (a downstream task's cache input)."""
+    return ":".join(r.get("fingerprint", "") for r in results if r)
 
 
 @flow(name="rlrf4rec-direct-pipeline")
@@ -407,12 +412,13 @@ def direct_pipeline(
         if seed == seeds[0]:
             details[stage] = _brief(result)
 
-    def evaluate(seed: int, stage: str, data_path: str, adapter: str | None) -> str:
+    def evaluate(seed: int, stage: str, data: dict, model: dict | None) -> str:
         """Evaluate one stage's policy on the test windows; return the answers' path."""
         ev = evaluate_task(
-            data_path, stage, policy, adapter, p.eval_sampling(seed), p.backend,
-            _users(p.max_eval_users), p.mapping(),
-            str(root / f"seed_{seed}" / stage / "eval"), run_uid=run_uid,
+            data["path"], stage, policy, model["adapter_dir"] if model else None,
+            p.eval_sampling(seed), p.backend, _users(p.max_eval_users), p.mapping(),
+            str(root / f"seed_{seed}" / stage / "eval"),
+            upstream=_fp(data, model), run_uid=run_uid,
         )  # fmt: skip
         record(seed, f"{stage}.eval", ev)
         per_seed.setdefault(stage, {})[seed] = ev["metrics"]
@@ -428,61 +434,64 @@ def direct_pipeline(
         record(seed, "data", data)
         base_line = baselines_task(
             data["path"], str(sd / "baselines"), p.baseline_cfg(), _users(p.max_eval_users),
-            run_uid=run_uid,
+            upstream=_fp(data), run_uid=run_uid,
         )  # fmt: skip
         record(seed, "baselines", base_line)
         for name in ("popular", "item_knn"):
             per_seed.setdefault(name, {})[seed] = base_line["metrics"][name]
         answers: dict[str, str] = {}
-        answers["base"] = evaluate(seed, "base", data["path"], None)
-        start_adapter: str | None = None
+        answers["base"] = evaluate(seed, "base", data, None)
+        start: dict | None = None  # the policy the later stages start from (SFT's)
         if "sft" in stages:
             sft = sft_task(
                 data["path"], policy, str(sd / "sft" / "model"), p.sft_cfg(seed),
-                _users(p.max_train_users), run_uid=run_uid,
+                _users(p.max_train_users), upstream=_fp(data), run_uid=run_uid,
             )  # fmt: skip
             record(seed, "sft", sft)
-            start_adapter = sft["adapter_dir"]
-            answers["sft"] = evaluate(seed, "sft", data["path"], start_adapter)
+            start = sft
+            answers["sft"] = evaluate(seed, "sft", data, sft)
+        start_adapter = start["adapter_dir"] if start else None
         prefs = None
         if "dpo" in stages or "rlhf" in stages:
             prefs = preferences_task(
                 data["path"], policy, start_adapter, p.pref_sampling(seed), p.backend,
                 _users(p.max_pref_users), p.mapping(), p.pairing, p.min_margin,
-                p.max_pairs_per_prompt, str(sd / "preferences"), run_uid=run_uid,
+                p.max_pairs_per_prompt, str(sd / "preferences"), upstream=_fp(data, start),
+                run_uid=run_uid,
             )  # fmt: skip
             record(seed, "preferences", prefs)
         if "dpo" in stages and prefs is not None:
             dpo = dpo_task(
                 policy, prefs["pairs_path"], str(sd / "dpo" / "model"), p.dpo_cfg(seed),
-                start_adapter, run_uid=run_uid,
+                start_adapter, upstream=_fp(prefs, start), run_uid=run_uid,
             )  # fmt: skip
             record(seed, "dpo", dpo)
             if dpo["adapter_dir"]:
-                answers["dpo"] = evaluate(seed, "dpo", data["path"], dpo["adapter_dir"])
+                answers["dpo"] = evaluate(seed, "dpo", data, dpo)
             else:
                 notes.append(f"seed {seed}: DPO skipped ({dpo['skipped']}).")
         if "rl" in stages:
             rl = online_rl_task(
                 data["path"], policy, str(sd / "rl" / "model"), p.rl_cfg(seed), start_adapter,
-                _users(p.max_rl_users), p.mapping(), run_uid=run_uid,
+                _users(p.max_rl_users), p.mapping(), upstream=_fp(data, start), run_uid=run_uid,
             )  # fmt: skip
             record(seed, "rl", rl)
-            answers["rl"] = evaluate(seed, "rl", data["path"], rl["adapter_dir"])
+            answers["rl"] = evaluate(seed, "rl", data, rl)
         if "rlhf" in stages and prefs is not None:
             rm = reward_model_task(
                 policy, prefs["pairs_path"], str(sd / "rlhf" / "reward_model"), p.rm_cfg(seed),
-                run_uid=run_uid,
+                upstream=_fp(prefs), run_uid=run_uid,
             )  # fmt: skip
             record(seed, "reward_model", rm)
             if rm["adapter_dir"]:
                 rlhf = online_rl_task(
                     data["path"], policy, str(sd / "rlhf" / "model"), p.rl_cfg(seed),
                     start_adapter, _users(p.max_rl_users), p.mapping(),
-                    reward_model_dir=rm["adapter_dir"], run_uid=run_uid,
+                    reward_model_dir=rm["adapter_dir"], upstream=_fp(data, start, rm),
+                    run_uid=run_uid,
                 )  # fmt: skip
                 record(seed, "rlhf", rlhf)
-                answers["rlhf"] = evaluate(seed, "rlhf", data["path"], rlhf["adapter_dir"])
+                answers["rlhf"] = evaluate(seed, "rlhf", data, rlhf)
             else:
                 notes.append(f"seed {seed}: RLHF skipped ({rm['skipped']}).")
         if seed == seeds[0]:
@@ -516,15 +525,25 @@ def direct_pipeline(
     return {"run_dir": run, **paths, "wall_seconds": wall}
 
 
+BRIEF_KEYS = (
+    "windows", "answers", "ndcg@5", "mapped_title_rate", "parse_failure_rate", "loss", "steps",
+    "n_examples", "n_pairs", "n_prompts", "reward", "accuracy", "rewards/accuracies", "pairs",
+    "prompts", "prompts_with_pairs", "prompts_all_zero", "mean_ndcg", "mean_best_ndcg",
+    "backend", "generated_tokens", "tokens_per_s", "skipped",
+)  # fmt: skip
+
+
 def _brief(result: dict) -> dict:
-    """The small, reportable part of a task's result."""
-    keep = ("metrics", "stats", "seconds", "skipped", "counts")
-    out = {k: v for k, v in result.items() if k in keep and v is not None}
-    if "generation" in result:
-        g = result["generation"]
-        keys = ("backend", "generated_tokens", "tokens_per_s", "n_degenerate", "seconds")
-        out["generation"] = {k: g.get(k) for k in keys if k in g}
-    return out
+    """The few reportable figures of a task's result (flat)."""
+    flat: dict = {}
+    for part in ("counts", "metrics", "stats", "generation"):
+        value = result.get(part)
+        if isinstance(value, dict):
+            flat.update({k: v for k, v in value.items() if not isinstance(v, dict)})
+    if result.get("skipped"):
+        flat["skipped"] = result["skipped"]
+    out = {k: flat[k] for k in BRIEF_KEYS if k in flat and flat[k] is not None}
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 
 # --------------------------------------------------------------------------- command line

@@ -1,0 +1,182 @@
+"""Reranking metrics (KAR's definitions) and the statistics used to compare systems.
+
+All metric functions take ``labels`` and ``scores`` as arrays of shape ``[lists, items]``
+(numpy arrays, torch tensors or nested lists). Items are ranked by descending score; ties are
+broken by position, deterministically: of two items with equal scores the one that comes first
+in the list ranks first (a stable sort on the negated scores).
+
+With ``rel`` the label of the item at rank ``i`` (1-based) and only the top ``K`` ranks counted:
+
+- ``NDCG@K = DCG@K / IDCG@K`` with ``DCG@K = sum_i (2^rel_i - 1) / log2(i + 1)`` and ``IDCG@K``
+  the DCG of the labels sorted in decreasing order; 0 for a list with no positive.
+- ``MAP@K`` = the mean, over the hits (``rel > 0``) in the top ``K``, of ``hits so far / rank``;
+  0 when the top ``K`` holds no hit. The denominator is the number of hits in the top ``K``
+  (KAR's code), not ``min(K, positives)``.
+
+The ``*_per_list`` variants return one value per list (shape ``[lists]``, vectorised, no Python
+loop over lists); :func:`map_at_k` and :func:`ndcg_at_k` are their means.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+KS: tuple[int, ...] = (1, 3, 5, 7)
+
+
+def _as_2d(name: str, x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must have shape [lists, items], got shape {arr.shape}")
+    return arr
+
+
+def _ranked_labels(labels: Any, scores: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels in rank order, cut to the top ``k``, and the full label matrix.
+
+    Returns:
+        ``top`` ``[lists, min(k, items)]`` labels ordered by descending score (stable on ties)
+        and ``lab`` ``[lists, items]`` the labels as float64.
+    """
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    lab = _as_2d("labels", labels)
+    sco = _as_2d("scores", scores)
+    if lab.shape != sco.shape:
+        raise ValueError(f"labels {lab.shape} and scores {sco.shape} must have the same shape")
+    order = np.argsort(-sco, axis=1, kind="stable")
+    top = np.take_along_axis(lab, order[:, :k], axis=1)
+    return top, lab
+
+
+def map_at_k_per_list(labels: Any, scores: Any, k: int) -> np.ndarray:
+    """MAP@K of each list: shape ``[lists]``, float64 (0 where the top K holds no hit)."""
+    top, _ = _ranked_labels(labels, scores, k)
+    hit = (top > 0).astype(np.float64)  # [lists, k]
+    hits_so_far = np.cumsum(hit, axis=1)
+    ranks = np.arange(1, top.shape[1] + 1, dtype=np.float64)
+    precision_sum = (hit * hits_so_far / ranks).sum(axis=1)
+    n_hits = hit.sum(axis=1)
+    return np.divide(precision_sum, n_hits, out=np.zeros_like(n_hits), where=n_hits > 0)
+
+
+def ndcg_at_k_per_list(labels: Any, scores: Any, k: int) -> np.ndarray:
+    """NDCG@K of each list: shape ``[lists]``, float64 (0 for a list with no positive)."""
+    top, lab = _ranked_labels(labels, scores, k)
+    kk = top.shape[1]
+    discount = 1.0 / np.log2(np.arange(2, kk + 2, dtype=np.float64))  # rank i -> 1/log2(i+1)
+    dcg = ((np.power(2.0, top) - 1.0) * discount).sum(axis=1)
+    ideal = -np.sort(-lab, axis=1)[:, :kk]
+    idcg = ((np.power(2.0, ideal) - 1.0) * discount).sum(axis=1)
+    return np.divide(dcg, idcg, out=np.zeros_like(dcg), where=idcg > 0)
+
+
+def map_at_k(labels: Any, scores: Any, k: int) -> float:
+    """Mean MAP@K over lists (``labels``, ``scores``: ``[lists, items]``)."""
+    return float(map_at_k_per_list(labels, scores, k).mean())
+
+
+def ndcg_at_k(labels: Any, scores: Any, k: int) -> float:
+    """Mean NDCG@K over lists (``labels``, ``scores``: ``[lists, items]``)."""
+    return float(ndcg_at_k_per_list(labels, scores, k).mean())
+
+
+def metrics_per_list(labels: Any, scores: Any, ks: Sequence[int] = KS) -> dict[str, np.ndarray]:
+    """``{"map@k": [lists], "ndcg@k": [lists]}`` for every ``k`` in ``ks``."""
+    out: dict[str, np.ndarray] = {}
+    for k in ks:
+        out[f"map@{k}"] = map_at_k_per_list(labels, scores, k)
+    for k in ks:
+        out[f"ndcg@{k}"] = ndcg_at_k_per_list(labels, scores, k)
+    return out
+
+
+def all_metrics(labels: Any, scores: Any, ks: Sequence[int] = KS) -> dict[str, float]:
+    """Means over lists of :func:`metrics_per_list`."""
+    return {name: float(v.mean()) for name, v in metrics_per_list(labels, scores, ks).items()}
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def paired_bootstrap_ci(
+    a: Any, b: Any, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05
+) -> dict[str, float]:
+    """Paired bootstrap CI of ``mean(a - b)`` over lists.
+
+    Args:
+        a, b: per-list metric values ``[lists]`` of two systems on the same lists, same order.
+        n_boot: bootstrap resamples of the lists (with replacement).
+        seed: seed of the resampling.
+        alpha: 1 - confidence level (0.05 gives a 95 % percentile interval).
+
+    Returns:
+        ``mean_diff``, ``ci_low``, ``ci_high`` (percentile interval), ``p_value`` (two-sided
+        bootstrap p-value: twice the share of resampled mean differences on the far side of 0,
+        capped at 1; a rough guide, not an exact test) and ``n`` (lists).
+    """
+    x = np.asarray(a, dtype=np.float64).ravel()
+    y = np.asarray(b, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"a {x.shape} and b {y.shape} must have the same number of lists")
+    if x.size == 0:
+        raise ValueError("a and b are empty: nothing to compare")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    diff = x - y
+    n = diff.size
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot, dtype=np.float64)
+    chunk = max(1, min(n_boot, 4_000_000 // n))  # bound the index matrix to ~32 MB
+    for start in range(0, n_boot, chunk):
+        m = min(chunk, n_boot - start)
+        idx = rng.integers(0, n, size=(m, n))
+        means[start : start + m] = diff[idx].mean(axis=1)
+    mean_diff = float(diff.mean())
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    if mean_diff >= 0:
+        tail = float((means <= 0).mean())
+    else:
+        tail = float((means >= 0).mean())
+    return {
+        "mean_diff": mean_diff,
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+        "p_value": min(1.0, 2.0 * tail),
+        "n": int(n),
+    }
+
+
+def seed_summary(values: Any, confidence: float = 0.95) -> dict[str, float]:
+    """Mean, sample std and t-based CI of a metric over seeds.
+
+    Args:
+        values: one value per seed.
+        confidence: level of the two-sided interval ``mean +- t * std / sqrt(n)``.
+
+    Returns:
+        ``mean``, ``std`` (ddof=1; 0 with one seed), ``ci_low``, ``ci_high`` (equal to the mean
+        with one seed) and ``n``.
+    """
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size == 0:
+        raise ValueError("values is empty: need at least one seed")
+    n = int(v.size)
+    mean = float(v.mean())
+    if n == 1:
+        return {"mean": mean, "std": 0.0, "ci_low": mean, "ci_high": mean, "n": 1}
+    std = float(v.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * std / math.sqrt(n)
+    return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "n": n}

@@ -1,0 +1,917 @@
+"""The stages of the second pipeline (You et al.): evaluate, SFT, preference pairs, DPO, online RL.
+
+Pure functions first (they take frames and return frames), then thin Prefect tasks that read
+and write files under ``runs/<run>/direct/seed_<s>/<stage>/`` and return small dicts (paths,
+metrics, seconds). Every task persists its result and caches on its inputs and its source
+(``INPUTS + TASK_SOURCE``) and takes ``run_uid``, so a finished stage is never recomputed and a
+killed run resumes at the first unfinished one; ``upstream`` carries the content fingerprints of
+the artefacts a task reads (:func:`fingerprint`), so a redone stage invalidates what follows.
+
+- **evaluate**: one answer per test window with the stage's policy and the shared decoding
+  settings (greedy by default), parsed and mapped (:mod:`tasks.title_mapping`), scored with
+  NDCG@5, Precision@5 and Recall@5 (:mod:`models.direct_metrics`) against the ground truth.
+- **SFT**: (prompt, ground-truth titles as a Python list) pairs of the train windows.
+- **preference pairs**: ``n`` sampled answers per train prompt from the SFT policy, scored with
+  NDCG@5; ``all_pairs`` (the paper: every pair with different NDCG@5, the higher one chosen) or
+  ``best_worst``.
+- **DPO**: on those pairs, continuing the SFT adapter, with the SFT policy as reference.
+- **online RL**: TRL GRPO/RLOO from the SFT adapter, reward = NDCG@5 of the mapped answer.
+- **RLHF** (the paper's PPO row, with a reward model): a reward model (the base LLM with a
+  scalar head and LoRA, TRL ``RewardTrainer``) trained on the preference pairs, then online RL
+  with that model's score as the reward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+from models.direct_metrics import mean_ci, metrics_at_k
+from tasks.direct_data import select
+from tasks.io import atomic_dir, write_json, write_parquet
+from tasks.title_mapping import Catalogue, MappingConfig, format_titles, mapping_counts
+
+log = logging.getLogger(__name__)
+
+CACHED = {"persist_result": True, "cache_policy": INPUTS + TASK_SOURCE}
+K = 5
+
+# The paper's Table 1 (MovieLens-100K, Llama-3.2-1B-Instruct), in %.
+PAPER_TABLE1 = {
+    "Base": {"ndcg@5": 0.624, "precision@5": 0.606, "recall@5": 0.512},
+    "SFT": {"ndcg@5": 1.687, "precision@5": 1.818, "recall@5": 1.441},
+    "DPO": {"ndcg@5": 1.726, "precision@5": 1.890, "recall@5": 1.497},
+    "RLHF": {"ndcg@5": 1.821, "precision@5": 1.818, "recall@5": 1.489},
+}
+ROW_NAMES = {
+    "base": "Base",
+    "sft": "SFT",
+    "dpo": "DPO",
+    "rl": "RL (NDCG@5 reward)",
+    "rlhf": "RLHF (reward model)",
+    "popular": "Most popular",
+    "item_knn": "Item-kNN",
+}
+PAPER_ROW = {"base": "Base", "sft": "SFT", "dpo": "DPO", "rl": "RLHF", "rlhf": "RLHF"}
+
+ANSWER_SCHEMA = {
+    "window_id": pl.Int64,
+    "user_id": pl.Int64,
+    "sample_idx": pl.Int64,
+    "text": pl.Utf8,
+    "format": pl.Utf8,
+    "titles": pl.List(pl.Utf8),
+    "item_ids": pl.List(pl.Int64),
+    "matched": pl.List(pl.Utf8),
+    "n_mapped": pl.Int64,
+    "n_unmapped": pl.Int64,
+    "n_duplicates": pl.Int64,
+    "ndcg": pl.Float64,
+    "precision": pl.Float64,
+    "recall": pl.Float64,
+}
+
+
+def _timed(start: float) -> float:
+    return round(time.perf_counter() - start, 3)
+
+
+def fingerprint(path: str | Path) -> str:
+    """Short sha256 of a file, or of an adapter folder's weights.
+
+    Downstream tasks take the fingerprints of their inputs as ``upstream``: paths stay the same
+    when a stage is redone (other parameters, new code), the fingerprints do not, so a cached
+    downstream result is never reused for a changed input.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "adapter_model.safetensors"
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_direct(data_path: str | Path) -> tuple[pl.DataFrame, Catalogue]:
+    """Windows and catalogue of a folder written by :func:`tasks.direct_data.prepare_direct`."""
+    folder = Path(data_path)
+    if not (folder / "windows.parquet").is_file():
+        raise FileNotFoundError(f"{folder}: no windows.parquet (run the direct data stage first)")
+    windows = pl.read_parquet(folder / "windows.parquet")
+    catalogue = Catalogue.from_items(pl.read_parquet(folder / "items.parquet"))
+    return windows, catalogue
+
+
+# --------------------------------------------------------------------------- scoring answers
+
+
+def score_answers(
+    samples: pl.DataFrame,
+    windows: pl.DataFrame,
+    catalogue: Catalogue,
+    mapping: MappingConfig | None = None,
+) -> tuple[pl.DataFrame, dict[str, float]]:
+    """Parse, map and score every answer of ``samples`` (``window_id``, ``sample_idx``, ``text``).
+
+    Returns the per-answer frame (``ANSWER_SCHEMA``) and a summary: mean NDCG@k, Precision@k,
+    Recall@k over the answers and every count of :func:`tasks.title_mapping.mapping_counts`.
+    """
+    mapping = mapping or MappingConfig()
+    k = mapping.k
+    by_window = {
+        row["window_id"]: row
+        for row in windows.select(
+            "window_id", "user_id", "ground_truth_item_ids", "context_item_ids"
+        ).iter_rows(named=True)
+    }
+    rows, answers = [], []
+    for wid, sidx, text in samples.select("window_id", "sample_idx", "text").iter_rows():
+        w = by_window.get(wid)
+        if w is None:
+            raise ValueError(f"samples: window_id {wid} is not in the windows")
+        ans = catalogue.map_answer(text, mapping, context=w["context_item_ids"])
+        answers.append(ans)
+        m = metrics_at_k(ans.item_ids, catalogue.canonical(w["ground_truth_item_ids"]), k)
+        rows.append(
+            {
+                "window_id": wid,
+                "user_id": w["user_id"],
+                "sample_idx": sidx,
+                "text": text,
+                "format": ans.fmt,
+                "titles": ans.titles,
+                "item_ids": ans.item_ids,
+                "matched": ans.matched,
+                "n_mapped": ans.n_mapped,
+                "n_unmapped": ans.n_unmapped,
+                "n_duplicates": ans.n_duplicates,
+                "ndcg": m[f"ndcg@{k}"],
+                "precision": m[f"precision@{k}"],
+                "recall": m[f"recall@{k}"],
+            }
+        )
+    frame = pl.DataFrame(rows, schema=ANSWER_SCHEMA)
+    summary: dict[str, float] = {
+        f"ndcg@{k}": float(frame["ndcg"].mean() or 0.0),
+        f"precision@{k}": float(frame["precision"].mean() or 0.0),
+        f"recall@{k}": float(frame["recall"].mean() or 0.0),
+    }
+    summary.update(mapping_counts(answers, k))
+    return frame, summary
+
+
+def score_lists(
+    recommended: Sequence[Sequence[int]],
+    windows: pl.DataFrame,
+    catalogue: Catalogue,
+    k: int = K,
+) -> dict[str, float]:
+    """Mean metrics of id lists (the reference recommenders) on ``windows``' ground truth."""
+    gts = [catalogue.canonical(g) for g in windows["ground_truth_item_ids"].to_list()]
+    rows = [
+        metrics_at_k(catalogue.canonical(r), g, k) for r, g in zip(recommended, gts, strict=True)
+    ]
+    keys = (f"ndcg@{k}", f"precision@{k}", f"recall@{k}")
+    out = {key: float(np.mean([r[key] for r in rows])) if rows else 0.0 for key in keys}
+    out.update(
+        answers=len(rows),
+        parse_failure_rate=0.0,
+        mapped_title_rate=1.0,
+        slot_fill_rate=float(np.mean([len(r) for r in recommended]) / k) if rows else 0.0,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------- SFT and pairs
+
+
+def sft_examples(windows: pl.DataFrame) -> pl.DataFrame:
+    """``prompt`` and ``completion`` (the ground-truth titles as a Python list of strings)."""
+    return windows.select(
+        "prompt",
+        pl.col("ground_truth_titles")
+        .map_elements(lambda t: format_titles(list(t)), return_dtype=pl.Utf8)
+        .alias("completion"),
+    )
+
+
+def preference_pairs(
+    scored: pl.DataFrame,
+    windows: pl.DataFrame,
+    mode: str = "all_pairs",
+    min_margin: float = 0.0,
+    max_pairs_per_prompt: int | None = None,
+) -> pl.DataFrame:
+    """Pairs of answers to the same prompt with different NDCG@5 (the higher one chosen).
+
+    Args:
+        scored: per-answer frame of :func:`score_answers` (``window_id``, ``text``, ``ndcg``).
+        windows: the windows (for the prompts).
+        mode: ``all_pairs`` (the paper: every one of the n-choose-2 pairs whose scores differ)
+            or ``best_worst`` (one pair per prompt: a best and a worst answer).
+        min_margin: drop pairs whose NDCG@5 difference is not above this.
+        max_pairs_per_prompt: keep at most this many pairs of a prompt (largest margins).
+
+    Identical texts never form a pair. Returns ``window_id``, ``prompt``, ``chosen``,
+    ``rejected``, ``chosen_score``, ``rejected_score``.
+    """
+    if mode not in ("all_pairs", "best_worst"):
+        raise ValueError(f"pairing must be 'all_pairs' or 'best_worst', got {mode!r}")
+    prompt_of = dict(zip(windows["window_id"].to_list(), windows["prompt"].to_list(), strict=True))
+    out = []
+    grouped = scored.sort(["window_id", "sample_idx"]).group_by("window_id", maintain_order=True)
+    for (wid,), group in grouped:
+        answers = list(zip(group["text"].to_list(), group["ndcg"].to_list(), strict=True))
+        pairs: list[tuple[float, str, str, float, float]] = []
+        if mode == "all_pairs":
+            for (ta, sa), (tb, sb) in itertools.combinations(answers, 2):
+                if ta == tb or abs(sa - sb) <= min_margin:
+                    continue
+                (tc, sc), (tr, sr) = ((ta, sa), (tb, sb)) if sa > sb else ((tb, sb), (ta, sa))
+                pairs.append((sc - sr, tc, tr, sc, sr))
+        else:
+            best = max(answers, key=lambda a: a[1])
+            worst = min(answers, key=lambda a: a[1])
+            if best[0] != worst[0] and best[1] - worst[1] > min_margin:
+                pairs.append((best[1] - worst[1], best[0], worst[0], best[1], worst[1]))
+        pairs.sort(key=lambda p: -p[0])
+        if max_pairs_per_prompt is not None:
+            pairs = pairs[:max_pairs_per_prompt]
+        for _, tc, tr, sc, sr in pairs:
+            out.append(
+                {
+                    "window_id": wid,
+                    "prompt": prompt_of[wid],
+                    "chosen": tc,
+                    "rejected": tr,
+                    "chosen_score": sc,
+                    "rejected_score": sr,
+                }
+            )
+    return pl.DataFrame(
+        out,
+        schema={
+            "window_id": pl.Int64,
+            "prompt": pl.Utf8,
+            "chosen": pl.Utf8,
+            "rejected": pl.Utf8,
+            "chosen_score": pl.Float64,
+            "rejected_score": pl.Float64,
+        },
+    )
+
+
+def pair_stats(scored: pl.DataFrame, pairs: pl.DataFrame) -> dict[str, float]:
+    """How many prompts gave pairs, and the spread of the sampled answers' NDCG@5."""
+    per_prompt = scored.group_by("window_id").agg(
+        pl.col("ndcg").max().alias("best"), pl.col("ndcg").min().alias("worst")
+    )
+    return {
+        "prompts": per_prompt.height,
+        "answers": scored.height,
+        "pairs": pairs.height,
+        "prompts_with_pairs": pairs["window_id"].n_unique() if pairs.height else 0,
+        "prompts_all_zero": int((per_prompt["best"] == 0).sum()),
+        "mean_ndcg": float(scored["ndcg"].mean() or 0.0),
+        "mean_best_ndcg": float(per_prompt["best"].mean() or 0.0),
+        "mean_margin": float((pairs["chosen_score"] - pairs["rejected_score"]).mean() or 0.0)
+        if pairs.height
+        else 0.0,
+    }
+
+
+# --------------------------------------------------------------------------- rewards
+
+
+class NDCGReward:
+    """Reward of an answer = NDCG@k of its mapped titles against the window's ground truth.
+
+    Called by the online-RL trainer as ``reward(prompts, completions, extra)`` where ``extra``
+    holds the per-prompt columns ``ground_truth_item_ids`` and ``context_item_ids``.
+    """
+
+    def __init__(self, catalogue: Catalogue, mapping: MappingConfig | None = None) -> None:
+        self.catalogue = catalogue
+        self.mapping = mapping or MappingConfig()
+        self.__name__ = f"ndcg@{self.mapping.k}"
+
+    def score(self, completion: str, ground_truth: Sequence[int], context: Sequence[int]) -> float:
+        ans = self.catalogue.map_answer(completion, self.mapping, context=context or ())
+        gt = self.catalogue.canonical(ground_truth)
+        return metrics_at_k(ans.item_ids, gt, self.mapping.k)[f"ndcg@{self.mapping.k}"]
+
+    def __call__(
+        self, prompts: Sequence[str], completions: Sequence[str], extra: dict[str, Sequence]
+    ) -> list[float]:
+        gts = extra["ground_truth_item_ids"]
+        ctx = extra.get("context_item_ids") or [()] * len(completions)
+        return [
+            self.score(_as_text(c), list(g), list(x or ()))
+            for c, g, x in zip(completions, gts, ctx, strict=True)
+        ]
+
+
+def _as_text(completion: Any) -> str:
+    """A completion as text (TRL passes conversational completions as message lists)."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    return str(completion)
+
+
+class RewardModelScore:
+    """Reward of an answer = the scalar score of a trained reward model (the RLHF row).
+
+    The model is the base LLM with a one-output classification head and a LoRA adapter
+    (:func:`train_reward_model`); it scores the chat-formatted (prompt, answer) conversation.
+    """
+
+    def __init__(self, model: str, adapter_dir: str, batch_size: int = 8) -> None:
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForSequenceClassification
+
+        from tasks.prompts import load_tokenizer
+
+        self.tok = load_tokenizer(model)
+        base = AutoModelForSequenceClassification.from_pretrained(
+            model, num_labels=1, dtype=torch.float32
+        )
+        if base.config.pad_token_id is None:
+            base.config.pad_token_id = self.tok.pad_token_id or self.tok.eos_token_id
+        self.model = PeftModel.from_pretrained(base, adapter_dir).eval()
+        self.batch_size = batch_size
+        self.__name__ = "reward_model"
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        import torch
+
+        texts = [
+            self.tok.apply_chat_template(
+                [{"role": "user", "content": p}, {"role": "assistant", "content": c}],
+                tokenize=False,
+            )
+            for p, c in zip(prompts, completions, strict=True)
+        ]
+        out: list[float] = []
+        pad_side = self.tok.padding_side
+        self.tok.padding_side = "right"
+        try:
+            for i in range(0, len(texts), self.batch_size):
+                batch = self.tok(
+                    texts[i : i + self.batch_size],
+                    return_tensors="pt",
+                    padding=True,
+                    add_special_tokens=False,
+                )
+                with torch.inference_mode():
+                    logits = self.model(**batch).logits[:, 0]
+                out.extend(float(x) for x in logits)
+        finally:
+            self.tok.padding_side = pad_side
+        return out
+
+    def __call__(
+        self, prompts: Sequence[str], completions: Sequence[str], extra: dict[str, Sequence]
+    ) -> list[float]:
+        return self.score([_as_text(p) for p in prompts], [_as_text(c) for c in completions])
+
+
+def train_reward_model(
+    model: str,
+    pairs: pl.DataFrame,
+    out_dir: str | Path,
+    cfg: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train a reward model on the preference pairs (TRL ``RewardTrainer``, LoRA on the LLM).
+
+    ``cfg`` keys (all optional): ``lr`` (5e-5, the paper), ``epochs`` (1), ``batch_size`` (1),
+    ``max_steps`` (-1), ``lora_r`` (8), ``lora_alpha`` (32), ``lora_dropout`` (0.1),
+    ``max_length`` (1024), ``seed`` (0). Writes ``adapter/`` and ``metrics.json`` under
+    ``out_dir``; returns ``{"adapter_dir", "metrics"}`` (pairwise training accuracy included).
+    """
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from tasks.dpo import assistant_messages, require_columns, user_messages
+    from tasks.prompts import load_tokenizer
+
+    c = {
+        "lr": 5e-5,
+        "epochs": 1.0,
+        "batch_size": 1,
+        "max_steps": -1,
+        "lora_r": 8,
+        "lora_alpha": 32,
+        "lora_dropout": 0.1,
+        "max_length": 1024,
+        "seed": 0,
+    }
+    c.update(cfg or {})
+    require_columns(pairs, ("prompt", "chosen", "rejected"), "pairs")
+    out_dir = Path(out_dir)
+    tok = load_tokenizer(model)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    torch.manual_seed(int(c["seed"]))
+    base = AutoModelForSequenceClassification.from_pretrained(
+        model, num_labels=1, dtype=torch.float32
+    )
+    base.config.pad_token_id = tok.pad_token_id
+    data = Dataset.from_dict(
+        {
+            "prompt": user_messages(pairs["prompt"].to_list()),
+            "chosen": assistant_messages(pairs["chosen"].to_list()),
+            "rejected": assistant_messages(pairs["rejected"].to_list()),
+        }
+    )
+    lora = LoraConfig(
+        r=int(c["lora_r"]),
+        lora_alpha=int(c["lora_alpha"]),
+        lora_dropout=float(c["lora_dropout"]),
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        task_type="SEQ_CLS",
+    )
+    t0 = time.perf_counter()
+    with atomic_dir(out_dir) as tmp:
+        args = RewardConfig(
+            output_dir=str(tmp / "trainer"),
+            per_device_train_batch_size=int(c["batch_size"]),
+            learning_rate=float(c["lr"]),
+            num_train_epochs=float(c["epochs"]),
+            max_steps=int(c["max_steps"]),
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            seed=int(c["seed"]),
+            use_cpu=not torch.cuda.is_available(),
+            bf16=False,
+            max_length=int(c["max_length"]),
+            dataloader_num_workers=0,
+        )
+        trainer = RewardTrainer(
+            model=base, args=args, train_dataset=data, processing_class=tok, peft_config=lora
+        )
+        result = trainer.train()
+        history = list(trainer.state.log_history)
+        acc = [h["accuracy"] for h in history if "accuracy" in h]
+        metrics = {
+            "loss": float(result.training_loss),
+            "accuracy": float(np.mean(acc)) if acc else float("nan"),
+            "n_pairs": pairs.height,
+            "steps": int(trainer.state.global_step),
+            "train_seconds": time.perf_counter() - t0,
+        }
+        trainer.model.save_pretrained(str(tmp / "adapter"))
+        import shutil
+
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        (tmp / "metrics.json").write_text(
+            json.dumps({"metrics": metrics, "log_history": history}, indent=2, default=str)
+        )
+    return {"adapter_dir": str(out_dir / "adapter"), "metrics": metrics}
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def _generate(
+    windows: pl.DataFrame,
+    model: str,
+    sampling: dict,
+    backend: str,
+    adapter: str | None,
+    round_idx: int,
+) -> tuple[pl.DataFrame, dict]:
+    from tasks.generate import SamplingConfig, generate
+
+    return generate(
+        windows.select("window_id", "prompt"),
+        model,
+        SamplingConfig(**sampling),
+        backend=backend,  # type: ignore[arg-type]
+        adapter=adapter,
+        round_idx=round_idx,
+        key="window_id",
+    )
+
+
+def _mapping(mapping: dict | None) -> MappingConfig:
+    return MappingConfig(**(mapping or {}))
+
+
+# --------------------------------------------------------------------------- Prefect tasks
+
+
+@task(name="direct-data", **CACHED)
+def direct_data_task(
+    dataset: str,
+    data_dir: str | None,
+    out_dir: str,
+    window_cfg: dict,
+    zip_table: str | None = None,
+    run_uid: str = "",
+) -> dict:
+    """Load the data set, build the windows of one seed and write them under ``out_dir``."""
+    from tasks.datasets import load_dataset
+    from tasks.direct_data import WindowConfig, prepare_direct
+
+    t0 = time.perf_counter()
+    data = load_dataset(dataset, data_dir)
+    counts = prepare_direct(data, out_dir, WindowConfig(**window_cfg), zip_table)
+    fp = fingerprint(Path(out_dir) / "windows.parquet")
+    return {"path": out_dir, "fingerprint": fp, "counts": counts, "seconds": _timed(t0)}
+
+
+@task(name="direct-baselines", **CACHED)
+def baselines_task(
+    data_path: str,
+    out_dir: str,
+    cfg: dict,
+    max_eval_users: int | None,
+    upstream: str = "",
+    run_uid: str = "",
+) -> dict:
+    """Most-popular and item-kNN on the evaluated test windows."""
+    from tasks.direct_baselines import BaselineConfig, recommend
+
+    t0 = time.perf_counter()
+    windows, catalogue = load_direct(data_path)
+    ratings = pl.read_parquet(Path(data_path) / "ratings.parquet")
+    test = select(windows, "test", max_eval_users)
+    train_users = windows.filter(pl.col("split") == "train")["user_id"].unique().to_list()
+    bcfg = BaselineConfig(**cfg)
+    recs = recommend(test, ratings, train_users, bcfg, catalogue.canonical_of)
+    write_parquet(recs, Path(out_dir) / "recommendations.parquet")
+    metrics = {
+        name: score_lists(recs[name].to_list(), test, catalogue, bcfg.k)
+        for name in ("popular", "item_knn")
+    }
+    write_json(metrics, Path(out_dir) / "metrics.json")
+    return {"path": out_dir, "metrics": metrics, "seconds": _timed(t0)}
+
+
+@task(name="direct-evaluate", **CACHED)
+def evaluate_task(
+    data_path: str,
+    stage: str,
+    model: str,
+    adapter: str | None,
+    sampling: dict,
+    backend: str,
+    max_eval_users: int | None,
+    mapping: dict,
+    out_dir: str,
+    upstream: str = "",
+    run_uid: str = "",
+) -> dict:
+    """Answer every evaluated test window with the stage's policy; map and score the answers."""
+    t0 = time.perf_counter()
+    windows, catalogue = load_direct(data_path)
+    test = select(windows, "test", max_eval_users)
+    samples, gen_stats = _generate(test, model, sampling, backend, adapter, 0)
+    scored, summary = score_answers(samples, test, catalogue, _mapping(mapping))
+    write_parquet(scored, Path(out_dir) / "answers.parquet")
+    write_json({"stage": stage, "metrics": summary, "generation": gen_stats},
+               Path(out_dir) / "metrics.json")  # fmt: skip
+    log.info("%s: ndcg@5 %.4f on %d test windows", stage, summary["ndcg@5"], test.height)
+    return {
+        "path": str(Path(out_dir) / "answers.parquet"),
+        "metrics": summary,
+        "generation": _plain(gen_stats),
+        "seconds": _timed(t0),
+    }
+
+
+@task(name="direct-sft", **CACHED)
+def sft_task(
+    data_path: str,
+    model: str,
+    out_dir: str,
+    cfg: dict,
+    max_train_users: int | None,
+    upstream: str = "",
+    run_uid: str = "",
+) -> dict:
+    """SFT of a LoRA adapter on (prompt, ground-truth titles) of the train windows."""
+    from tasks.sft import SFTConfig, train_sft
+
+    t0 = time.perf_counter()
+    windows, _ = load_direct(data_path)
+    train = select(windows, "train", max_train_users)
+    examples = sft_examples(train)
+    write_parquet(examples, Path(out_dir).with_name("sft_examples.parquet"))
+    out = train_sft(model, examples, Path(out_dir), SFTConfig(**cfg))
+    return {
+        "adapter_dir": out["adapter_dir"],
+        "fingerprint": fingerprint(out["adapter_dir"]),
+        "merged_dir": out.get("merged_dir"),
+        "metrics": _plain({**out.get("metrics", {}), "n_examples": examples.height}),
+        "seconds": _timed(t0),
+    }
+
+
+@task(name="direct-preferences", **CACHED)
+def preferences_task(
+    data_path: str,
+    model: str,
+    adapter: str | None,
+    sampling: dict,
+    backend: str,
+    max_train_users: int | None,
+    mapping: dict,
+    pairing: str,
+    min_margin: float,
+    max_pairs_per_prompt: int | None,
+    out_dir: str,
+    upstream: str = "",
+    run_uid: str = "",
+) -> dict:
+    """``n`` answers per train prompt from the SFT policy, scored, turned into pairs."""
+    t0 = time.perf_counter()
+    windows, catalogue = load_direct(data_path)
+    train = select(windows, "train", max_train_users)
+    samples, gen_stats = _generate(train, model, sampling, backend, adapter, 1)
+    scored, summary = score_answers(samples, train, catalogue, _mapping(mapping))
+    pairs = preference_pairs(scored, train, pairing, min_margin, max_pairs_per_prompt)
+    out = Path(out_dir)
+    write_parquet(scored, out / "samples.parquet")
+    write_parquet(pairs, out / "pairs.parquet")
+    stats = {**pair_stats(scored, pairs), "mapping": summary}
+    write_json({"stats": stats, "generation": gen_stats}, out / "stats.json")
+    return {
+        "pairs_path": str(out / "pairs.parquet"),
+        "fingerprint": fingerprint(out / "pairs.parquet"),
+        "samples_path": str(out / "samples.parquet"),
+        "stats": _plain(stats),
+        "generation": _plain(gen_stats),
+        "seconds": _timed(t0),
+    }
+
+
+@task(name="direct-dpo", **CACHED)
+def dpo_task(
+    model: str,
+    pairs_path: str,
+    out_dir: str,
+    cfg: dict,
+    init_adapter: str | None,
+    upstream: str = "",
+    run_uid: str = "",
+) -> dict:
+    """DPO on the preference pairs, continuing ``init_adapter`` (skipped with no pair)."""
+    from tasks.dpo import DPOConfig, train_dpo
+
+    t0 = time.perf_counter()
+    pairs = pl.read_parquet(pairs_path)
+    if pairs.height == 0:
+        log.warning("DPO skipped: no preference pairs (every sampled answer scored the same)")
+        return {"adapter_dir": None, "skipped": "no preference pairs", "metrics": {},
+                "seconds": _timed(t0)}  # fmt: skip
+    out = train_dpo(model, pairs.select("prompt", "chosen", "rejected"), Path(out_dir),
+                    DPOConfig(**cfg), init_adapter=init_adapter)  # fmt: skip
+    return {
+        "adapter_dir": out["adapter_dir"],
+        "fingerprint": fingerprint(out["adapter_dir"]),
+        "skipped": None,
+        "metrics": _plain(out.get("metrics", {})),
+        "seconds": _timed(t0),
+    }
+
+
+@task(name="direct-reward-model", **CACHED)
+def reward_model_task(
+    model: str,
+    pairs_path: str,
+    out_dir: str,
+    cfg: dict,
+    upstream: str = "",
+    run_uid: str = "",
+) -> dict:
+    """Train the RLHF reward model on the preference pairs (skipped with no pair)."""
+    t0 = time.perf_counter()
+    pairs = pl.read_parquet(pairs_path)
+    if pairs.height == 0:
+        log.warning("reward model skipped: no preference pairs")
+        return {"adapter_dir": None, "skipped": "no preference pairs", "metrics": {},
+                "seconds": _timed(t0)}  # fmt: skip
+    out = train_reward_model(model, pairs, out_dir, cfg)
+    return {
+        **out,
+        "fingerprint": fingerprint(out["adapter_dir"]),
+        "metrics": _plain(out["metrics"]),
+        "skipped": None,
+        "seconds": _timed(t0),
+    }
+
+
+@task(name="direct-online-rl", **CACHED)
+def online_rl_task(
+    data_path: str,
+    model: str,
+    out_dir: str,
+    cfg: dict,
+    init_adapter: str | None,
+    max_train_users: int | None,
+    mapping: dict,
+    reward_model_dir: str | None = None,
+    upstream: str = "",
+    run_uid: str = "",
+) -> dict:
+    """Online RL (TRL GRPO/RLOO + LoRA) from ``init_adapter`` on the train prompts.
+
+    The reward is NDCG@5 of the mapped answer, or, with ``reward_model_dir``, the score of the
+    reward model trained on the preference pairs (the paper's RLHF).
+    """
+    from tasks.online_rl import OnlineRLConfig, train_online_rl
+
+    t0 = time.perf_counter()
+    windows, catalogue = load_direct(data_path)
+    train = select(windows, "train", max_train_users)
+    prompts = train.select("prompt", "ground_truth_item_ids", "context_item_ids")
+    reward: Callable[..., list[float]]
+    if reward_model_dir:
+        reward = RewardModelScore(model, reward_model_dir)
+    else:
+        reward = NDCGReward(catalogue, _mapping(mapping))
+    rl_cfg = OnlineRLConfig(**cfg)
+    if rl_cfg.batch_size > prompts.height:
+        # A step takes batch_size prompts: fewer prompts than that would give no step at all.
+        log.warning("online RL: %d prompts < batch_size %d; using batch_size %d",
+                    prompts.height, rl_cfg.batch_size, prompts.height)  # fmt: skip
+        rl_cfg = replace(rl_cfg, batch_size=prompts.height)
+    out = train_online_rl(model, prompts, reward, Path(out_dir), rl_cfg, init_adapter=init_adapter)
+    return {
+        "adapter_dir": out["adapter_dir"],
+        "fingerprint": fingerprint(out["adapter_dir"]),
+        "metrics": _plain(out.get("metrics", {})),
+        "seconds": _timed(t0),
+    }
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-safe copy (floats, ints, strings, lists, dicts; NaN kept as None)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, int | str | bool) or obj is None:
+        return obj
+    if isinstance(obj, np.generic):
+        return _plain(obj.item())
+    return str(obj)
+
+
+# --------------------------------------------------------------------------- report
+
+METRICS = ("ndcg@5", "precision@5", "recall@5")
+RATES = ("mapped_title_rate", "parse_failure_rate")
+
+
+def summarise(per_seed: dict[str, dict[int, dict[str, float]]]) -> dict[str, dict[str, dict]]:
+    """Mean, 95% CI half-width and per-seed values of every metric of every row."""
+    table: dict[str, dict[str, dict]] = {}
+    for row, seeds in per_seed.items():
+        table[row] = {}
+        for metric in METRICS + RATES:
+            values = [seeds[s].get(metric) for s in sorted(seeds)]
+            values = [v for v in values if v is not None]
+            mean, half = mean_ci(values) if values else (float("nan"), float("nan"))
+            table[row][metric] = {
+                "mean": mean,
+                "ci95": half,
+                "per_seed": {str(s): seeds[s].get(metric) for s in sorted(seeds)},
+            }
+    return table
+
+
+def _pct(summary: dict, n_seeds: int) -> str:
+    mean, half = summary["mean"], summary["ci95"]
+    if mean is None or not math.isfinite(mean):
+        return "-"
+    if n_seeds > 1 and half is not None and math.isfinite(half):
+        return f"{100 * mean:.3f} ± {100 * half:.3f}"
+    return f"{100 * mean:.3f}"
+
+
+def render_report(results: dict) -> str:
+    """``report.md``: the paper's Table 1 layout with our rows, the paper's numbers beside."""
+    table = results["table"]
+    n_seeds = len(results["seeds"])
+    ci = " (mean ± 95% CI over seeds)" if n_seeds > 1 else ""
+    lines = [
+        "# The second pipeline (You et al.) on " + results["dataset"],
+        "",
+        f"Policy `{results['policy']}`; {results['test_windows']} test users evaluated per seed; "
+        f"seeds {', '.join(map(str, results['seeds']))}; profile `{results['profile']}`.",
+        "",
+        f"## Table 1: metrics in %{ci}",
+        "",
+        "| Row | NDCG@5 | Precision@5 | Recall@5 | mapped-title rate | parse-failure rate "
+        "| paper NDCG@5 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in ("base", "sft", "dpo", "rl", "rlhf", "popular", "item_knn"):
+        if row not in table:
+            continue
+        t = table[row]
+        paper = PAPER_TABLE1.get(PAPER_ROW.get(row, ""), {}).get("ndcg@5")
+        paper_txt = f"{paper:.3f}" if paper is not None else "-"
+        if row == "rl":
+            paper_txt += " (RLHF)"
+        rates = [_pct(t[r], n_seeds) for r in RATES]
+        if row in ("popular", "item_knn"):
+            rates = ["n/a", "n/a"]
+        lines.append(
+            f"| {ROW_NAMES[row]} | "
+            + " | ".join(_pct(t[m], n_seeds) for m in METRICS)
+            + f" | {rates[0]} | {rates[1]} | {paper_txt} |"
+        )
+    lines += [
+        "",
+        "The paper's Table 1 (ML-100K, Llama-3.2-1B-Instruct, %): "
+        + "; ".join(
+            f"{row} NDCG@5 {v['ndcg@5']:.3f} / P@5 {v['precision@5']:.3f} / R@5 {v['recall@5']:.3f}"
+            for row, v in PAPER_TABLE1.items()
+        )
+        + ".",
+        "",
+        "Mapped-title rate: distinct catalogue titles the answers' titles mapped to, over the "
+        "titles parsed. Parse-failure rate: answers from which no title could be read. "
+        "Duplicates after mapping count once; a title below the score cut-off is unmapped.",
+    ]
+    notes = results.get("notes") or []
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    stages = results.get("stages", {})
+    if stages:
+        lines += ["", "## Stage details (first seed)", ""]
+        for name, info in stages.items():
+            figures = ", ".join(f"{k} {v}" for k, v in info.items()) or "-"
+            lines.append(f"- **{name}**: {figures}")
+    timings = results.get("timings", {})
+    if timings:
+        lines += ["", "## Time per stage (s)", "", "| stage | seconds |", "|---|---:|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+        lines.append(f"| **wall (flow)** | {results.get('wall_seconds', 0.0):.1f} |")
+    examples = results.get("examples") or []
+    if examples:
+        lines += ["", "## Sample recommendations (first test user, first seed)", ""]
+        lines += ["| stage | answer (mapped titles) |", "|---|---|"]
+        for stage, titles in examples:
+            cell = "; ".join(t if t else "(unmapped/duplicate)" for t in titles) or "(none)"
+            lines.append(f"| {stage} | {cell.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict, out_dir: str | Path) -> dict[str, str]:
+    """Write ``report.md`` and ``results.json`` under ``out_dir``; return their paths."""
+    out = Path(out_dir)
+    report = out / "report.md"
+    from tasks.io import atomic_path
+
+    with atomic_path(report) as tmp:
+        tmp.write_text(render_report(results))
+    write_json(_plain(results), out / "results.json")
+    return {"report": str(report), "results": str(out / "results.json")}
+
+
+def example_rows(stage_paths: dict[str, str], windows: pl.DataFrame) -> list[tuple[str, list]]:
+    """Ground truth and each stage's mapped answer for the first evaluated test window."""
+    first = select(windows, "test", 1)
+    if first.height == 0:
+        return []
+    wid = first["window_id"][0]
+    out: list[tuple[str, list]] = [("ground truth", first["ground_truth_titles"][0].to_list())]
+    for stage, path in stage_paths.items():
+        if not path or not Path(path).is_file():
+            continue
+        ans = pl.read_parquet(path).filter(pl.col("window_id") == wid)
+        if ans.height:
+            ids, matched = ans["item_ids"][0].to_list(), ans["matched"][0].to_list()
+            shown = [m if i is not None else None for i, m in zip(ids, matched, strict=True)]
+            out.append((stage, shown))
+    return out
