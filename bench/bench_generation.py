@@ -103,11 +103,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backends", default="vllm,transformers")
     parser.add_argument("--hf-batch-size", type=int, default=None)
+    parser.add_argument("--hf-dtype", default="auto", help="transformers dtype (auto: bf16 here)")
+    parser.add_argument("--repeats", type=int, default=1, help="alternating runs per backend")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for both backends (vLLM then skips its core binding); "
+        "1 is steadier on a machine shared with other jobs",
+    )
     parser.add_argument("--transition", action="store_true", help="measure a round transition")
     parser.add_argument("--samples", type=int, default=3, help="sample texts to print")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+        torch.set_num_threads(args.threads)
 
     from tasks.assets import policy_model
 
@@ -122,25 +137,60 @@ def main(argv: list[str] | None = None) -> int:
         "device": device,
         "prompts": prompts.height,
         "sampling": cfg.to_dict(),
+        "threads": args.threads,
         "backends": {},
     }
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    runs: dict[str, list[dict]] = {b: [] for b in backends}
     texts = None
-    for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
-        samples, stats = generate(
-            prompts,
-            model,
-            cfg,
-            backend,
-            batch_size=args.hf_batch_size,  # type: ignore[arg-type]
-        )
-        result["backends"][backend] = summary(stats)
-        result["backends"][backend]["degenerate_share"] = float(samples["degenerate"].mean())
-        result["backends"][backend]["mean_tokens"] = float(samples["n_tokens"].mean())
-        if texts is None:
-            texts = samples
-    b = result["backends"]
+    engine = None
+    if "vllm" in backends:
+        from tasks.prompts import count_prompt_tokens
+
+        longest = max(count_prompt_tokens(model, p) for p in prompts["prompt"])
+        max_len = 256 * (1 + (longest + cfg.max_new_tokens) // 256)
+        engine = VLLMEngine(model, max_model_len=max_len).start()
+        result["vllm_engine_start_seconds"] = engine.engine_start_seconds
+    try:
+        # Alternate the backends, so that a change in the machine's load hits both.
+        for rep in range(args.repeats):
+            for backend in backends:
+                samples, stats = generate(
+                    prompts,
+                    model,
+                    cfg,
+                    backend,  # type: ignore[arg-type]
+                    engine=engine if backend == "vllm" else None,
+                    batch_size=args.hf_batch_size,
+                    dtype=args.hf_dtype if backend == "transformers" else "auto",
+                )
+                run = summary(stats)
+                run["degenerate_share"] = float(samples["degenerate"].mean())
+                run["mean_tokens"] = float(samples["n_tokens"].mean())
+                runs[backend].append(run)
+                log.info("repeat %d %s: %.1f tokens/s", rep, backend, run["tokens_per_s"])
+                if texts is None:
+                    texts = samples
+    finally:
+        if engine is not None:
+            engine.close()
+    b = {}
+    for backend, rs in runs.items():
+        rates = sorted(r["tokens_per_s"] for r in rs)
+        b[backend] = {**rs[-1], "tokens_per_s": rates[len(rates) // 2], "all_tokens_per_s": rates}
+        if backend == "vllm":
+            start = result["vllm_engine_start_seconds"]
+            b[backend]["load_seconds"] = start
+            b[backend]["tokens_per_s_with_load"] = rs[-1]["generated_tokens"] / (
+                rs[-1]["generate_seconds"] + start
+            )
+    result["backends"] = b
     if "vllm" in b and "transformers" in b:
         result["speedup"] = b["vllm"]["tokens_per_s"] / b["transformers"]["tokens_per_s"]
+        result["speedup_per_repeat"] = [
+            v["tokens_per_s"] / t["tokens_per_s"]
+            for v, t in zip(runs["vllm"], runs["transformers"], strict=True)
+        ]
 
     if args.transition:
         with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
@@ -174,13 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name, s in b.items():
         print(
-            f"{name:<13} {s['tokens_per_s']:8.1f} generated tokens/s "
+            f"{name:<13} {s['tokens_per_s']:8.1f} generated tokens/s (median of "
+            f"{[round(x, 1) for x in s['all_tokens_per_s']]}) "
             f"({s['generated_tokens']} tokens in {s['generate_seconds']:.1f} s; "
             f"load {s['load_seconds']:.1f} s; {s['tokens_per_s_with_load']:.1f} tokens/s with it; "
             f"degenerate {s['degenerate_share']:.0%})"
         )
     if "speedup" in result:
-        print(f"vLLM / transformers: {result['speedup']:.2f}x")
+        per = ", ".join(f"{x:.2f}" for x in result["speedup_per_repeat"])
+        print(f"vLLM / transformers: {result['speedup']:.2f}x (per repeat: {per})")
     if "transition" in result:
         t = result["transition"]
         print(

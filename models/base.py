@@ -301,27 +301,48 @@ class Reranker(nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ lists x user vectors
+    def catalogue_features(self) -> torch.Tensor:
+        """Per-candidate input of every catalogue row with the user columns set to 0:
+        ``[n_items + 1, input_dim]`` (row 0 = unknown item)."""
+        rows = torch.arange(self.cfg.n_items + 1, device=self.item_vocab.device)
+        parts = [self.item_emb(rows), self.genre_emb(self.item_genre)]
+        if self.adaptor is not None:
+            parts.append(parts[0].new_zeros(len(rows), self.cfg.expert_out))
+            if self.item_vec is not None:
+                parts.append(self.item_repr_table())
+        return torch.cat(parts, dim=-1)
+
+    def pair_tables(self) -> dict[str, torch.Tensor]:
+        """What :meth:`score_pairs` precomputes per catalogue item (and per position).
+
+        The first layer of every backbone is linear in the per-candidate input, which is a sum
+        of an item part, a position part and a user part; the backbones tabulate the item and
+        position parts once (``{"x": catalogue_features()}`` here, backbone tables in the
+        subclasses). Compute it once per model and pass it to every :meth:`score_pairs` call.
+        """
+        return {"x": self.catalogue_features()}
+
     def score_pairs(
         self,
         item_ids: torch.Tensor,
         user_vec: torch.Tensor,
         user_rows: torch.Tensor,
-        item_table: torch.Tensor | None = None,
+        tables: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Score each list with several user vectors, sharing the work of each side (eval only).
 
         ``out[l, n]`` equals ``forward({"item_ids": item_ids[l:l+1], "user_vec":
-        user_vec[user_rows[l, n]][None]})[0]`` up to float rounding, but everything that
-        depends only on a list (embeddings, item adaptor, the list's share of the first linear
-        layers) is computed once per list and everything that depends only on a user vector
-        once per vector; the backbones override :meth:`_pair_scores` with that decomposition.
+        user_vec[user_rows[l, n]][None]})[0]`` up to float rounding, but what depends only on
+        an item or a position is computed once per catalogue item (:meth:`pair_tables`), what
+        depends only on a list once per list and what depends only on a user vector once per
+        vector; the backbones override :meth:`_pair_scores` with that decomposition.
 
         Args:
             item_ids: ``[NL, L]`` raw item ids of the lists.
             user_vec: ``[S, user_dim]`` user knowledge vectors.
             user_rows: ``[NL, N]`` rows of ``user_vec`` to score each list with; ``-1`` pads
                 (lists with fewer than ``N`` vectors); padded outputs are 0.
-            item_table: optional :meth:`item_repr_table` output.
+            tables: :meth:`pair_tables` of this model (computed here when None).
 
         Returns:
             ``[NL, N, L]`` logits.
@@ -330,27 +351,34 @@ class Reranker(nn.Module):
             raise RuntimeError("score_pairs is for inference: call model.eval() first")
         if self.adaptor is None:
             raise ValueError("score_pairs needs a knowledge model (user_dim > 0)")
+        self._check_items(item_ids)
         if user_rows.dim() != 2 or user_rows.shape[0] != item_ids.shape[0]:
             raise ValueError(
                 f"user_rows must be [NL={item_ids.shape[0]}, N], got {tuple(user_rows.shape)}"
             )
-        x0 = self.item_features(item_ids, item_table)  # [NL, L, d], user columns 0
-        u = self.adaptor.task_forward(0, user_vec.to(x0.dtype))  # [S, expert_out]
+        tables = tables if tables is not None else self.pair_tables()
+        idx = self.item_index(item_ids)  # [NL, L] catalogue rows
+        u = self.adaptor.task_forward(0, user_vec.to(self.item_emb.weight.dtype))  # [S, out]
         pad = user_rows < 0
-        rows = user_rows.clamp(min=0)
-        out = self._pair_scores(x0, u, rows)
+        out = self._pair_scores(idx, tables, u, user_rows.clamp(min=0))
         return out.masked_fill(pad.unsqueeze(-1), 0.0)
 
-    def _pair_scores(self, x0: torch.Tensor, u: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def _pair_scores(
+        self,
+        idx: torch.Tensor,
+        tables: dict[str, torch.Tensor],
+        u: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> torch.Tensor:
         """Generic: fill the user columns for every (list, vector) and run the backbone.
 
-        ``x0`` ``[NL, L, d]``, ``u`` ``[S, expert_out]``, ``rows`` ``[NL, N]`` -> ``[NL, N, L]``.
+        ``idx`` ``[NL, L]`` catalogue rows, ``u`` ``[S, expert_out]``, ``rows`` ``[NL, N]``
+        -> logits ``[NL, N, L]``.
         """
         n_lists, n = rows.shape
-        length = x0.shape[1]
-        sl = self.user_slice
-        x = x0.unsqueeze(1).repeat(1, n, 1, 1)  # [NL, N, L, d]
-        x[..., sl] = u[rows].unsqueeze(2)
+        length = idx.shape[1]
+        x = tables["x"][idx].unsqueeze(1).repeat(1, n, 1, 1)  # [NL, N, L, d]
+        x[..., self.user_slice] = u[rows].unsqueeze(2)
         return self.score_features(x.view(n_lists * n, length, -1)).view(n_lists, n, length)
 
     @staticmethod

@@ -82,7 +82,12 @@ ANSWER_SCHEMA = {
     "ndcg": pl.Float64,
     "precision": pl.Float64,
     "recall": pl.Float64,
+    "reward": pl.Float64,
 }
+
+# The smallest gap between two different NDCG@5 values (binary relevance, |truth| <= 5) is
+# 0.00603: a format bonus up to this keeps every NDCG@5 difference decisive and only breaks ties.
+MAX_FORMAT_BONUS = 0.005
 
 
 def _timed(start: float) -> float:
@@ -127,13 +132,17 @@ def score_answers(
     windows: pl.DataFrame,
     catalogue: Catalogue,
     mapping: MappingConfig | None = None,
+    format_bonus: float = 0.0,
 ) -> tuple[pl.DataFrame, dict[str, float]]:
     """Parse, map and score every answer of ``samples`` (``window_id``, ``sample_idx``, ``text``).
 
     Returns the per-answer frame (``ANSWER_SCHEMA``) and a summary: mean NDCG@k, Precision@k,
     Recall@k over the answers and every count of :func:`tasks.title_mapping.mapping_counts`.
+    ``reward`` is NDCG@k plus ``format_bonus`` times the share of the k slots filled with
+    distinct catalogue titles (:func:`reward_of`).
     """
     mapping = mapping or MappingConfig()
+    check_format_bonus(format_bonus)
     k = mapping.k
     by_window = {
         row["window_id"]: row
@@ -165,6 +174,7 @@ def score_answers(
                 "ndcg": m[f"ndcg@{k}"],
                 "precision": m[f"precision@{k}"],
                 "recall": m[f"recall@{k}"],
+                "reward": reward_of(m[f"ndcg@{k}"], ans.n_mapped, k, format_bonus),
             }
         )
     frame = pl.DataFrame(rows, schema=ANSWER_SCHEMA)
@@ -199,6 +209,24 @@ def score_lists(
     return out
 
 
+def check_format_bonus(format_bonus: float) -> None:
+    if not 0.0 <= format_bonus <= MAX_FORMAT_BONUS:
+        raise ValueError(
+            f"format_bonus must be in [0, {MAX_FORMAT_BONUS}] (above that it could outweigh an "
+            f"NDCG@5 difference), got {format_bonus}"
+        )
+
+
+def reward_of(ndcg: float, n_mapped: int, k: int = K, format_bonus: float = 0.0) -> float:
+    """NDCG@k, plus ``format_bonus`` x (distinct mapped titles / k) to break NDCG ties.
+
+    With ``format_bonus`` 0 (the paper) this is NDCG@k itself. A small bonus ranks, among
+    answers with the same NDCG@k (typically all 0 for a small model), the ones that follow the
+    list format with real catalogue titles higher: DPO then gets pairs and RL a gradient.
+    """
+    return ndcg + format_bonus * min(n_mapped, k) / k
+
+
 # --------------------------------------------------------------------------- SFT and pairs
 
 
@@ -219,10 +247,11 @@ def preference_pairs(
     min_margin: float = 0.0,
     max_pairs_per_prompt: int | None = None,
 ) -> pl.DataFrame:
-    """Pairs of answers to the same prompt with different NDCG@5 (the higher one chosen).
+    """Pairs of answers to the same prompt with different scores (the higher one chosen).
 
     Args:
-        scored: per-answer frame of :func:`score_answers` (``window_id``, ``text``, ``ndcg``).
+        scored: per-answer frame of :func:`score_answers` (``window_id``, ``text`` and
+            ``reward``, else ``ndcg``: NDCG@5, with the optional format bonus).
         windows: the windows (for the prompts).
         mode: ``all_pairs`` (the paper: every one of the n-choose-2 pairs whose scores differ)
             or ``best_worst`` (one pair per prompt: a best and a worst answer).
@@ -238,7 +267,8 @@ def preference_pairs(
     out = []
     grouped = scored.sort(["window_id", "sample_idx"]).group_by("window_id", maintain_order=True)
     for (wid,), group in grouped:
-        answers = list(zip(group["text"].to_list(), group["ndcg"].to_list(), strict=True))
+        col = "reward" if "reward" in group.columns else "ndcg"
+        answers = list(zip(group["text"].to_list(), group[col].to_list(), strict=True))
         pairs: list[tuple[float, str, str, float, float]] = []
         if mode == "all_pairs":
             for (ta, sa), (tb, sb) in itertools.combinations(answers, 2):
@@ -294,6 +324,10 @@ def pair_stats(scored: pl.DataFrame, pairs: pl.DataFrame) -> dict[str, float]:
         "mean_margin": float((pairs["chosen_score"] - pairs["rejected_score"]).mean() or 0.0)
         if pairs.height
         else 0.0,
+        # a gap above the largest format bonus can only come from NDCG@5
+        "pairs_ndcg_decided": int(
+            ((pairs["chosen_score"] - pairs["rejected_score"]) > MAX_FORMAT_BONUS).sum()
+        ),
     }
 
 
@@ -307,15 +341,23 @@ class NDCGReward:
     holds the per-prompt columns ``ground_truth_item_ids`` and ``context_item_ids``.
     """
 
-    def __init__(self, catalogue: Catalogue, mapping: MappingConfig | None = None) -> None:
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        mapping: MappingConfig | None = None,
+        format_bonus: float = 0.0,
+    ) -> None:
+        check_format_bonus(format_bonus)
         self.catalogue = catalogue
         self.mapping = mapping or MappingConfig()
+        self.format_bonus = format_bonus
         self.__name__ = f"ndcg@{self.mapping.k}"
 
     def score(self, completion: str, ground_truth: Sequence[int], context: Sequence[int]) -> float:
+        k = self.mapping.k
         ans = self.catalogue.map_answer(completion, self.mapping, context=context or ())
-        gt = self.catalogue.canonical(ground_truth)
-        return metrics_at_k(ans.item_ids, gt, self.mapping.k)[f"ndcg@{self.mapping.k}"]
+        ndcg = metrics_at_k(ans.item_ids, self.catalogue.canonical(ground_truth), k)[f"ndcg@{k}"]
+        return reward_of(ndcg, ans.n_mapped, k, self.format_bonus)
 
     def __call__(
         self, prompts: Sequence[str], completions: Sequence[str], extra: dict[str, Sequence]
@@ -645,6 +687,7 @@ def preferences_task(
     min_margin: float,
     max_pairs_per_prompt: int | None,
     out_dir: str,
+    format_bonus: float = 0.0,
     upstream: str = "",
     run_uid: str = "",
 ) -> dict:
@@ -653,7 +696,7 @@ def preferences_task(
     windows, catalogue = load_direct(data_path)
     train = select(windows, "train", max_train_users)
     samples, gen_stats = _generate(train, model, sampling, backend, adapter, 1)
-    scored, summary = score_answers(samples, train, catalogue, _mapping(mapping))
+    scored, summary = score_answers(samples, train, catalogue, _mapping(mapping), format_bonus)
     pairs = preference_pairs(scored, train, pairing, min_margin, max_pairs_per_prompt)
     out = Path(out_dir)
     write_parquet(scored, out / "samples.parquet")
@@ -736,6 +779,7 @@ def online_rl_task(
     max_train_users: int | None,
     mapping: dict,
     reward_model_dir: str | None = None,
+    format_bonus: float = 0.0,
     upstream: str = "",
     run_uid: str = "",
 ) -> dict:
@@ -754,7 +798,7 @@ def online_rl_task(
     if reward_model_dir:
         reward = RewardModelScore(model, reward_model_dir)
     else:
-        reward = NDCGReward(catalogue, _mapping(mapping))
+        reward = NDCGReward(catalogue, _mapping(mapping), format_bonus)
     rl_cfg = OnlineRLConfig(**cfg)
     if rl_cfg.batch_size > prompts.height:
         # A step takes batch_size prompts: fewer prompts than that would give no step at all.

@@ -535,6 +535,25 @@ def _seed_for_batch(seed: int, batch: int) -> int:
     return int(np.random.SeedSequence([seed, batch]).generate_state(1)[0])
 
 
+def _hf_dtype(model: str, device: Any, dtype: str) -> Any:
+    """``auto``: bf16 on GPU; on CPU the checkpoint's bf16 where the CPU has bf16 instructions
+    (AVX512-BF16 / AMX: about 2-3x faster than fp32 here), else fp32."""
+    import torch
+
+    if dtype != "auto":
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype={dtype!r}: not a torch dtype name")
+        return getattr(torch, dtype)
+    if device.type == "cuda":
+        return torch.bfloat16
+    from transformers import AutoConfig
+
+    saved = getattr(AutoConfig.from_pretrained(model), "dtype", None)
+    fast_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    bf16 = saved in (torch.bfloat16, "bfloat16") and fast_bf16
+    return torch.bfloat16 if bf16 else torch.float32
+
+
 def _run_transformers(
     prompt_ids: list[list[int]],
     model: str,
@@ -554,10 +573,7 @@ def _run_transformers(
         device = torch.device(f"cuda:{gpu}")
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        torch_dtype = getattr(torch, dtype)
+    torch_dtype = _hf_dtype(model, device, dtype)
     t0 = time.perf_counter()
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
     if adapter:
@@ -701,8 +717,8 @@ def generate(
         engine: a running :class:`VLLMEngine` to use instead of a fresh worker.
         system: an optional system message for the chat template.
         batch_size: prompts per ``generate`` batch (transformers backend).
-        dtype: model dtype (``auto``: vLLM takes the checkpoint's, transformers fp32 on CPU and
-            bf16 on GPU).
+        dtype: model dtype (``auto``: vLLM takes the checkpoint's; transformers bf16 on GPU,
+            and on CPU the checkpoint's bf16 where the CPU has bf16 instructions, else fp32).
         max_model_len, gpu_memory_utilization: vLLM engine settings (one-shot worker).
 
     Returns:

@@ -24,7 +24,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -600,8 +600,8 @@ def evaluate_reranker(
     Args:
         model_dir: folder written by :func:`train_reranker`.
         data_dir: run folder holding ``data/``.
-        user_vectors: one vector per user of the split (knowledge models; ignored otherwise
-            only if None, an error if given to a base model).
+        user_vectors: one vector per user of the split; required by knowledge models, an
+            error for base models.
         item_vectors: replaces the item vectors stored in the model (optional).
         split: ``test`` (default), ``valid`` or ``train``.
         name: the result's name (default: backbone, ``+knowledge`` for knowledge models).
@@ -625,8 +625,3 @@ def evaluate_reranker(
     scores = predict_scores(model, arrays.item_ids, users, rows, batch_size)
     label = name or (model.cfg.backbone + ("+knowledge" if model.cfg.knowledge else ""))
     return evaluate_scores(label, split, arrays, scores)
-
-
-def config_with(cfg: TrainConfig, **changes) -> TrainConfig:
-    """``dataclasses.replace`` for :class:`TrainConfig` (validated again)."""
-    return replace(cfg, **changes)

@@ -36,6 +36,7 @@ its train users; a warning says so).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
@@ -160,8 +161,6 @@ def _load_reward_models(
     model_dir: Path, item_vectors: pl.DataFrame | None
 ) -> tuple[list[Reranker], int, int]:
     """The fold models (or one plain model), ``n_folds`` and ``fold_seed``."""
-    import json
-
     model_dir = Path(model_dir)
     spec = model_dir / REWARD_FILE
     if spec.is_file():
@@ -251,7 +250,7 @@ def score_samples(
     data_dir: Path,
     samples: pl.DataFrame,
     item_vectors: pl.DataFrame | None = None,
-    batch_size: int = 8192,
+    batch_size: int = 2048,
     splits: Sequence[str] = REWARD_SPLITS,
     show_progress: bool = False,
 ) -> pl.DataFrame:
@@ -263,7 +262,8 @@ def score_samples(
         samples: ``user_id`` Int64, ``sample_idx`` Int64, ``vector`` List[Float32] (the
             sample's knowledge vector, same encoder as the reward model's training vectors).
         item_vectors: replaces the item vectors stored in the model (optional).
-        batch_size: (sample, list) pairs per forward pass (memory: a few kB per pair).
+        batch_size: (list, sample) pairs per forward pass (a few kB each; a few thousand
+            keep the working set in cache).
         splits: users of these splits are scored (others get a null reward and n_lists 0).
         show_progress: progress bar over chunks.
 
@@ -301,22 +301,24 @@ def score_samples(
     with torch.inference_mode():
         for k, model in enumerate(models):  # one pass per fold model, not per sample
             model.eval()
-            item_table = model.item_repr_table()  # the item side, once per model
+            tables = model.pair_tables()  # the item and position side, once per model
             start = bounds[k]
             while start < bounds[k + 1]:
                 end = _chunk_end(n_all, start, bounds[k + 1], batch_size)
                 n_max = int(n_all[end - 1])
                 rows = _dense_rows(s_flat, offsets, n_all, start, end, n_max)  # [c, n_max]
+                valid = rows >= 0
+                used, local = np.unique(rows[valid], return_inverse=True)
+                local_rows = np.full(rows.shape, -1, dtype=np.int64)
+                local_rows[valid] = local  # rows of the chunk's own samples
                 scores = model.score_pairs(
                     torch.from_numpy(arrays.item_ids[l_all[start:end]]),
-                    torch.from_numpy(vecs),
-                    torch.from_numpy(rows),
-                    item_table,
+                    torch.from_numpy(vecs[used]),
+                    torch.from_numpy(local_rows),
+                    tables,
                 ).numpy()  # [c, n_max, L]
-                valid = rows >= 0
-                labels = np.broadcast_to(arrays.labels[l_all[start:end]][:, None, :], scores.shape)[
-                    valid
-                ]
+                chunk_labels = arrays.labels[l_all[start:end]][:, None, :]  # [c, 1, L]
+                labels = np.broadcast_to(chunk_labels, scores.shape)[valid]  # [pairs, L]
                 who = rows[valid]
                 sums[0] += np.bincount(
                     who, map_at_k_per_list(labels, scores[valid], REWARD_K), samples.height

@@ -88,14 +88,19 @@ def knowledge_texts(run: Path, knowledge: str) -> pl.DataFrame:
 
 
 def build_vectors(
-    run: Path, texts: pl.DataFrame, encoder: str, item_text: bool, show_progress: bool = True
+    run: Path,
+    texts: pl.DataFrame,
+    encoder: str,
+    item_text: bool,
+    show_progress: bool = True,
+    cache_dir: Path | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame | None]:
     """User vectors of ``texts`` and (optionally) item vectors of titles and genres."""
-    users = encode_frame(texts, "user_id", "text", encoder, show_progress=show_progress)
+    users = encode_frame(texts, "user_id", "text", encoder, cache_dir, show_progress=show_progress)
     items = None
     if item_text:
         data = load_prepared(run)
-        vecs = encode_texts(item_texts(data.items), encoder, show_progress=show_progress)
+        vecs = encode_texts(item_texts(data.items), encoder, cache_dir, show_progress=show_progress)
         items = vectors_frame(data.items["item_id"].to_list(), vecs, id_col="item_id")
     return users, items
 
@@ -132,6 +137,7 @@ def run_table(
     label: str = "knowledge",
     resume: bool = True,
     n_boot: int = 2000,
+    cache_dir: Path | None = None,
 ) -> dict:
     """Train and evaluate every (backbone, row, seed); return the aggregated results."""
     out.mkdir(parents=True, exist_ok=True)
@@ -145,7 +151,7 @@ def run_table(
                 "or --no-resume"
             )
     write_json(inputs, marker)
-    users, items = build_vectors(run, texts, encoder, item_text)
+    users, items = build_vectors(run, texts, encoder, item_text, cache_dir=cache_dir)
     refs = reference_results(run, "test")
     for name, res in refs.items():
         write_eval(res, out / "eval" / f"reference_{name}.json")
@@ -322,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads while training")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
     p.add_argument(
+        "--cache-dir", type=Path, default=None, help="embedding cache (default: asset cache)"
+    )
+    p.add_argument(
         "--no-resume",
         action="store_true",
         help="retrain even when a finished model with the same settings exists",
@@ -359,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             label=label,
             resume=not args.no_resume,
             n_boot=args.n_boot,
+            cache_dir=args.cache_dir,
         )
     except (ValueError, DataError, AssetError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

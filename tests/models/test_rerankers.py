@@ -126,9 +126,13 @@ def test_score_pairs_equals_forward(backbone: str, item_dim: int) -> None:
     users = torch.randn(4, DIM)
     rows = torch.tensor([[0, 1, 2], [1, -1, -1], [2, 3, 0], [3, 3, -1], [0, 1, 2]])
     with torch.no_grad():
-        got = model.score_pairs(lists, users, rows, model.item_repr_table())
+        got = model.score_pairs(lists, users, rows, model.pair_tables())
         generic = Reranker._pair_scores(
-            model, model.item_features(lists), model.adaptor.task_forward(0, users), rows.clamp(0)
+            model,
+            model.item_index(lists),
+            Reranker.pair_tables(model),
+            model.adaptor.task_forward(0, users),
+            rows.clamp(0),
         )
         assert got.shape == (5, 3, 10)
         for li in range(5):

@@ -175,3 +175,26 @@ def test_config() -> None:
         TrainConfig(backbone="gru")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="exclude_fold"):
         TrainConfig(exclude_fold=2, n_folds=2)
+
+
+def test_table1_cli(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tasks.table1 import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    assert "--knowledge" in capsys.readouterr().out
+    args = ["--run", str(run), "--knowledge", "profile", "--seeds", "1,2", "--backbones", "prm"]
+    args += ["--epochs", "2", "--batch-size", "8", "--threads", "1", "--n-boot", "50"]
+    args += ["--out", str(tmp_path / "t1"), "--cache-dir", str(tmp_path / "emb")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| PRM | base |" in out and "| PRM | profile |" in out
+    assert "profile - base (lists, bootstrap)" in out and "| reference | popularity |" in out
+    results = json.loads((tmp_path / "t1" / "results.json").read_text())
+    rows = results["backbones"]["prm"]["rows"]
+    assert rows["base"]["map@5"]["n"] == 2 and set(rows) == {"base", "profile"}
+    assert results["backbones"]["prm"]["delta"]["ndcg@5"]["lists"]["n"] == 16
+    # a second run reuses the finished models
+    assert main(args) == 0
+    assert main([*args[:3], "missing.parquet", *args[4:]]) == 1
