@@ -4,10 +4,13 @@ The encoder is any sentence-transformers folder or plain Hugging Face encoder, r
 :func:`tasks.assets.encoder_model` (default all-MiniLM-L6-v2 from the offline asset cache;
 ``bert-base-uncased`` as in the paper works by id or path):
 
-- a sentence-transformers folder (it has ``modules.json``) runs its own pipeline (for
-  all-MiniLM-L6-v2: mean pooling, then L2 normalisation, 256 tokens at most);
-- any other folder is loaded with ``AutoModel`` and mean-pooled over the attention mask (no
-  normalisation; truncation at the model's maximum length, at most 512 tokens).
+- a sentence-transformers folder (it has ``modules.json``): its transformer, mean pooling,
+  then L2 normalisation where its pipeline normalises (all-MiniLM-L6-v2 does);
+- any other folder is loaded with ``AutoModel`` and mean-pooled (no normalisation).
+
+Texts longer than the encoder's window (256 tokens for MiniLM, 512 for BERT) are encoded in
+consecutive windows and mean-pooled over all their tokens, never truncated: the LLM's answer
+comes after a long profile-and-history prefix and would otherwise be cut off.
 
 Cache: ``<cache_dir>/<encoder key>/part-*.parquet`` with columns ``key`` (sha256 hex of the
 text, Utf8) and ``vector`` (List[Float32]). The encoder key is the encoder's name plus a hash of
@@ -53,7 +56,7 @@ def encoder_key(encoder: str = DEFAULT_ENCODER) -> str:
     """Folder name of an encoder's cache: ``<name>-<12 hex of its resolved folder>``."""
     resolved = encoder_model(encoder)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(resolved.rstrip("/")).name or encoder)[:60]
-    digest = hashlib.sha256(f"{resolved}|mean".encode()).hexdigest()[:12]
+    digest = hashlib.sha256(f"{resolved}|mean-windowed".encode()).hexdigest()[:12]
     return f"{name}-{digest}"
 
 
@@ -84,40 +87,59 @@ def _hf_max_length(tok) -> int:
     return int(min(limit, MAX_HF_TOKENS))
 
 
+def _encoder_parts(kind: str, model, tok):
+    """(transformer, tokenizer, max tokens per window, L2-normalise?) of a loaded encoder."""
+    if kind == "st":
+        first = model[0]
+        normalize = any(type(m).__name__ == "Normalize" for m in model)
+        max_len = int(getattr(first, "max_seq_length", None) or MAX_HF_TOKENS)
+        return first.auto_model, first.tokenizer, max_len, normalize
+    return model, tok, _hf_max_length(tok), False
+
+
 def _encode_uncached(
     texts: list[str], resolved: str, batch_size: int, show_progress: bool
 ) -> np.ndarray:
-    """Run the encoder on ``texts``: ``[len(texts), dim]`` float32 (no cache)."""
-    import torch
+    """Run the encoder on ``texts``: ``[len(texts), dim]`` float32 (no cache).
 
-    kind, model, tok = _load_encoder(resolved)
-    if kind == "st":
-        out = model.encode(
-            texts,
-            batch_size=batch_size,
-            show_progress_bar=show_progress,
-            convert_to_numpy=True,
-        )
-        return np.asarray(out, dtype=np.float32)
+    Mean pooling over *all* tokens of a text: a text longer than the encoder's window (256
+    tokens for all-MiniLM-L6-v2, 512 for BERT) is cut into consecutive windows, each encoded
+    with its own special tokens, and the token embeddings of all windows are averaged. Plain
+    truncation would drop the LLM's answer, which comes after a long profile-and-history
+    prefix, and make every sample of a user encode the same. A text that fits one window
+    gives exactly the encoder's usual output (then L2-normalised where the
+    sentence-transformers pipeline normalises).
+    """
+    import torch
     from tqdm.auto import tqdm
 
-    order = np.argsort([-len(t) for t in texts], kind="stable")  # similar lengths together
-    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
-    starts = range(0, len(texts), batch_size)
+    kind, model, tok = _load_encoder(resolved)
+    net, tok, max_len, normalize = _encoder_parts(kind, model, tok)
+    enc = tok(
+        list(texts),
+        truncation=True,
+        max_length=max_len,
+        return_overflowing_tokens=True,
+        stride=0,
+        padding=False,
+    )
+    windows = enc["input_ids"]
+    owner = np.asarray(enc["overflow_to_sample_mapping"], dtype=np.int64)  # [windows]
+    sums = np.zeros((len(texts), net.config.hidden_size), dtype=np.float64)
+    counts = np.zeros(len(texts), dtype=np.float64)
+    order = np.argsort([-len(w) for w in windows], kind="stable")  # similar lengths together
+    starts = range(0, len(windows), batch_size)
     with torch.inference_mode():
         for start in tqdm(starts, desc="encode", disable=not show_progress):
             idx = order[start : start + batch_size]
-            enc = tok(
-                [texts[i] for i in idx],
-                padding=True,
-                truncation=True,
-                max_length=_hf_max_length(tok),
-                return_tensors="pt",
-            )
-            hidden = model(**enc).last_hidden_state  # [b, T, H]
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [b, T, 1]
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-            out[idx] = pooled.float().numpy()
+            batch = tok.pad({"input_ids": [windows[i] for i in idx]}, return_tensors="pt")
+            hidden = net(**batch).last_hidden_state  # [b, T, H]
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [b, T, 1]
+            np.add.at(sums, owner[idx], (hidden * mask).sum(1).double().numpy())
+            np.add.at(counts, owner[idx], mask.sum((1, 2)).double().numpy())
+    out = (sums / np.maximum(counts, 1.0)[:, None]).astype(np.float32)
+    if normalize:
+        out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
     return out
 
 

@@ -111,3 +111,19 @@ def test_bad_arguments(tmp_path: Path) -> None:
         encode_texts(["ok", 3], cache_dir=tmp_path)  # type: ignore[list-item]
     with pytest.raises(ValueError, match="batch_size"):
         encode_texts(["ok"], batch_size=0, cache_dir=tmp_path)
+
+
+def test_long_text_keeps_its_tail(encoder_path: str, tmp_path) -> None:
+    """Texts past the encoder's 256-token window differ by their ends (no truncation), and a
+    short text encodes exactly as sentence-transformers does."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from tasks.encode import encode_texts
+
+    prefix = "Given a male user who is aged 24, this user's history is listed below. " * 40
+    texts = [prefix + "He loves slapstick comedy.", prefix + "He hates horror films.", "short"]
+    vecs = encode_texts(texts, encoder_path, cache_dir=tmp_path)
+    assert not np.allclose(vecs[0], vecs[1], atol=1e-4)
+    reference = SentenceTransformer(encoder_path, device="cpu").encode(["short"])
+    np.testing.assert_allclose(vecs[2], reference[0], atol=1e-5)
