@@ -148,6 +148,8 @@ class Tracker:
 
 
 def _clean_key(key: str) -> str:
+    """MLflow keys allow letters, digits and ``_-./ ``: ``ndcg@5`` becomes ``ndcg_at_5``."""
+    key = key.replace("@", "_at_")
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
 
 

@@ -219,27 +219,21 @@ def _always_pairs(real):
         if pairs.height:
             return pairs
         bumped = scored.with_columns(
-            pl.when(pl.col("sample_idx") == 0).then(1.0).otherwise(pl.col("ndcg")).alias("ndcg")
+            pl.when(pl.col("sample_idx") == 0).then(1.0).otherwise(pl.col("reward")).alias("reward")
         )
         return real(bumped, windows, "best_worst", 0.0, 1)
 
     return wrapped
 
 
-def test_flow_end_to_end_on_cpu(prefect_harness, tiny_llm_path, ml100k_dir, tmp_path, monkeypatch):
-    from mlflow.tracking import MlflowClient
-
-    from flows.direct import direct_flow
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setattr(stages, "preference_pairs", _always_pairs(stages.preference_pairs))
-    params = {
+def _tiny_params(tmp_path, ml100k_dir, tiny_llm_path, stages_: list[str]) -> dict:
+    return {
         "run_name": "tiny",
         "runs_dir": str(tmp_path / "runs"),
         "data_dir": str(ml100k_dir),
         "policy_model": tiny_llm_path,
         "backend": "transformers",
-        "stages": ["sft", "dpo", "rl", "rlhf"],
+        "stages": stages_,
         "max_new_tokens": 12,
         "n_samples": 2,
         "max_train_users": 2,
@@ -252,39 +246,84 @@ def test_flow_end_to_end_on_cpu(prefect_harness, tiny_llm_path, ml100k_dir, tmp_
         "rm_max_steps": 1,
         "experiment": "direct-test",
     }
+
+
+def test_flow_end_to_end_on_cpu(prefect_harness, tiny_llm_path, ml100k_dir, tmp_path, monkeypatch):
+    """Base, SFT, DPO and RL, one step each, on the tiny data set; then resume and lock."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.direct import direct_flow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(stages, "preference_pairs", _always_pairs(stages.preference_pairs))
+    params = _tiny_params(tmp_path, ml100k_dir, tiny_llm_path, ["sft", "dpo", "rl"])
     result = direct_flow(**params)
     run = tmp_path / "runs" / "tiny"
     report = (run / "report.md").read_text()
-    for row in ("| Base |", "| SFT |", "| DPO |", "| RL (NDCG@5 reward) |",
-                "| RLHF (reward model) |", "| Most popular |", "| Item-kNN |"):  # fmt: skip
+    for row in ("| Base |", "| SFT |", "| DPO |", "| RL (NDCG@5 reward) |", "| Most popular |",
+                "| Item-kNN |", "| 0.624 |", "## Time per stage"):  # fmt: skip
         assert row in report, row
     results = json.loads((run / "results.json").read_text())
-    assert set(results["table"]) == {"base", "sft", "dpo", "rl", "rlhf", "popular", "item_knn"}
+    assert set(results["table"]) == {"base", "sft", "dpo", "rl", "popular", "item_knn"}
     assert results["table"]["base"]["parse_failure_rate"]["mean"] is not None
+    assert set(results["timings"]) >= {"seed0.sft", "seed0.dpo", "seed0.rl", "seed0.rl.eval"}
     seed = run / "direct" / "seed_0"
     answers = pl.read_parquet(seed / "sft" / "eval" / "answers.parquet")
     assert answers.height == 1 and answers.schema["titles"] == pl.List(pl.Utf8)
     windows = pl.read_parquet(seed / "data" / "windows.parquet")
     assert windows.schema["ground_truth_titles"] == pl.List(pl.Utf8)
     assert (seed / "dpo" / "model" / "adapter" / "adapter_config.json").is_file()
-    assert (seed / "rlhf" / "reward_model" / "adapter" / "adapter_config.json").is_file()
+    assert (seed / "rl" / "model" / "adapter" / "adapter_config.json").is_file()
     assert pl.read_parquet(seed / "preferences" / "pairs.parquet").height >= 1
-    # MLflow: the parent run and one child per stage
+    # MLflow: the parent run with the table, one child run per stage
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("direct-test")
     runs = client.search_runs([exp.experiment_id])
     parent = client.get_run(result["mlflow_run_id"])
     assert "sft.ndcg_5" in parent.data.metrics and parent.data.params["profile"] == "quick"
     children = {r.info.run_name for r in runs if r.info.run_id != result["mlflow_run_id"]}
-    assert {"seed0.sft", "seed0.dpo", "seed0.rl", "seed0.rlhf", "seed0.base.eval"} <= children
+    assert {"seed0.sft", "seed0.dpo", "seed0.rl", "seed0.base.eval", "seed0.data"} <= children
     # Resumable: the same parameters again hit every task's cache (nothing retrained).
-    stamp = (seed / "sft" / "model" / "adapter" / "adapter_model.safetensors").stat().st_mtime
+    weights = seed / "sft" / "model" / "adapter" / "adapter_model.safetensors"
+    stamp = weights.stat().st_mtime
     again = direct_flow(**params)
     assert json.loads((run / "results.json").read_text())["table"] == results["table"]
-    assert (
-        seed / "sft" / "model" / "adapter" / "adapter_model.safetensors"
-    ).stat().st_mtime == stamp
+    assert weights.stat().st_mtime == stamp
     assert again["wall_seconds"] < result["wall_seconds"]
     # A second process on the same run folder is refused.
     with run_lock(run), pytest.raises(RunLockedError):
         direct_flow(**params)
+
+
+def test_reward_model_on_tiny_llm(tiny_llm_path, tmp_path):
+    """The RLHF row's reward model: one RewardTrainer step, then it scores answers."""
+    pairs = pl.DataFrame(
+        {
+            "prompt": ["Recommend five movies.", "Five films, please."],
+            "chosen": ["['Jaws (1975)', 'Alien (1979)']", "['Heat (1995)']"],
+            "rejected": ["I cannot.", "no"],
+        }
+    )
+    out = stages.train_reward_model(tiny_llm_path, pairs, tmp_path / "rm", {"max_steps": 1})
+    assert out["metrics"]["steps"] == 1 and (tmp_path / "rm" / "adapter").is_dir()
+    score = stages.RewardModelScore(tiny_llm_path, out["adapter_dir"])
+    values = score(["p", "p", "p"], ["['Jaws']", [{"role": "assistant", "content": "x"}], ""], {})
+    assert len(values) == 3 and all(math.isfinite(v) for v in values)
+
+
+@pytest.mark.slow
+def test_flow_all_stages_with_rlhf(
+    prefect_harness, tiny_llm_path, ml100k_dir, tmp_path, monkeypatch
+):
+    """Every stage including RLHF (reward model + online RL on its score)."""
+    from flows.direct import direct_flow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(stages, "preference_pairs", _always_pairs(stages.preference_pairs))
+    params = _tiny_params(tmp_path, ml100k_dir, tiny_llm_path, ["sft", "dpo", "rl", "rlhf"])
+    direct_flow(**params)
+    run = tmp_path / "runs" / "tiny"
+    assert "| RLHF (reward model) |" in (run / "report.md").read_text()
+    seed = run / "direct" / "seed_0"
+    assert (seed / "rlhf" / "reward_model" / "adapter" / "adapter_config.json").is_file()
+    assert (seed / "rlhf" / "model" / "adapter" / "adapter_config.json").is_file()

@@ -14,25 +14,25 @@ from tests.conftest import write_grouplens
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_llm_path: str, prefect_harness):
-    """Run the flow once (20 users, N=3, 16 new tokens, one DPO step per round, 2 rounds)."""
+    """Run the flow once: 60 real MovieLens-100K users, a tiny random LLM, N=3, 48 new tokens,
+    one DPO step per round, 2 rounds. (A hand-made data set this small gives a reward model
+    too weak to tell samples apart, so no pair would survive.)"""
     import os
 
     root = tmp_path_factory.mktemp("flow")
-    data_dir = write_grouplens(root / "ml", n_users=20, n_items=60, per_user=24)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     params = {
         "run_name": "tiny",
         "runs_dir": str(root / "runs"),
-        "data_dir": str(data_dir),
-        "max_users": 0,
+        "max_users": 60,
         "policy_model": tiny_llm_path,
         "rounds": 2,
         "n_samples": 3,
-        "max_new_tokens": 16,
+        "max_new_tokens": 48,
         "backend": "transformers",
         "backbones": ["dlcm"],
         "seeds": [1],
-        "reranker_epochs": 2,
+        "reranker_epochs": 6,
         "dpo_max_steps": 1,
         "experiment": "tiny-e2e",
     }
@@ -98,7 +98,7 @@ def test_mlflow_metrics_per_round(tiny_run) -> None:
         assert "dpo.skipped" in metrics, name
         assert any(k.startswith("seconds.") for k in metrics), name
     parent = client.get_run(parent_id)
-    assert "dlcm.RLRF4Rec.ndcg@5" in parent.data.metrics
+    assert "dlcm.RLRF4Rec.ndcg_at_5" in parent.data.metrics
     assert parent.data.params["rounds"] == "2"
 
 
