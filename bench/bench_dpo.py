@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -72,9 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--answer-tokens", type=int, default=200)
     parser.add_argument("--paper", action="store_true", help="DPOConfig.paper() (one epoch)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     from tasks.assets import policy_model
     from tasks.prompts import count_prompt_tokens
@@ -100,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": m["steps"],
         "loss": m["loss"],
         "rewards/margins": m.get("rewards/margins"),
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
     print("\n=== DPO benchmark ===")
     print(f"model {model} on {device} ({result['threads']} threads), fp32, LoRA r={cfg.lora_r}")
@@ -109,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"{m['train_seconds']:.1f} s for {m['steps']} optimizer steps: "
-        f"{m['seconds_per_pair']:.2f} s per pair"
+        f"{m['seconds_per_pair']:.2f} s per pair; peak memory {result['peak_rss_gb']:.1f} GB"
     )
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")

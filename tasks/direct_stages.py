@@ -28,6 +28,7 @@ import itertools
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -41,7 +42,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from models.direct_metrics import mean_ci, metrics_at_k
 from tasks.direct_data import select
-from tasks.io import atomic_dir, write_json, write_parquet
+from tasks.io import atomic_dir, atomic_path, write_json, write_parquet
 from tasks.title_mapping import Catalogue, MappingConfig, format_titles, mapping_counts
 
 log = logging.getLogger(__name__)
@@ -526,8 +527,6 @@ def train_reward_model(
             "train_seconds": time.perf_counter() - t0,
         }
         trainer.model.save_pretrained(str(tmp / "adapter"))
-        import shutil
-
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
         (tmp / "metrics.json").write_text(
             json.dumps({"metrics": metrics, "log_history": history}, indent=2, default=str)
@@ -935,8 +934,6 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, str]:
     """Write ``report.md`` and ``results.json`` under ``out_dir``; return their paths."""
     out = Path(out_dir)
     report = out / "report.md"
-    from tasks.io import atomic_path
-
     with atomic_path(report) as tmp:
         tmp.write_text(render_report(results))
     write_json(_plain(results), out / "results.json")

@@ -20,11 +20,19 @@ same prompt order and shard layout; the engine's RNG is reseeded for every call)
 
 LoRA (``adapter=``): by default the round's adapter is merged into the base model once
 (:func:`merged_checkpoint`, cached beside the adapter and reused by every shard) and the
-merged checkpoint is served. On this CPU vLLM's LoRA path generates about 2.8x slower than the
-merged model, and a round cannot keep its engine anyway when DPO trains on the same device, so
-merging is the faster way to serve a round's policy. ``lora_mode="lora"`` serves the adapter
-as a LoRA (a new LoRA id per adapter) instead; with a long-lived :class:`VLLMEngine` started
-with ``enable_lora=True``, a round transition is then only the adapter load, no engine restart.
+merged checkpoint is served by a fresh engine. Measured on the 2-core CPU
+(``bench/bench_generation.py --transition``, SmolLM2-135M): a round transition costs the merge
+(1.3 s) plus an engine start (about 20 s), then 112 tokens/s; serving the adapter as a LoRA in
+a running engine costs no restart but generates at 31 tokens/s (3.2x slower than the base
+model's 101 tokens/s in that engine), so merging wins for any round of more than about a
+thousand generated tokens. A round cannot keep its engine anyway when DPO trains on the same
+device. ``lora_mode="lora"`` serves the adapter as a LoRA instead (a new LoRA id per adapter);
+with a long-lived :class:`VLLMEngine` started with ``enable_lora=True`` a round transition is
+then only the adapter load, no engine restart.
+
+CPU threads: vLLM binds one thread to each core by default; on a CPU shared with other jobs
+that slowed generation several-fold here, and ``OMP_NUM_THREADS=1
+VLLM_CPU_OMP_THREADS_BIND=nobind`` (inherited by the worker) was steadier.
 """
 
 from __future__ import annotations
@@ -319,7 +327,6 @@ class VLLMEngine:
             most 4096).
         seed: the engine's seed (each call reseeds its sampler with ``cfg.seed`` anyway).
         dtype, gpu_memory_utilization, enforce_eager: passed to ``vllm.LLM``.
-        start_timeout: seconds to wait for the engine to start.
     """
 
     def __init__(
@@ -333,12 +340,10 @@ class VLLMEngine:
         dtype: str = "auto",
         gpu_memory_utilization: float | None = None,
         enforce_eager: bool | None = None,
-        start_timeout: float = 1800.0,
     ) -> None:
         self.model = str(model)
         self.gpu = gpu
         self.enable_lora = enable_lora
-        self.start_timeout = start_timeout
         if max_model_len is None:
             max_model_len = min(_model_max_len(self.model), 4096)
         self.max_model_len = max_model_len
@@ -378,7 +383,7 @@ class VLLMEngine:
         self._dir = tempfile.TemporaryDirectory(prefix="vllm-engine-")
         engine_json = Path(self._dir.name) / "engine.json"
         engine_json.write_text(json.dumps(self.engine_args))
-        cmd = [sys.executable, "-m", "tasks.vllm_worker", "--engine", str(engine_json), "--serve"]
+        cmd = [sys.executable, "-m", "tasks.vllm_worker", "--engine", str(engine_json)]
         log.info("starting vLLM engine for %s (gpu=%s)", self.model, self.gpu)
         t0 = time.perf_counter()
         self._proc = subprocess.Popen(
@@ -402,7 +407,8 @@ class VLLMEngine:
         for line in self._proc.stdout:
             if line.startswith(REPLY_PREFIX):
                 return json.loads(line[len(REPLY_PREFIX) :])
-            log.debug("vllm: %s", line.rstrip())
+            level = logging.INFO if ("WARNING" in line or "ERROR" in line) else logging.DEBUG
+            log.log(level, "vllm: %s", line.rstrip())
         code = self._proc.wait()
         raise GenerationError(f"vLLM worker exited with status {code} (its log is on stderr)")
 
@@ -459,7 +465,12 @@ def _run_vllm(
     engine: VLLMEngine | None,
     engine_opts: dict[str, Any],
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Run one vLLM job (in ``engine`` or a fresh one-shot worker); rows keyed by ``idx``."""
+    """Run one vLLM job in ``engine``, or in a fresh engine started for it and stopped after.
+
+    Returns the rows keyed by ``idx`` (the prompt's position) and the worker's stats.
+    """
+    longest = max(len(p) for p in prompt_ids)
+    need = longest + cfg.max_new_tokens
     with tempfile.TemporaryDirectory(prefix="vllm-job-") as tmp:
         tmpd = Path(tmp)
         pl.DataFrame(
@@ -482,11 +493,14 @@ def _run_vllm(
             "lora": lora,
         }
         if engine is not None:
+            if need > engine.max_model_len:
+                raise ValueError(
+                    f"prompt of {longest} tokens + max_new_tokens={cfg.max_new_tokens} exceeds "
+                    f"the engine's max_model_len={engine.max_model_len}"
+                )
             stats = engine.run(job)
             stats["engine_start_seconds"] = 0.0
         else:
-            longest = max(len(p) for p in prompt_ids)
-            need = longest + cfg.max_new_tokens
             max_len = engine_opts.pop("max_model_len", None) or min(
                 _model_max_len(model), 256 * math.ceil(need / 256)
             )
@@ -495,33 +509,18 @@ def _run_vllm(
                     f"prompt of {longest} tokens + max_new_tokens={cfg.max_new_tokens} exceeds "
                     f"the model's {max_len} tokens: cut the history (max_prompt_tokens)"
                 )
-            gpu_visible = gpu is not None or bool(available_gpus())
-            args = _engine_args(
+            fresh = VLLMEngine(
                 model,
-                cfg.seed,
-                gpu_visible,
-                max_len,
+                gpu=gpu,
                 enable_lora=lora is not None,
                 max_lora_rank=_lora_rank(Path(lora["path"])) if lora else 16,
+                max_model_len=max_len,
+                seed=cfg.seed,
                 **engine_opts,
             )
-            (tmpd / "engine.json").write_text(json.dumps(args))
-            (tmpd / "job.json").write_text(json.dumps(job))
-            cmd = [
-                sys.executable,
-                "-m",
-                "tasks.vllm_worker",
-                "--engine",
-                str(tmpd / "engine.json"),
-                "--job",
-                str(tmpd / "job.json"),
-            ]
-            proc = subprocess.run(cmd, env=_worker_env(gpu), check=False)
-            if proc.returncode != 0 or not (tmpd / "samples.parquet").is_file():
-                raise GenerationError(
-                    f"vLLM worker failed with status {proc.returncode} (its log is above)"
-                )
-            stats = json.loads((tmpd / "stats.json").read_text())
+            with fresh:
+                stats = fresh.run(job)
+            stats["engine_start_seconds"] = fresh.engine_start_seconds
         rows = pl.read_parquet(tmpd / "samples.parquet")
     return rows, stats
 

@@ -11,12 +11,11 @@ process's, so each job reseeds it and the same seed and inputs give the same tex
 engine is fresh or has served other jobs. (A per-request ``seed`` in ``SamplingParams`` crashes
 the CPU worker, see DESIGN.md.)
 
-Modes:
-
-- ``--engine ENGINE.json --job JOB.json``: run one job, then exit (status 0 on success).
-- ``--engine ENGINE.json --serve``: jobs as JSON lines on stdin, one reply line per job on
-  stdout (prefixed with :data:`REPLY_PREFIX`; everything else on stdout is vLLM's log); a
-  ``ready`` reply once the engine has started; exits at the end of stdin.
+``python -m tasks.vllm_worker --engine ENGINE.json``: jobs as JSON lines on stdin, one reply
+line per job on stdout (prefixed with :data:`REPLY_PREFIX`; everything else on stdout is
+vLLM's log), a ``ready`` reply once the engine has started; exits at the end of stdin.
+:class:`tasks.generate.VLLMEngine` drives it (a one-off :func:`tasks.generate.generate` call
+starts one, sends its job and closes it).
 
 ENGINE.json: keyword arguments of ``vllm.LLM`` (``model``, ``seed``, ``dtype``,
 ``max_model_len``, ``gpu_memory_utilization``, ``enforce_eager``, ``enable_lora``,
@@ -127,9 +126,6 @@ def run_job(llm: Any, job: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.vllm_worker", description=__doc__)
     parser.add_argument("--engine", required=True, help="JSON file of vllm.LLM keyword arguments")
-    mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--job", help="JSON file of one job; run it and exit")
-    mode.add_argument("--serve", action="store_true", help="serve JSON-line jobs from stdin")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -139,18 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         llm = start_engine(engine_args)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
         traceback.print_exc()
-        if args.serve:
-            _reply({"event": "ready", "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        _reply({"event": "ready", "ok": False, "error": f"{type(exc).__name__}: {exc}"})
         return 3
     start_seconds = time.perf_counter() - t0
-
-    if args.job:
-        job = json.loads(Path(args.job).read_text())
-        stats = run_job(llm, job)
-        stats["engine_start_seconds"] = start_seconds
-        Path(job["stats_path"]).write_text(json.dumps(stats))
-        return 0
-
     _reply({"event": "ready", "ok": True, "engine_start_seconds": start_seconds})
     for line in sys.stdin:
         line = line.strip()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
@@ -20,7 +21,19 @@ PAIRS = pl.DataFrame(
         "rejected": ["Cooking shows about soup."] * 6,
     }
 )
-FAST = DPOConfig(lr=5e-3, epochs=2, batch_size=3, seed=0)
+FAST = DPOConfig(lr=5e-3, epochs=2, batch_size=3, grad_accum=1, seed=0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """One torch thread: the tiny model gains nothing from two, and on a CPU shared with other
+    jobs two threads thrash (several-fold slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _margin(model: str, adapter: str | None) -> float:
@@ -82,7 +95,7 @@ def test_dpo_moves_lora_and_raises_the_margin(first_round: dict, tiny_llm_path: 
 def test_next_round_continues_the_adapter(
     first_round: dict, tiny_llm_path: str, tmp_path: Path, ref: str
 ) -> None:
-    cfg = DPOConfig(lr=5e-3, epochs=1, batch_size=6, max_steps=1, ref=ref, merge=True)
+    cfg = DPOConfig(lr=5e-3, batch_size=6, grad_accum=1, max_steps=1, ref=ref, merge=True)
     out = train_dpo(
         tiny_llm_path, PAIRS, tmp_path / "round_01" / "dpo", cfg, first_round["adapter_dir"]
     )

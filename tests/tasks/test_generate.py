@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
@@ -32,6 +34,18 @@ PROMPTS = pl.DataFrame(
         ],
     }
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """One torch thread: the tiny model gains nothing from two, and on a CPU shared with other
+    jobs two threads thrash (several-fold slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _check_samples(samples: pl.DataFrame, prompts: pl.DataFrame, cfg: SamplingConfig) -> None:
@@ -180,19 +194,26 @@ VLLM_CFG = SamplingConfig(n=2, max_new_tokens=12, seed=5)
 
 @pytest.fixture(scope="module")
 def vllm_runs(default_policy_path: str) -> dict:
-    """The default model on vLLM, started twice in all: a one-shot worker, then a served
-    engine running the same job twice (CPU attention needs head_dim >= 32, so not the tiny
-    model)."""
-    one_shot = generate(PROMPTS, default_policy_path, VLLM_CFG, "vllm", round_idx=1)
-    with VLLMEngine(default_policy_path, max_model_len=512) as engine:
-        first = generate(PROMPTS, default_policy_path, VLLM_CFG, "vllm", engine=engine)
-        second = generate(PROMPTS, default_policy_path, VLLM_CFG, "vllm", engine=engine)
-    return {"one_shot": one_shot, "first": first, "second": second}
+    """Three jobs in one engine running the default model (vLLM's CPU attention needs
+    head_dim >= 32, so not the tiny model); one engine start (about 20 s) for the module."""
+    if not vllm_importable():
+        pytest.skip("vllm is not installed")
+    with pytest.MonkeyPatch.context() as mp:
+        # One unbound thread: on a CPU shared with other jobs, vLLM's default (one thread
+        # bound to each core) slows down several-fold.
+        mp.setenv("OMP_NUM_THREADS", "1")
+        mp.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        with VLLMEngine(default_policy_path, max_model_len=512) as engine:
+            run = functools.partial(generate, PROMPTS, default_policy_path, backend="vllm")
+            first = run(VLLM_CFG, round_idx=1, engine=engine)
+            second = run(VLLM_CFG, round_idx=1, engine=engine)
+            other = run(SamplingConfig(n=2, max_new_tokens=12, seed=6), engine=engine)
+    return {"first": first, "second": second, "other": other}
 
 
 @needs_vllm
 def test_vllm_backend_n_samples(vllm_runs: dict) -> None:
-    samples, stats = vllm_runs["one_shot"]
+    samples, stats = vllm_runs["first"]
     _check_samples(samples, PROMPTS, VLLM_CFG)
     assert set(samples["round"]) == {1}
     assert stats["backend"] == "vllm" and stats["tokens_per_s"] > 0
@@ -202,11 +223,34 @@ def test_vllm_backend_n_samples(vllm_runs: dict) -> None:
 
 @needs_vllm
 def test_vllm_same_seed_same_texts(vllm_runs: dict) -> None:
-    one_shot = vllm_runs["one_shot"][0]["text"].to_list()
     first = vllm_runs["first"][0]["text"].to_list()
-    second = vllm_runs["second"][0]["text"].to_list()
-    assert first == second  # reseeded for every job of a long-lived engine
-    assert first == one_shot  # and a fresh engine gives the same texts
+    assert vllm_runs["second"][0]["text"].to_list() == first  # reseeded for every job
+    assert vllm_runs["other"][0]["text"].to_list() != first
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_vllm_fresh_engine_gives_the_same_texts(vllm_runs: dict, default_policy_path: str) -> None:
+    samples, stats = generate(PROMPTS, default_policy_path, VLLM_CFG, "vllm", round_idx=1)
+    assert stats["load_seconds"] > 0  # a one-off engine was started for the call
+    assert samples.equals(vllm_runs["first"][0])
+
+
+def test_auto_falls_back_to_transformers(
+    tiny_llm_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tasks.generate as gen
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise gen.GenerationError("vLLM engine did not start: test")
+
+    monkeypatch.setattr(gen, "_run_vllm", broken)
+    monkeypatch.setattr(gen, "vllm_importable", lambda: True)
+    cfg = SamplingConfig(n=1, max_new_tokens=2)
+    samples, stats = generate(PROMPTS, tiny_llm_path, cfg, "auto")
+    assert stats["backend"] == "transformers" and samples.height == 3
+    with pytest.raises(gen.GenerationError, match="did not start"):
+        generate(PROMPTS, tiny_llm_path, cfg, "vllm")
 
 
 @pytest.mark.slow
