@@ -38,10 +38,11 @@ Backbone = Literal["dlcm", "prm"]
 # Values a profile gives to every parameter left unset (None).
 PROFILES: dict[str, dict] = {
     "quick": {
-        "max_users": 150,
+        "max_users": 100,
         "rounds": 2,
         "n_samples": 4,
         "max_new_tokens": 96,
+        "dpo_max_steps": 2,
         "backbones": ["dlcm", "prm"],
         "seeds": [1],
         "reranker_settings": "fast",
@@ -135,7 +136,9 @@ class IterateParams(BaseModel):
         None, description="DPO: fast CPU default or the paper's (profile)"
     )
     dpo_beta: float = Field(0.01, gt=0, description="DPO beta (the paper: 0.01)")
-    dpo_max_steps: int | None = Field(None, ge=1, description="cap DPO optimiser steps")
+    dpo_max_steps: int | None = Field(
+        None, ge=1, description="cap DPO optimiser steps per round (profile; quick: 2)"
+    )
     dpo_reference: Literal["base", "previous"] = Field(
         "base", description="DPO reference policy: the base model or the previous round's"
     )

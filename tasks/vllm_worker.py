@@ -123,7 +123,24 @@ def run_job(llm: Any, job: dict[str, Any]) -> dict[str, Any]:
     return stats
 
 
+def _exit_with_parent(interval: float = 2.0) -> None:
+    """Exit when the parent process dies (even by SIGKILL, mid-job): no orphaned engine."""
+    import os
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
+    _exit_with_parent()
     parser = argparse.ArgumentParser(prog="python -m tasks.vllm_worker", description=__doc__)
     parser.add_argument("--engine", required=True, help="JSON file of vllm.LLM keyword arguments")
     args = parser.parse_args(argv)
