@@ -53,13 +53,16 @@ class DLCM(Reranker):
         return self.score_vec(self.dropout(out * context)).squeeze(-1)
 
     def pair_tables(self) -> dict[str, torch.Tensor]:
-        """Adds ``gi``: the GRU input projection of every catalogue item, with the input bias
-        and the hidden bias of the r and z gates, ``[n_items + 1, 3H]``."""
+        """Adds ``gi``: the GRU input projection of every catalogue item with the constant
+        terms of :meth:`_pair_scores`' shifted state folded in, ``[n_items + 1, 3H]``."""
         tables = super().pair_tables()
         hid = self.cfg.hidden
-        b_hh = self.gru.bias_hh_l0
-        bias = self.gru.bias_ih_l0 + torch.cat([b_hh[: 2 * hid], b_hh.new_zeros(hid)])
-        tables["gi"] = tables["x"] @ self.gru.weight_ih_l0.T + bias
+        w_hh, b_hh = self.gru.weight_hh_l0, self.gru.bias_hh_l0
+        gi = tables["x"] @ self.gru.weight_ih_l0.T + self.gru.bias_ih_l0
+        # r, z: + b_hr,z - rowsum(W_hr,z) (from h = 2p - 1); n: doubled (tanh(a) = 2 sig(2a) - 1)
+        gi[:, : 2 * hid] += b_hh[: 2 * hid] - w_hh[: 2 * hid].sum(1)
+        gi[:, 2 * hid :] *= 2.0
+        tables["gi"] = gi
         return tables
 
     def _pair_scores(
@@ -71,28 +74,36 @@ class DLCM(Reranker):
     ) -> torch.Tensor:
         """Lists x user vectors: the GRU input projection is an item part (tabulated) plus a
         user part ``[S, 3H]``; only the recurrence (``H x 3H`` per step) runs per
-        (list, vector). ``rows`` ``[NL, N]`` -> logits ``[NL, N, L]``."""
+        (list, vector). ``rows`` ``[NL, N]`` -> logits ``[NL, N, L]``.
+
+        The recurrence runs on the shifted state ``p = (h + 1) / 2`` with
+        ``tanh(a) = 2 sigmoid(2a) - 1``, which turns PyTorch's GRU update
+        ``h' = (1 - z) tanh(a) + z h`` into ``p' = lerp(sigmoid(2a), p, z)``: seven kernels per
+        step, the constants folded into the weights (CPU sigmoid is also faster than tanh).
+        """
         hid = self.cfg.hidden
         n_lists, n = rows.shape
         length, pairs = idx.shape[1], n_lists * n
         w_hh, b_hh = self.gru.weight_hh_l0, self.gru.bias_hh_l0
         gi_list = take(tables["gi"], idx.T).unsqueeze(2)  # [L, NL, 1, 3H]
-        gi_user = take(u @ self.gru.weight_ih_l0[:, self.user_slice].T, rows)  # [NL, N, 3H]
-        w_rz_t, w_n_t = w_hh[: 2 * hid].T.contiguous(), w_hh[2 * hid :].T.contiguous()
-        b_hn = b_hh[2 * hid :]
-        h = u.new_zeros(pairs, hid)
+        gi_user = u @ self.gru.weight_ih_l0[:, self.user_slice].T  # [S, 3H]
+        gi_user = take(torch.cat([gi_user[:, : 2 * hid], 2.0 * gi_user[:, 2 * hid :]], 1), rows)
+        w_rz_t = (2.0 * w_hh[: 2 * hid]).T.contiguous()  # h W = 2 p W - rowsum(W)
+        w_n_t = (4.0 * w_hh[2 * hid :]).T.contiguous()  # 2 (W_hn h + b_hn)
+        b_n = 2.0 * (b_hh[2 * hid :] - w_hh[2 * hid :].sum(1))
+        p = u.new_full((pairs, hid), 0.5)  # h_0 = 0
         out = u.new_empty(length, pairs, hid)
         for t in range(length):  # PyTorch's GRU equations, gates ordered (r, z, n)
             g = torch.add(gi_list[t], gi_user).view(pairs, 3 * hid)  # input projection at t
-            rz = torch.addmm(g[:, : 2 * hid], h, w_rz_t).sigmoid_()
-            cand = torch.addcmul(g[:, 2 * hid :], rz[:, :hid], torch.addmm(b_hn, h, w_n_t))
-            # tanh(x) = 2 sigmoid(2x) - 1: CPU sigmoid is the faster kernel
-            cand = cand.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0)
-            h = torch.lerp(cand, h, rz[:, hid:], out=out[t])  # (1 - z) * n + z * h
-        context = torch.tanh(self.state_proj(h))  # [P, H]
+            rz = torch.addmm(g[:, : 2 * hid], p, w_rz_t).sigmoid_()
+            a2 = torch.addcmul(g[:, 2 * hid :], rz[:, :hid], torch.addmm(b_n, p, w_n_t))
+            p = torch.lerp(a2.sigmoid_(), p, rz[:, hid:], out=out[t])  # (h' + 1) / 2
+        context = torch.tanh(self.state_proj(2.0 * p - 1.0))  # [P, H], from s_n = h_L
         weight = context * self.score_vec.weight  # [P, H]: v * tanh(W s_n + b)
-        scores = torch.bmm(out.transpose(0, 1), weight.unsqueeze(-1)).squeeze(-1)  # [P, L]
-        return (scores + self.score_vec.bias).view(n_lists, n, length)
+        # v . (h_t * c) = 2 p_t . (v * c) - sum(v * c)
+        scores = torch.bmm(out.transpose(0, 1), 2.0 * weight.unsqueeze(-1)).squeeze(-1)
+        scores = scores - weight.sum(1, keepdim=True) + self.score_vec.bias  # [P, L]
+        return scores.view(n_lists, n, length)
 
 
 class PRM(Reranker):
