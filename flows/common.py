@@ -214,7 +214,7 @@ def build_parser(model: type[BaseModel], prog: str, description: str) -> argpars
     for name, field in model.model_fields.items():
         flag = "--" + name.replace("_", "-")
         conv, choices, is_bool = _arg_type(field.annotation)
-        help_text = field.description or ""
+        help_text = (field.description or "").replace("%", "%%")
         default = field.default if field.default is not None else None
         if is_bool:
             parser.add_argument(
@@ -234,7 +234,7 @@ def build_parser(model: type[BaseModel], prog: str, description: str) -> argpars
                 type=arg_type,
                 choices=[str(c) for c in choices] if choices else None,
                 default=None,
-                help=f"{help_text} (default: {default})" if default is not None else help_text,
+                help=help_text,
             )
     parser.set_defaults(_prog=prog)
     return parser

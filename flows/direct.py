@@ -543,7 +543,8 @@ def direct_pipeline(
 
 
 BRIEF_KEYS = (
-    "windows", "answers", "ndcg@5", "mapped_title_rate", "parse_failure_rate", "loss", "steps",
+    "windows", "answers", "ndcg@5", "mapped_title_rate", "parse_failure_rate", "titles_parsed",
+    "context_hits", "duplicates", "loss", "steps",
     "n_examples", "n_pairs", "n_prompts", "reward", "accuracy", "rewards/accuracies", "pairs",
     "prompts", "prompts_with_pairs", "prompts_all_zero", "mean_ndcg", "mean_best_ndcg",
     "backend", "generated_tokens", "tokens_per_s", "skipped",
