@@ -209,7 +209,6 @@ def build_parser(model: type[BaseModel], prog: str, description: str) -> argpars
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for name, field in model.model_fields.items():
         flag = "--" + name.replace("_", "-")
@@ -234,7 +233,7 @@ def build_parser(model: type[BaseModel], prog: str, description: str) -> argpars
                 type=arg_type,
                 choices=[str(c) for c in choices] if choices else None,
                 default=None,
-                help=help_text,
+                help=f"{help_text} (default: {default})" if default is not None else help_text,
             )
     parser.set_defaults(_prog=prog)
     return parser
