@@ -323,3 +323,19 @@ def flat_docstring(model: type[BaseModel], summary: str) -> str:
     for name, field in model.model_fields.items():
         lines.append(f"    {name}: {(field.description or name).strip()}")
     return "\n".join(lines) + "\n"
+
+
+def ensure_run_uid(run_dir: Path) -> str:
+    """A random id written once into the run folder (enters every task's cache key).
+
+    Deleting a run folder therefore also invalidates the cached task results that point into it.
+    """
+    import uuid
+
+    from tasks.io import atomic_path
+
+    path = Path(run_dir) / ".run-uid"
+    if not path.exists():
+        with atomic_path(path) as tmp:
+            tmp.write_text(uuid.uuid4().hex)
+    return path.read_text().strip()

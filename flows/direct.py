@@ -16,15 +16,21 @@ import logging
 import os
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Literal
 
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from flows.common import Tracker, flat_signature, make_task_runner, parse_params, run_lock
-from tasks.io import atomic_path
+from flows.common import (
+    Tracker,
+    ensure_run_uid,
+    flat_docstring,
+    flat_signature,
+    make_task_runner,
+    parse_params,
+    run_lock,
+)
 
 log = logging.getLogger(__name__)
 
@@ -324,15 +330,6 @@ DESCRIPTION = __doc__.split("\n\n")[0] + (
 )
 
 
-def ensure_run_uid(run_dir: Path) -> str:
-    """A random id written once into the run folder (enters every task's cache key)."""
-    path = run_dir / ".run-uid"
-    if not path.exists():
-        with atomic_path(path) as tmp:
-            tmp.write_text(uuid.uuid4().hex)
-    return path.read_text().strip()
-
-
 # --------------------------------------------------------------------------- the flow
 
 
@@ -345,6 +342,9 @@ def _direct(**kwargs) -> dict:
 
 
 _direct.__signature__ = flat_signature(DirectParams)  # type: ignore[attr-defined]
+_direct.__doc__ = flat_docstring(
+    DirectParams, "The second pipeline: Base, SFT, DPO, online RL and RLHF rows of Table 1."
+)
 direct_flow = flow(name="rlrf4rec-direct")(_direct)
 
 

@@ -14,7 +14,6 @@ import logging
 import os
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Literal
 
@@ -23,13 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flows.common import (
     Tracker,
+    ensure_run_uid,
     flat_docstring,
     flat_signature,
     make_task_runner,
     parse_params,
     run_lock,
 )
-from tasks.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -193,15 +192,6 @@ DESCRIPTION = __doc__.split("\n\n")[0] + (
     " Unset parameters take the profile's values; the same run name and parameters resume a "
     "run from its last finished stage."
 )
-
-
-def ensure_run_uid(run_dir: Path) -> str:
-    """A random id written once into the run folder (enters every task's cache key)."""
-    path = run_dir / ".run-uid"
-    if not path.exists():
-        with atomic_path(path) as tmp:
-            tmp.write_text(uuid.uuid4().hex)
-    return path.read_text().strip()
 
 
 # --------------------------------------------------------------------------- the flow
