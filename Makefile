@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m tasks.data prepare --dataset ml-100k --out runs/demo
+	$(PY) -m flows.iterate --profile quick
 
 test: $(STAMP)
 	$(PY) -m pytest -q
