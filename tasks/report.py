@@ -182,6 +182,10 @@ def plot_rounds(results: dict, path: Path) -> Path | None:
     axes[2].plot(xs, ys, marker="o", color="tab:green")
     axes[2].set_title("mean sample reward (NDCG@5)")
     axes[2].set_xlabel("round")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
