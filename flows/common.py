@@ -339,3 +339,27 @@ def ensure_run_uid(run_dir: Path) -> str:
         with atomic_path(path) as tmp:
             tmp.write_text(uuid.uuid4().hex)
     return path.read_text().strip()
+
+
+RESUME_NOTE = (
+    " Unset parameters take the profile's values; the same run name and parameters resume a "
+    "run from its last finished stage."
+)
+
+
+def params_flow(model: type[BaseModel], run: Any, name: str, summary: str, **flow_kwargs: Any):
+    """A Prefect flow whose parameters are the fields of ``model``, flat.
+
+    The flow calls ``run(model(**kwargs))``; its signature and docstring come from the model
+    (:func:`flat_signature`, :func:`flat_docstring`), so the Prefect form lists every field with
+    its description and ``prefect deployment run ... -p rounds=3`` works.
+    """
+    from prefect import flow
+
+    def fn(**kwargs: Any) -> dict:
+        return run(model(**kwargs))
+
+    fn.__name__ = fn.__qualname__ = name.replace("-", "_")
+    fn.__signature__ = flat_signature(model)  # type: ignore[attr-defined]
+    fn.__doc__ = flat_docstring(model, summary)
+    return flow(name=name, **flow_kwargs)(fn)

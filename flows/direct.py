@@ -23,11 +23,11 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flows.common import (
+    RESUME_NOTE,
     Tracker,
     ensure_run_uid,
-    flat_docstring,
-    flat_signature,
     make_task_runner,
+    params_flow,
     parse_params,
     run_lock,
 )
@@ -324,28 +324,10 @@ class DirectParams(BaseModel):
                 "max_length": 512, "max_steps": self.rm_max_steps or -1}  # fmt: skip
 
 
-DESCRIPTION = __doc__.split("\n\n")[0] + (
-    " Unset parameters take the profile's values; the same run name and parameters resume a "
-    "run from its last finished stage."
-)
+DESCRIPTION = __doc__.split("\n\n")[0] + RESUME_NOTE
 
 
 # --------------------------------------------------------------------------- the flow
-
-
-def _direct(**kwargs) -> dict:
-    """The second pipeline: Base, SFT, DPO, online RL and RLHF rows of Table 1.
-
-    Takes the fields of :class:`DirectParams` as keyword arguments.
-    """
-    return run_direct(DirectParams(**kwargs))
-
-
-_direct.__signature__ = flat_signature(DirectParams)  # type: ignore[attr-defined]
-_direct.__doc__ = flat_docstring(
-    DirectParams, "The second pipeline: Base, SFT, DPO, online RL and RLHF rows of Table 1."
-)
-direct_flow = flow(name="rlrf4rec-direct")(_direct)
 
 
 def run_direct(params: DirectParams) -> dict:
@@ -369,6 +351,14 @@ def run_direct(params: DirectParams) -> dict:
         tracker.end(parent)
     result["mlflow_run_id"] = parent
     return result
+
+
+direct_flow = params_flow(
+    DirectParams,
+    run_direct,
+    "rlrf4rec-direct",
+    "The second pipeline: Base, SFT, DPO, online RL and RLHF rows of Table 1.",
+)
 
 
 def _users(n: int | None) -> int | None:

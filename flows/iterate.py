@@ -21,11 +21,11 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flows.common import (
+    RESUME_NOTE,
     Tracker,
     ensure_run_uid,
-    flat_docstring,
-    flat_signature,
     make_task_runner,
+    params_flow,
     parse_params,
     run_lock,
 )
@@ -188,28 +188,10 @@ class IterateParams(BaseModel):
         return (base / (self.run_name or f"{self.profile}-{self.dataset}")).resolve()
 
 
-DESCRIPTION = __doc__.split("\n\n")[0] + (
-    " Unset parameters take the profile's values; the same run name and parameters resume a "
-    "run from its last finished stage."
-)
+DESCRIPTION = __doc__.split("\n\n")[0] + RESUME_NOTE
 
 
 # --------------------------------------------------------------------------- the flow
-
-
-def _iterate(**kwargs) -> dict:
-    """RLRF4Rec: R rounds of sample, score, pair and DPO; then Table I on the test users.
-
-    Takes the fields of :class:`IterateParams` as keyword arguments.
-    """
-    return run_iterate(IterateParams(**kwargs))
-
-
-_iterate.__signature__ = flat_signature(IterateParams)  # type: ignore[attr-defined]
-_iterate.__doc__ = flat_docstring(
-    IterateParams, "RLRF4Rec: R rounds of sample, score, pair and DPO; then Table I."
-)
-iterate = flow(name="rlrf4rec-iterate", log_prints=True)(_iterate)
 
 
 def run_iterate(params: IterateParams) -> dict:
@@ -235,6 +217,15 @@ def run_iterate(params: IterateParams) -> dict:
         tracker.end(parent)
     result["mlflow_run_id"] = parent
     return result
+
+
+iterate = params_flow(
+    IterateParams,
+    run_iterate,
+    "rlrf4rec-iterate",
+    "RLRF4Rec: R rounds of sample, score, pair and DPO; then Table I.",
+    log_prints=True,
+)
 
 
 @flow(name="rlrf4rec-loop")
