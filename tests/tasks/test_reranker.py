@@ -13,6 +13,7 @@ from tasks.encode import vectors_frame
 from tasks.rerank_lists import TaskConfig
 from tasks.reranker import (
     TrainConfig,
+    deterministic_torch,
     evaluate_reranker,
     reference_results,
     train_reranker,
@@ -120,6 +121,40 @@ def test_same_seed_same_model(run: Path, tmp_path: Path) -> None:
     a = (tmp_path / "a" / "model.safetensors").read_bytes()
     b = (tmp_path / "b" / "model.safetensors").read_bytes()
     assert a == b
+
+
+def test_same_seed_same_model_with_threads(run: Path, tmp_path: Path) -> None:
+    """Two intra-op threads sum some CPU gradients in a scheduling-dependent order; training
+    runs in deterministic mode so the weights still match bit for bit, and the caller's mode
+    comes back afterwards."""
+    users, items = random_vectors(run)
+    cfg = TrainConfig(backbone="dlcm", seed=5, **{**FAST, "num_threads": 2, "epochs": 4})
+    for name in ("a", "b", "c"):
+        train_reranker(run, tmp_path / name, cfg, users, items)
+    first = (tmp_path / "a" / "model.safetensors").read_bytes()
+    assert all((tmp_path / n / "model.safetensors").read_bytes() == first for n in "bc")
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_deterministic_torch_fixes_threaded_gather_gradients() -> None:
+    """The gradient of a gather (``x[idx]``, as the adaptor reads item vectors) accumulates in
+    a thread-dependent order on CPU once the work is large enough; not in the block."""
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 60, (2000,), generator=gen)
+    x = torch.randn(60, 64, generator=gen, requires_grad=True)
+    upstream = torch.randn(2000, 64, generator=gen)
+
+    def grad() -> torch.Tensor:
+        x.grad = None
+        (x[idx] * upstream).sum().backward()
+        return x.grad.clone()
+
+    with deterministic_torch():
+        assert torch.are_deterministic_algorithms_enabled()
+        grads = [grad() for _ in range(30)]
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert all(torch.equal(g, grads[0]) for g in grads)
 
 
 def test_knowledge_model(run: Path, tmp_path: Path) -> None:
