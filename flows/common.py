@@ -21,6 +21,8 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, Field, ValidationError
 
+from tasks.io import remove_stale_temporaries
+
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +44,8 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
     """Hold an exclusive lock on ``run_dir`` for the duration of a flow run.
 
     The lock is an ``flock`` on ``<run_dir>/.lock``: the kernel releases it when the holder
-    dies, even by SIGKILL, so a killed run can be resumed at once.
+    dies, even by SIGKILL, so a killed run can be resumed at once. Once held, the temporaries
+    a killed writer left in the folder are removed (:func:`tasks.io.remove_stale_temporaries`).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -65,6 +68,8 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
         fh.truncate()
         fh.write(str(os.getpid()))
         fh.flush()
+        for path in remove_stale_temporaries(run_dir):
+            log.info("removed %s, left by a run that was killed while writing it", path)
         yield run_dir
     finally:
         fcntl.flock(fh, fcntl.LOCK_UN)

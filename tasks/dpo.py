@@ -35,6 +35,7 @@ from typing import Any, Literal
 import polars as pl
 
 from tasks.io import atomic_dir
+from tasks.memory import releases_memory
 
 log = logging.getLogger(__name__)
 
@@ -318,6 +319,7 @@ def dpo_dataset(pairs: pl.DataFrame) -> Any:
     )
 
 
+@releases_memory
 def train_dpo(
     model: str,
     pairs: pl.DataFrame,

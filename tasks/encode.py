@@ -37,6 +37,7 @@ import polars as pl
 from tasks import assets
 from tasks.assets import DEFAULT_ENCODER, encoder_model
 from tasks.io import write_json, write_parquet
+from tasks.memory import releases_memory
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,7 @@ def _append_cache(folder: Path, keys: list[str], vectors: np.ndarray) -> None:
         log.info("compacted %d cache parts into %s (%d vectors)", len(parts), target, len(merged))
 
 
+@releases_memory
 def encode_texts(
     texts: Sequence[str],
     encoder: str = DEFAULT_ENCODER,

@@ -57,6 +57,28 @@ def atomic_dir(target: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_stale_temporaries(root: Path) -> list[Path]:
+    """Delete the temporaries that :func:`atomic_path` / :func:`atomic_dir` left under ``root``
+    when their writer was killed (``.<name>.<random>.tmp``); returns what was removed.
+
+    Only the single writer of ``root`` may call this (the flows do, holding the run lock): a
+    live writer's temporary looks the same.
+    """
+    removed: list[Path] = []
+    for folder, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            if not (name.startswith(".") and name.endswith(".tmp")):
+                continue
+            path = Path(folder) / name
+            if name in dirs:
+                dirs.remove(name)  # do not walk into what is being removed
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def write_parquet(df: pl.DataFrame, path: Path) -> Path:
     """Write ``df`` to ``path`` atomically and return the path."""
     with atomic_path(Path(path)) as tmp:

@@ -38,6 +38,7 @@ from tasks.dpo import (
     user_messages,
 )
 from tasks.io import atomic_dir
+from tasks.memory import releases_memory
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ def rl_dataset(prompts: pl.DataFrame) -> Any:
     return Dataset.from_dict(data)
 
 
+@releases_memory
 def train_online_rl(
     model: str,
     prompts: pl.DataFrame,

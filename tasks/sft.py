@@ -30,6 +30,7 @@ from tasks.dpo import (
     user_messages,
 )
 from tasks.io import atomic_dir
+from tasks.memory import releases_memory
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ def sft_dataset(examples: pl.DataFrame) -> Any:
     )
 
 
+@releases_memory
 def train_sft(
     model: str,
     examples: pl.DataFrame,

@@ -125,6 +125,18 @@ def test_second_writer_is_refused(tiny_run) -> None:
             pass
 
 
+def test_lock_removes_what_a_killed_run_left(tiny_run) -> None:
+    from flows.common import run_lock
+
+    run = Path(tiny_run["result"]["run_dir"])
+    stale = run / "round_01" / ".dpo.k1ll3d.tmp"
+    (stale / "adapter").mkdir(parents=True)
+    kept = sorted(p for p in run.rglob("*") if p.is_file() and p.name != ".lock")
+    with run_lock(run):
+        assert not stale.exists()
+    assert sorted(p for p in run.rglob("*") if p.is_file() and p.name != ".lock") == kept
+
+
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
