@@ -141,6 +141,11 @@ class IterateParams(BaseModel):
     dpo_reference: Literal["base", "previous"] = Field(
         "base", description="DPO reference policy: the base model or the previous round's"
     )
+    dpo_gradient_checkpointing: bool | None = Field(
+        None,
+        description="recompute activations in DPO's backward pass; unset: on GPU only (quick "
+        "profile on CPU: peak 1.3 GB lower, DPO 15% slower)",
+    )
     eval_each_round: bool | None = Field(
         None, description="evaluate every round's policy on test users (Fig. 4) (profile)"
     )
@@ -615,6 +620,8 @@ def _dpo_cfg(p: IterateParams, round_idx: int) -> dict:
         out["ref"] = p.dpo_reference
     if p.dpo_max_steps and "max_steps" in out:
         out["max_steps"] = p.dpo_max_steps
+    if p.dpo_gradient_checkpointing is not None:
+        out["gradient_checkpointing"] = p.dpo_gradient_checkpointing
     return out
 
 

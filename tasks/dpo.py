@@ -57,7 +57,9 @@ class LoraTrainConfig:
         merge: also write a merged checkpoint (base + adapter) for the generator.
         max_steps: stop after this many optimizer steps (-1: run the epochs).
         logging_steps: log the metrics every this many optimizer steps.
-        gradient_checkpointing: None: on GPU only (on CPU it costs time and memory is ample).
+        gradient_checkpointing: None: on GPU only. On CPU it trades time for memory: one
+            quick-profile round (SmolLM2-135M, 2 steps of 4 pairs) took 101 s instead of 88 s
+            and peaked at 3.8 GB instead of 5.1 GB.
         device: ``cpu``, ``cuda``, ``cuda:1``; None: ``cuda`` when available.
     """
 

@@ -11,11 +11,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
-import logging
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
-
-log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -176,3 +176,15 @@ def test_flow_runs_on_local_ray(tmp_path: Path, tiny_llm_path: str, prefect_harn
     shards = sorted((run / "round_01" / "samples").glob("shard*.parquet"))
     assert len(shards) == 2
     assert (run / "report.md").exists()
+
+
+def test_dpo_settings_reach_the_trainer_config() -> None:
+    from flows.iterate import IterateParams, _dpo_cfg
+    from tasks.dpo import DPOConfig
+
+    quick = IterateParams().resolved()
+    cfg = DPOConfig(**_dpo_cfg(quick, 2))
+    assert cfg.max_steps == 2 and cfg.gradient_checkpointing is None and cfg.seed == 44
+    on = IterateParams(dpo_gradient_checkpointing=True, dpo_settings="paper").resolved()
+    cfg = DPOConfig(**_dpo_cfg(on, 1))
+    assert cfg.gradient_checkpointing is True and cfg.grad_accum == 8
