@@ -14,6 +14,7 @@ import math
 import os
 import types
 import typing
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, Field, ValidationError
 
-from tasks.io import remove_stale_temporaries
+from tasks.io import atomic_path, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -335,10 +336,6 @@ def ensure_run_uid(run_dir: Path) -> str:
 
     Deleting a run folder therefore also invalidates the cached task results that point into it.
     """
-    import uuid
-
-    from tasks.io import atomic_path
-
     path = Path(run_dir) / ".run-uid"
     if not path.exists():
         with atomic_path(path) as tmp:

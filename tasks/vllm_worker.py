@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -125,9 +126,6 @@ def run_job(llm: Any, job: dict[str, Any]) -> dict[str, Any]:
 
 def _exit_with_parent(interval: float = 2.0) -> None:
     """Exit when the parent process dies (even by SIGKILL, mid-job): no orphaned engine."""
-    import os
-    import threading
-
     parent = os.getppid()
 
     def watch() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
@@ -24,16 +23,7 @@ PAIRS = pl.DataFrame(
 FAST = DPOConfig(lr=5e-3, epochs=2, batch_size=3, grad_accum=1, seed=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """One torch thread: the tiny model gains nothing from two, and on a CPU shared with other
-    jobs two threads thrash (several-fold slower)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _margin(model: str, adapter: str | None) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
@@ -41,16 +40,7 @@ PROMPTS = pl.DataFrame(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """One torch thread: the tiny model gains nothing from two, and on a CPU shared with other
-    jobs two threads thrash (several-fold slower)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _check_samples(samples: pl.DataFrame, prompts: pl.DataFrame, cfg: SamplingConfig) -> None:

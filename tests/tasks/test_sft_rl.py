@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
@@ -13,17 +12,7 @@ from safetensors.torch import load_file
 from tasks.online_rl import OnlineRLConfig, train_online_rl, wrap_reward
 from tasks.sft import SFTConfig, train_sft
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """One torch thread: the tiny model gains nothing from two, and on a CPU shared with other
-    jobs two threads thrash (several-fold slower)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _lora_b_moved(adapter_dir: str) -> bool:
