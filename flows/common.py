@@ -1,28 +1,29 @@
-"""What every flow shares: the command line from a pydantic model, the run-folder lock,
-MLflow tracking with explicit run ids, and the task-runner choice.
+"""What every flow shares: the parameters every run has, the command line and the Prefect form
+built from a pydantic model, one lock-and-track wrapper around a pipeline, MLflow tracking with
+explicit run ids, and the task-runner choice.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
-import fcntl
+import functools
 import inspect
 import json
 import logging
 import math
 import os
+import sys
 import types
 import typing
-import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tasks.io import atomic_path, remove_stale_temporaries
+from tasks.common.runlock import RunLockedError, run_lock
+from tasks.common.stage import InputRef
 
 log = logging.getLogger(__name__)
 
@@ -31,50 +32,6 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-# --------------------------------------------------------------------------- run folder lock
-
-
-class RunLockedError(RuntimeError):
-    """Another process is writing the same run folder."""
-
-
-@contextmanager
-def run_lock(run_dir: str | Path) -> Iterator[Path]:
-    """Hold an exclusive lock on ``run_dir`` for the duration of a flow run.
-
-    The lock is an ``flock`` on ``<run_dir>/.lock``: the kernel releases it when the holder
-    dies, even by SIGKILL, so a killed run can be resumed at once. Once held, the temporaries
-    a killed writer left in the folder are removed (:func:`tasks.io.remove_stale_temporaries`).
-    """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / ".lock"
-    fh = open(path, "a+")  # noqa: SIM115 - held for the whole context
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        fh.seek(0)
-        holder = fh.read().strip() or "unknown"
-        fh.close()
-        if exc.errno in (errno.EAGAIN, errno.EACCES):
-            raise RunLockedError(
-                f"run folder {run_dir} is in use by another run (pid {holder}); "
-                "wait for it to finish or choose another --run-name"
-            ) from None
-        raise
-    try:
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        for path in remove_stale_temporaries(run_dir):
-            log.info("removed %s, left by a run that was killed while writing it", path)
-        yield run_dir
-    finally:
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        fh.close()
 
 
 # --------------------------------------------------------------------------- MLflow
@@ -331,21 +288,10 @@ def flat_docstring(model: type[BaseModel], summary: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def ensure_run_uid(run_dir: Path) -> str:
-    """A random id written once into the run folder (enters every task's cache key).
-
-    Deleting a run folder therefore also invalidates the cached task results that point into it.
-    """
-    path = Path(run_dir) / ".run-uid"
-    if not path.exists():
-        with atomic_path(path) as tmp:
-            tmp.write_text(uuid.uuid4().hex)
-    return path.read_text().strip()
-
-
 RESUME_NOTE = (
     " Unset parameters take the profile's values; the same run name and parameters resume a "
-    "run from its last finished stage."
+    "run from its last finished stage; what changed is recomputed with everything downstream "
+    "of it."
 )
 
 
@@ -365,3 +311,183 @@ def params_flow(model: type[BaseModel], run: Any, name: str, summary: str, **flo
     fn.__signature__ = flat_signature(model)  # type: ignore[attr-defined]
     fn.__doc__ = flat_docstring(model, summary)
     return flow(name=name, **flow_kwargs)(fn)
+
+
+# --------------------------------------------------------------------------- shared parameters
+
+
+class RunParams(BaseModel):
+    """The parameters every flow has; a flow's model adds its own and its ``PROFILES``.
+
+    Subclasses set ``PROFILES`` (values for every field left unset, per profile) and
+    ``RUN_PREFIX`` (the default run name is ``<prefix><profile>-<dataset>``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    PROFILES: ClassVar[dict[str, dict[str, Any]]] = {}
+    RUN_PREFIX: ClassVar[str] = ""
+
+    profile: Literal["quick", "paper"] = Field(
+        "quick",
+        description="quick: CPU, a subset of users, minutes; paper: all users, the paper's "
+        "settings. Fills every parameter left unset.",
+    )
+    run_name: str | None = Field(
+        None,
+        description="run folder under runs_dir (default: profile-dataset); the same name "
+        "with the same parameters resumes",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+    )
+    runs_dir: str = Field("runs", description="folder holding the run folders")
+    data_dir: str | None = Field(
+        None, description="folder with the data set's files (optional for ml-100k)"
+    )
+    policy_model: str = Field(
+        "SmolLM2-135M-Instruct",
+        description="policy LLM: the offline default, a local model folder or a HF id",
+    )
+    backend: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="generation backend; auto = vLLM when it starts, else transformers"
+    )
+    task_runner: Literal["threads", "ray"] = Field(
+        "threads", description="threads, or Ray (prefect-ray) with one GPU per sampling shard"
+    )
+    experiment: str = Field("rlrf4rec", description="MLflow experiment name")
+
+    @field_validator("policy_model", "data_dir")
+    @classmethod
+    def _existing_path(cls, v: str | None) -> str | None:
+        return existing_path(v)
+
+    def resolved(self) -> typing.Self:
+        """A copy with every unset parameter filled from the profile, and a run name."""
+        fill = {k: v for k, v in self.PROFILES[self.profile].items() if getattr(self, k) is None}
+        out = self.model_copy(update=fill)
+        if out.run_name is None:
+            out = out.model_copy(update={"run_name": self.default_run_name()})
+        return out
+
+    def default_run_name(self) -> str:
+        return f"{self.RUN_PREFIX}{self.profile}-{getattr(self, 'dataset', 'data')}"
+
+    def run_dir(self) -> Path:
+        base = Path(self.runs_dir)
+        if not base.is_absolute():
+            base = Path.cwd() / base
+        return (base / (self.run_name or self.default_run_name())).resolve()
+
+
+def existing_path(v: str | None) -> str | None:
+    """``v`` unchanged, unless it looks like a local path that does not exist (then an error
+    naming it)."""
+    if v is None:
+        return v
+    looks_like_path = v.startswith(("/", "./", "../", "~")) or os.sep * 2 in v
+    if looks_like_path and not Path(v).expanduser().exists():
+        raise ValueError(f"path {v!r} does not exist")
+    return v
+
+
+# --------------------------------------------------------------------------- one run
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every stage of one run shares, fixed when the run starts.
+
+    Attributes:
+        run_dir: the run folder (locked for the run's duration).
+        policy: the base policy LLM (resolved from the offline assets or a local folder).
+        experiment, parent_run_id: the MLflow experiment and this flow run's parent run.
+        gpus: visible GPUs; ``n_shards`` sampling shards (one engine each).
+        encoder: the knowledge encoder, for the flows that encode texts.
+    """
+
+    run_dir: Path
+    policy: InputRef
+    experiment: str
+    parent_run_id: str
+    gpus: tuple[int, ...] = ()
+    n_shards: int = 1
+    encoder: InputRef | None = None
+
+    @property
+    def tracker(self) -> Tracker:
+        return tracker_for(self.experiment)
+
+
+def tracker_for(experiment: str) -> Tracker:
+    """One :class:`Tracker` per experiment, tracking store and process."""
+    return _tracker(experiment, tracking_uri())
+
+
+@functools.lru_cache(maxsize=8)
+def _tracker(experiment: str, uri: str) -> Tracker:
+    return Tracker(experiment, uri)
+
+
+def run_tracked(
+    p: RunParams,
+    pipeline: Any,
+    *,
+    encoder: str | None = None,
+    n_shards: int = 0,
+) -> dict:
+    """Resolve the models, lock the run folder, open the MLflow parent run and run
+    ``pipeline(p, ctx)`` (a Prefect flow) with the chosen task runner.
+
+    A missing model fails before any work; the parent run ends FAILED when the pipeline does.
+    """
+    from tasks.assets import encoder_model, policy_model
+    from tasks.generate import available_gpus
+    from tasks.hardware import cpu_dtype
+
+    policy = InputRef.of(policy_model(p.policy_model))
+    enc = InputRef.of(encoder_model(encoder)) if encoder else None
+    log.info("CPU dtype: %s", cpu_dtype().reason)
+    run_dir = p.run_dir()
+    gpus = tuple(available_gpus())
+    with run_lock(run_dir):
+        tracker = tracker_for(p.experiment)
+        parent = tracker.start(p.run_name or run_dir.name, tags={"run_dir": str(run_dir)})
+        tracker.params(parent, p.model_dump())
+        ctx = RunContext(
+            run_dir=run_dir,
+            policy=policy,
+            experiment=p.experiment,
+            parent_run_id=parent,
+            gpus=gpus,
+            n_shards=n_shards or max(1, len(gpus)),
+            encoder=enc,
+        )
+        runner = make_task_runner(p.task_runner)
+        try:
+            result = pipeline.with_options(task_runner=runner)(p, ctx)
+        except BaseException:
+            tracker.end(parent, "FAILED")
+            raise
+        tracker.end(parent)
+    return {**result, "mlflow_run_id": parent}
+
+
+def run_main(
+    model: type[RunParams],
+    flow_fn: Callable[..., dict],
+    argv: list[str] | None,
+    *,
+    prog: str,
+    description: str,
+) -> int:
+    """A flow's command line: parse the parameters, run the flow, print the report."""
+    from tasks.assets import AssetError
+
+    params, _ = parse_params(model, argv, prog, description)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = flow_fn(**params.model_dump(exclude_unset=True))
+    except (AssetError, RunLockedError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(Path(result["report"]).read_text())
+    print(f"run folder: {result['run_dir']}")
+    return 0

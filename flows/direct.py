@@ -12,32 +12,38 @@ the paper's Table 1 (``runs/<run>/report.md``, ``results.json`` and MLflow).
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from prefect import flow
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from flows.common import (
     RESUME_NOTE,
-    Tracker,
-    ensure_run_uid,
-    make_task_runner,
+    RunContext,
+    RunParams,
+    existing_path,
     params_flow,
-    parse_params,
-    run_lock,
+    run_main,
+    run_tracked,
 )
-
-log = logging.getLogger(__name__)
+from tasks import direct_stages as stages
+from tasks.common.stage import Artefact, InputRef
+from tasks.direct_baselines import BaselineConfig
+from tasks.direct_data import WindowConfig
+from tasks.direct_stages import DirectPairing, RewardModelConfig
+from tasks.dpo import DPOConfig
+from tasks.generate import SamplingConfig
+from tasks.llm.policy import Policy
+from tasks.online_rl import OnlineRLConfig
+from tasks.sft import SFTConfig
+from tasks.title_mapping import MappingConfig
 
 Stage = Literal["sft", "dpo", "rl", "rlhf"]
 STAGE_ORDER = ("sft", "dpo", "rl", "rlhf")
-LOGGED = ("metrics", "stats", "generation", "counts")
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Values a profile gives to every parameter left unset (None).
 PROFILES: dict[str, dict] = {
@@ -76,27 +82,13 @@ PROFILES: dict[str, dict] = {
 }
 
 
-class DirectParams(BaseModel):
+class DirectParams(RunParams):
     """Parameters of one run of the second pipeline (the Prefect UI form and the command line)."""
 
-    model_config = ConfigDict(extra="forbid")
+    PROFILES: ClassVar[dict[str, dict[str, Any]]] = PROFILES
+    RUN_PREFIX: ClassVar[str] = "direct-"
 
-    profile: Literal["quick", "paper"] = Field(
-        "quick",
-        description="quick: CPU, a few users, one short training per stage (minutes); paper: "
-        "every user, the paper's training settings, 3 seeds. Fills every parameter left unset.",
-    )
-    run_name: str | None = Field(
-        None,
-        description="run folder under runs_dir (default 'direct-<profile>-<dataset>'); the same "
-        "name with the same parameters resumes",
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-    )
-    runs_dir: str = Field("runs", description="folder holding the run folders")
     dataset: Literal["ml-100k", "ml-1m"] = Field("ml-100k", description="data set")
-    data_dir: str | None = Field(
-        None, description="folder with the data set's files (optional for ml-100k)"
-    )
     zip_table: str | None = Field(
         None,
         description="CSV with columns zip, city, state: the prompt then says 'from City, ST'; "
@@ -106,13 +98,6 @@ class DirectParams(BaseModel):
         None,
         description="one full run per seed (split, windows, sampling, training), e.g. 0,1,2; "
         "several give a mean with a 95 percent confidence interval (profile)",
-    )
-    policy_model: str = Field(
-        "SmolLM2-135M-Instruct",
-        description="policy LLM: the offline default, a local model folder or a HF id",
-    )
-    backend: Literal["auto", "vllm", "transformers"] = Field(
-        "auto", description="generation backend; auto = vLLM when it starts, else transformers"
     )
     context_size: int = Field(10, ge=1, description="ratings in the prompt window")
     k_min: int = Field(
@@ -135,9 +120,10 @@ class DirectParams(BaseModel):
         None, ge=0, description="train users for SFT; 0 = all (profile)"
     )
     max_pref_users: int | None = Field(
-        None, ge=0, description="train users sampled for DPO pairs and the reward model; 0 = all "
-        "(profile)"
-    )  # fmt: skip
+        None,
+        ge=0,
+        description="train users sampled for DPO pairs and the reward model; 0 = all (profile)",
+    )
     max_rl_users: int | None = Field(
         None, ge=0, description="train users whose prompts online RL uses; 0 = all (profile)"
     )
@@ -200,7 +186,6 @@ class DirectParams(BaseModel):
         "window's end, or only the prompt's window",
     )
     knn_neighbours: int = Field(50, ge=1, description="item-kNN: neighbours kept per item")
-    task_runner: Literal["threads", "ray"] = Field("threads", description="Prefect task runner")
     experiment: str = Field("rlrf4rec-direct", description="MLflow experiment name")
 
     @field_validator("seeds")
@@ -217,140 +202,150 @@ class DirectParams(BaseModel):
             raise ValueError("a stage is listed twice")
         return v
 
-    @field_validator("policy_model", "data_dir", "zip_table")
+    @field_validator("zip_table")
     @classmethod
-    def _existing_path(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        looks_like_path = v.startswith(("/", "./", "../", "~")) or os.sep * 2 in v
-        if looks_like_path and not Path(v).expanduser().exists():
-            raise ValueError(f"path {v!r} does not exist")
-        return v
+    def _zip_table(cls, v: str | None) -> str | None:
+        return existing_path(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> DirectParams:
         if self.k_min > self.context_size:
-            raise ValueError(f"k_min ({self.k_min}) must not exceed context_size "
-                             f"({self.context_size})")  # fmt: skip
+            raise ValueError(
+                f"k_min ({self.k_min}) must not exceed context_size ({self.context_size})"
+            )
         if self.liked_cap == 0 and self.hated_cap == 0:
             raise ValueError("liked_cap and hated_cap are both 0: the prompt would be empty")
         return self
 
-    def resolved(self) -> DirectParams:
-        """A copy with every unset parameter filled from the profile."""
-        fill = {k: v for k, v in PROFILES[self.profile].items() if getattr(self, k) is None}
-        out = self.model_copy(update=fill)
-        if out.run_name is None:
-            out = out.model_copy(update={"run_name": f"direct-{out.profile}-{out.dataset}"})
-        return out
+    @model_validator(mode="after")
+    def _configs_build(self) -> DirectParams:
+        StageConfigs.of(self.resolved(), seed=0)  # a bad preset fails here, at parse time
+        return self
 
-    def run_dir(self) -> Path:
-        base = Path(self.runs_dir)
-        if not base.is_absolute():
-            base = Path.cwd() / base
-        return (base / (self.run_name or f"direct-{self.profile}-{self.dataset}")).resolve()
 
-    # ---- the configs of the stages (plain dicts: they enter the tasks' cache keys)
+# --------------------------------------------------------------------------- typed configs
 
-    def window_cfg(self, seed: int) -> dict:
-        return {
-            "seed": seed,
-            "context_size": self.context_size,
-            "k_min": self.k_min,
-            "liked_cap": self.liked_cap,
-            "hated_cap": self.hated_cap,
-            "min_ground_truth": self.min_ground_truth,
-            "windows_per_train_user": self.windows_per_train_user,
-            "release_cutoff": self.release_cutoff,
-        }
 
-    def mapping(self) -> dict:
-        return {"score_cutoff": self.score_cutoff, "exclude_context": self.exclude_context}
+@dataclass(frozen=True)
+class StageConfigs:
+    """The settings of every stage for one seed, built once from the resolved parameters."""
 
-    def baseline_cfg(self) -> dict:
-        return {"history": self.baseline_history, "neighbours": self.knn_neighbours}
+    windows: WindowConfig
+    baselines: BaselineConfig
+    mapping: MappingConfig
+    eval_sampling: SamplingConfig
+    pref_sampling: SamplingConfig
+    pairing: DirectPairing
+    sft: SFTConfig
+    dpo: DPOConfig
+    rl: OnlineRLConfig
+    reward_model: RewardModelConfig
 
-    def eval_sampling(self, seed: int) -> dict:
-        return {
-            "n": 1,
-            "temperature": self.eval_temperature,
-            "top_p": self.top_p,
-            "max_new_tokens": self.max_new_tokens or 64,
-            "seed": seed,
-        }
-
-    def pref_sampling(self, seed: int) -> dict:
-        return {
-            "n": self.n_samples or 4,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "max_new_tokens": self.max_new_tokens or 64,
-            "seed": seed + 1,
-        }
-
-    def sft_cfg(self, seed: int) -> dict:
-        if self.train_settings == "paper":  # the paper: lr 5e-5, batch 8, 3 epochs, r 256
-            cfg = {"lr": 5e-5, "batch_size": 8, "epochs": 3.0, "lora_r": 256, "lora_alpha": 128,
-                   "lora_dropout": 0.05, "lora_target_modules": ALL_LINEAR}  # fmt: skip
-        else:  # a few CPU steps: a large LoRA learning rate so that they move the policy
-            cfg = {"lr": 1e-3, "batch_size": 4, "epochs": 1.0, "max_length": 512}
-        return {**cfg, "seed": seed, "max_steps": self.sft_max_steps or -1}
-
-    def dpo_cfg(self, seed: int) -> dict:
-        if self.train_settings == "paper":  # the paper: batch 1, 2 epochs, r 16, alpha 16
-            cfg = {"batch_size": 1, "epochs": 2.0, "lora_r": 16, "lora_alpha": 16,
-                   "lora_dropout": 0.05, "lora_target_modules": ALL_LINEAR, "lr": 5e-5}  # fmt: skip
-        else:
-            cfg = {"lr": 5e-4, "batch_size": 2, "epochs": 1.0, "max_length": 512}
-        # The reference policy is the one DPO starts from (the SFT policy).
-        return {**cfg, "seed": seed, "beta": self.dpo_beta, "ref": "previous",
-                "max_steps": self.dpo_max_steps or -1}  # fmt: skip
-
-    def rl_cfg(self, seed: int) -> dict:
-        if self.train_settings == "paper":  # the paper's PPO: lr 1e-5, batch 16, r 8, alpha 32
-            cfg = {"lr": 1e-5, "batch_size": 4, "grad_accum": 1, "lora_r": 8, "lora_alpha": 32,
-                   "lora_dropout": 0.1}  # fmt: skip
-        else:
-            cfg = {"lr": 1e-4, "batch_size": 2}
-        # No KL term: the trainer's reference is the base model, and RL starts from SFT.
-        return {**cfg, "seed": seed, "algorithm": self.rl_algorithm, "num_generations": 4,
-                "max_completion_length": self.max_new_tokens or 64, "beta": 0.0,
-                "temperature": self.temperature, "top_p": self.top_p,
-                "max_steps": self.rl_max_steps or -1}  # fmt: skip
-
-    def rm_cfg(self, seed: int) -> dict:
-        return {"lr": 5e-5, "epochs": 1.0, "batch_size": 1 if self.train_settings == "paper" else 2,
-                "lora_r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "seed": seed,
-                "max_length": 512, "max_steps": self.rm_max_steps or -1}  # fmt: skip
+    @classmethod
+    def of(cls, p: DirectParams, seed: int) -> StageConfigs:
+        paper = p.train_settings == "paper"
+        tokens = p.max_new_tokens or 64
+        sampling = SamplingConfig(
+            n=1, temperature=p.eval_temperature, top_p=p.top_p, max_new_tokens=tokens, seed=seed
+        )
+        sft = SFTConfig.you_et_al() if paper else SFTConfig.direct_cpu()
+        dpo = DPOConfig.you_et_al() if paper else DPOConfig.direct_cpu()
+        rl = OnlineRLConfig.you_et_al() if paper else OnlineRLConfig.direct_cpu()
+        return cls(
+            windows=WindowConfig(
+                seed=seed,
+                context_size=p.context_size,
+                k_min=p.k_min,
+                liked_cap=p.liked_cap,
+                hated_cap=p.hated_cap,
+                min_ground_truth=p.min_ground_truth,
+                windows_per_train_user=p.windows_per_train_user,
+                release_cutoff=p.release_cutoff,
+            ),
+            baselines=BaselineConfig(history=p.baseline_history, neighbours=p.knn_neighbours),
+            mapping=MappingConfig(score_cutoff=p.score_cutoff, exclude_context=p.exclude_context),
+            eval_sampling=sampling,
+            pref_sampling=replace(
+                sampling, n=p.n_samples or 4, temperature=p.temperature, seed=seed + 1
+            ),
+            pairing=DirectPairing(
+                p.pairing, p.min_margin, p.max_pairs_per_prompt, p.format_bonus or 0.0
+            ),
+            sft=replace(sft, seed=seed, max_steps=p.sft_max_steps or -1),
+            # The reference policy is the one DPO starts from (the SFT policy).
+            dpo=replace(
+                dpo, seed=seed, beta=p.dpo_beta, ref="previous", max_steps=p.dpo_max_steps or -1
+            ),
+            # No KL term: the trainer's reference is the base model, and RL starts from SFT.
+            rl=replace(
+                rl,
+                seed=seed,
+                algorithm=p.rl_algorithm,
+                num_generations=4,
+                max_completion_length=tokens,
+                beta=0.0,
+                temperature=p.temperature,
+                top_p=p.top_p,
+                max_steps=p.rl_max_steps or -1,
+            ),
+            reward_model=RewardModelConfig(
+                batch_size=1 if paper else 2,
+                seed=seed,
+                max_length=512,
+                max_steps=p.rm_max_steps or -1,
+            ),
+        )
 
 
 DESCRIPTION = __doc__.split("\n\n")[0] + RESUME_NOTE
+
+
+# --------------------------------------------------------------------------- stage results
+
+
+@dataclass
+class Results:
+    """What the stages of every seed produced, for the report and MLflow."""
+
+    per_seed: dict[str, dict[int, dict]]
+    timings: dict[str, float]
+    details: dict[str, dict]
+    notes: list[str]
+    examples: list
+    test_windows: int = 0
+
+
+@dataclass(frozen=True)
+class SeedRun:
+    """One seed's fixed values: parameters, typed configs, run context, its data and folder."""
+
+    p: DirectParams
+    cfg: StageConfigs
+    ctx: RunContext
+    seed: int
+    first: bool
+    data: Artefact
+    out: Path
+
+    def record(self, name: str, artefact: Artefact, results: Results) -> None:
+        """Time, MLflow child run and report details of one finished stage."""
+        results.timings[f"seed{self.seed}.{name}"] = artefact.seconds
+        tracker = self.ctx.tracker
+        child = tracker.start(
+            f"seed{self.seed}.{name}", self.ctx.parent_run_id, tags={"stage": name}
+        )
+        logged = {k: v for k, v in artefact.stats.items() if isinstance(v, dict)}
+        tracker.metrics(child, {"seconds": artefact.seconds, **logged})
+        tracker.end(child)
+        if self.first:
+            results.details[name] = _brief(artefact)
 
 
 # --------------------------------------------------------------------------- the flow
 
 
 def run_direct(params: DirectParams) -> dict:
-    """Validate, lock the run folder, open the MLflow parent run and run the pipeline subflow."""
-    from tasks.assets import policy_model
-
-    p = params.resolved()
-    policy_path = policy_model(p.policy_model)  # a missing model fails here, before any work
-    run_dir = p.run_dir()
-    with run_lock(run_dir):
-        run_uid = ensure_run_uid(run_dir)
-        tracker = Tracker(p.experiment)
-        parent = tracker.start(p.run_name or run_dir.name, tags={"run_dir": str(run_dir)})
-        tracker.params(parent, p.model_dump())
-        pipeline = direct_pipeline.with_options(task_runner=make_task_runner(p.task_runner))
-        try:
-            result = pipeline(p, policy_path, str(run_dir), run_uid, parent)
-        except BaseException:
-            tracker.end(parent, "FAILED")
-            raise
-        tracker.end(parent)
-    result["mlflow_run_id"] = parent
-    return result
+    return run_tracked(params.resolved(), direct_pipeline)
 
 
 direct_flow = params_flow(
@@ -361,215 +356,223 @@ direct_flow = params_flow(
 )
 
 
-def _users(n: int | None) -> int | None:
-    return n or None
-
-
-def _fp(*results: dict | None) -> str:
-    """The content fingerprints of upstream results (a downstream task's cache input)."""
-    return ":".join(r.get("fingerprint", "") for r in results if r)
-
-
-@flow(name="rlrf4rec-direct-pipeline")
-def direct_pipeline(
-    p: DirectParams, policy: str, run: str, run_uid: str, parent_run_id: str
-) -> dict:
-    """The stages, in order, for every seed (see the module docstring)."""
-    from tasks.direct_stages import (
-        baselines_task,
-        direct_data_task,
-        dpo_task,
-        evaluate_task,
-        example_rows,
-        load_direct,
-        online_rl_task,
-        preferences_task,
-        reward_model_task,
-        sft_task,
-        summarise,
-        write_report,
-    )
-
+@flow(name="rlrf4rec-direct-pipeline", validate_parameters=False)
+def direct_pipeline(p: DirectParams, ctx: RunContext) -> dict:
+    """Base -> SFT -> DPO / online RL / RLHF, each evaluated, for every seed; the report."""
     t_start = time.perf_counter()
-    tracker = Tracker(p.experiment)
-    root = Path(run) / "direct"
-    stages = [s for s in STAGE_ORDER if s in (p.stages or [])]
     seeds = p.seeds or [0]
-    per_seed: dict[str, dict[int, dict]] = {}
-    timings: dict[str, float] = {}
-    details: dict[str, dict] = {}
-    notes: list[str] = []
-    examples: list = []
-    test_windows = 0
-
-    def record(seed: int, stage: str, result: dict) -> None:
-        """Time, MLflow child run and report details of one finished stage."""
-        timings[f"seed{seed}.{stage}"] = float(result.get("seconds", 0.0))
-        child = tracker.start(f"seed{seed}.{stage}", parent_run_id, tags={"stage": stage})
-        logged = {k: v for k, v in result.items() if k in LOGGED and isinstance(v, dict)}
-        tracker.metrics(child, {"seconds": result.get("seconds", 0.0), **logged})
-        tracker.end(child)
-        if seed == seeds[0]:
-            details[stage] = _brief(result)
-
-    def evaluate(seed: int, stage: str, data: dict, model: dict | None) -> str:
-        """Evaluate one stage's policy on the test windows; return the answers' path."""
-        ev = evaluate_task(
-            data["path"], stage, policy, model["adapter_dir"] if model else None,
-            p.eval_sampling(seed), p.backend, _users(p.max_eval_users), p.mapping(),
-            str(root / f"seed_{seed}" / stage / "eval"),
-            upstream=_fp(data, model), run_uid=run_uid,
-        )  # fmt: skip
-        record(seed, f"{stage}.eval", ev)
-        per_seed.setdefault(stage, {})[seed] = ev["metrics"]
-        tracker.metrics(parent_run_id, {f"seed{seed}.{stage}": ev["metrics"]})
-        return ev["path"]
-
+    results = Results(per_seed={}, timings={}, details={}, notes=[], examples=[])
     for seed in seeds:
-        sd = root / f"seed_{seed}"
-        data = direct_data_task(
-            p.dataset, p.data_dir, str(sd / "data"), p.window_cfg(seed), p.zip_table,
-            run_uid=run_uid,
-        )  # fmt: skip
-        record(seed, "data", data)
-        base_line = baselines_task(
-            data["path"], str(sd / "baselines"), p.baseline_cfg(), _users(p.max_eval_users),
-            upstream=_fp(data), run_uid=run_uid,
-        )  # fmt: skip
-        record(seed, "baselines", base_line)
-        for name in ("popular", "item_knn"):
-            per_seed.setdefault(name, {})[seed] = base_line["metrics"][name]
-        answers: dict[str, str] = {}
-        answers["base"] = evaluate(seed, "base", data, None)
-        start: dict | None = None  # the policy the later stages start from (SFT's)
-        if "sft" in stages:
-            sft = sft_task(
-                data["path"], policy, str(sd / "sft" / "model"), p.sft_cfg(seed),
-                _users(p.max_train_users), upstream=_fp(data), run_uid=run_uid,
-            )  # fmt: skip
-            record(seed, "sft", sft)
-            start = sft
-            answers["sft"] = evaluate(seed, "sft", data, sft)
-        start_adapter = start["adapter_dir"] if start else None
-        prefs = None
-        if "dpo" in stages or "rlhf" in stages:
-            prefs = preferences_task(
-                data["path"], policy, start_adapter, p.pref_sampling(seed), p.backend,
-                _users(p.max_pref_users), p.mapping(), p.pairing, p.min_margin,
-                p.max_pairs_per_prompt, str(sd / "preferences"), p.format_bonus or 0.0,
-                upstream=_fp(data, start), run_uid=run_uid,
-            )  # fmt: skip
-            record(seed, "preferences", prefs)
-        if "dpo" in stages and prefs is not None:
-            dpo = dpo_task(
-                policy, prefs["pairs_path"], str(sd / "dpo" / "model"), p.dpo_cfg(seed),
-                start_adapter, upstream=_fp(prefs, start), run_uid=run_uid,
-            )  # fmt: skip
-            record(seed, "dpo", dpo)
-            if dpo["adapter_dir"]:
-                answers["dpo"] = evaluate(seed, "dpo", data, dpo)
-            else:
-                notes.append(f"seed {seed}: DPO skipped ({dpo['skipped']}).")
-        if "rl" in stages:
-            rl = online_rl_task(
-                data["path"], policy, str(sd / "rl" / "model"), p.rl_cfg(seed), start_adapter,
-                _users(p.max_rl_users), p.mapping(), format_bonus=p.format_bonus or 0.0,
-                upstream=_fp(data, start), run_uid=run_uid,
-            )  # fmt: skip
-            record(seed, "rl", rl)
-            answers["rl"] = evaluate(seed, "rl", data, rl)
-        if "rlhf" in stages and prefs is not None:
-            rm = reward_model_task(
-                policy, prefs["pairs_path"], str(sd / "rlhf" / "reward_model"), p.rm_cfg(seed),
-                upstream=_fp(prefs), run_uid=run_uid,
-            )  # fmt: skip
-            record(seed, "reward_model", rm)
-            if rm["adapter_dir"]:
-                rlhf = online_rl_task(
-                    data["path"], policy, str(sd / "rlhf" / "model"), p.rl_cfg(seed),
-                    start_adapter, _users(p.max_rl_users), p.mapping(),
-                    reward_model_dir=rm["adapter_dir"], upstream=_fp(data, start, rm),
-                    run_uid=run_uid,
-                )  # fmt: skip
-                record(seed, "rlhf", rlhf)
-                answers["rlhf"] = evaluate(seed, "rlhf", data, rlhf)
-            else:
-                notes.append(f"seed {seed}: RLHF skipped ({rm['skipped']}).")
-        if seed == seeds[0]:
-            windows, _ = load_direct(data["path"])
-            examples = example_rows(answers, windows)
-            test_windows = per_seed["base"][seed].get("answers", 0)
-
+        run_seed(prepare_seed(p, ctx, seed, first=seed == seeds[0], results=results), results)
     if p.format_bonus:
-        notes.append(
+        results.notes.append(
             f"NDCG@5 ties in the DPO pairing and the RL reward are broken by a format bonus of "
             f"{p.format_bonus} x (distinct mapped titles / 5); it never outweighs an NDCG@5 "
             "difference. The paper profile has none."
         )
-    table = summarise(per_seed)
+    return report(p, ctx, results, t_start)
+
+
+def prepare_seed(
+    p: DirectParams, ctx: RunContext, seed: int, *, first: bool, results: Results
+) -> SeedRun:
+    """The seed's windows and its reference recommenders (most popular, item-kNN)."""
+    cfg = StageConfigs.of(p, seed)
+    out = ctx.run_dir / "direct" / f"seed_{seed}"
+    data = stages.direct_data(
+        p.dataset,
+        data_dir=InputRef.of(p.data_dir) if p.data_dir else None,
+        windows=cfg.windows,
+        zip_table=InputRef.of(p.zip_table) if p.zip_table else None,
+        out=out / "data",
+    )
+    run = SeedRun(p, cfg, ctx, seed, first, data, out)
+    run.record("data", data, results)
+    baselines = stages.baselines(
+        data, cfg=cfg.baselines, max_eval_users=_users(p.max_eval_users), out=out / "baselines"
+    )
+    run.record("baselines", baselines, results)
+    for name in ("popular", "item_knn"):
+        results.per_seed.setdefault(name, {})[seed] = baselines.stats["metrics"][name]
+    return run
+
+
+def run_seed(run: SeedRun, results: Results) -> None:
+    """Base, then each training stage asked for, each evaluated on the test windows."""
+    p, cfg, out = run.p, run.cfg, run.out
+    wanted = [s for s in STAGE_ORDER if s in (p.stages or [])]
+    answers = {"base": evaluate(run, "base", Policy(run.ctx.policy), results)}
+    start = Policy(run.ctx.policy)  # the policy the later stages start from (SFT's)
+    if "sft" in wanted:
+        sft = stages.sft(
+            run.data,
+            run.ctx.policy,
+            cfg=cfg.sft,
+            max_train_users=_users(p.max_train_users),
+            out=out / "sft" / "model",
+        )
+        run.record("sft", sft, results)
+        start = start.after(sft)
+        answers["sft"] = evaluate(run, "sft", start, results)
+    prefs = None
+    if "dpo" in wanted or "rlhf" in wanted:
+        prefs = stages.preferences(
+            run.data,
+            start,
+            sampling=cfg.pref_sampling,
+            backend=p.backend,
+            max_train_users=_users(p.max_pref_users),
+            mapping=cfg.mapping,
+            pairing=cfg.pairing,
+            out=out / "preferences",
+        )
+        run.record("preferences", prefs, results)
+    if "dpo" in wanted and prefs is not None:
+        dpo = stages.dpo(start, prefs, cfg=cfg.dpo, out=out / "dpo" / "model")
+        run.record("dpo", dpo, results)
+        answers.update(_evaluated_or_noted(run, "dpo", start, dpo, results))
+    if "rl" in wanted:
+        rl = online_rl(run, start, None, "rl")
+        run.record("rl", rl, results)
+        answers["rl"] = evaluate(run, "rl", start.after(rl), results)
+    if "rlhf" in wanted and prefs is not None:
+        rm = stages.reward_model(
+            run.ctx.policy, prefs, cfg=cfg.reward_model, out=out / "rlhf" / "reward_model"
+        )
+        run.record("reward_model", rm, results)
+        if rm.skipped is None:
+            rlhf = online_rl(run, start, rm, "rlhf")
+            run.record("rlhf", rlhf, results)
+            answers["rlhf"] = evaluate(run, "rlhf", start.after(rlhf), results)
+        else:
+            results.notes.append(f"seed {run.seed}: RLHF skipped ({rm.skipped}).")
+    if run.first:
+        windows, _ = stages.load_direct(run.data.path)
+        results.examples = stages.example_rows(answers, windows)
+        results.test_windows = results.per_seed["base"][run.seed].get("answers", 0)
+
+
+def online_rl(run: SeedRun, start: Policy, reward_model: Artefact | None, name: str) -> Artefact:
+    """Online RL from ``start`` with the NDCG@5 reward, or a reward model's score (RLHF)."""
+    return stages.online_rl(
+        run.data,
+        start,
+        cfg=run.cfg.rl,
+        max_train_users=_users(run.p.max_rl_users),
+        mapping=run.cfg.mapping,
+        reward_model=reward_model,
+        format_bonus=run.p.format_bonus or 0.0,
+        out=run.out / name / "model",
+    )
+
+
+def evaluate(run: SeedRun, name: str, policy: Policy, results: Results) -> str:
+    """Evaluate one stage's policy on the test windows; return the answers' path."""
+    ev = stages.evaluate(
+        run.data,
+        policy,
+        name=name,
+        sampling=run.cfg.eval_sampling,
+        backend=run.p.backend,
+        max_eval_users=_users(run.p.max_eval_users),
+        mapping=run.cfg.mapping,
+        out=run.out / name / "eval",
+    )
+    run.record(f"{name}.eval", ev, results)
+    results.per_seed.setdefault(name, {})[run.seed] = ev.stats["metrics"]
+    run.ctx.tracker.metrics(run.ctx.parent_run_id, {f"seed{run.seed}.{name}": ev.stats["metrics"]})
+    return ev.path
+
+
+def _evaluated_or_noted(
+    run: SeedRun, name: str, start: Policy, trained: Artefact, results: Results
+) -> dict[str, str]:
+    if trained.skipped is not None:
+        results.notes.append(f"seed {run.seed}: {name.upper()} skipped ({trained.skipped}).")
+        return {}
+    return {name: evaluate(run, name, start.after(trained), results)}
+
+
+def report(p: DirectParams, ctx: RunContext, results: Results, t_start: float) -> dict:
+    """``report.md`` and ``results.json``, with Table 1's means in MLflow."""
+    table = stages.summarise(results.per_seed)
     wall = time.perf_counter() - t_start
-    results = {
+    out = {
         "dataset": p.dataset,
         "policy": p.policy_model,
         "profile": p.profile,
-        "seeds": seeds,
-        "test_windows": test_windows,
+        "seeds": p.seeds or [0],
+        "test_windows": results.test_windows,
         "table": table,
-        "per_seed": {row: {str(s): m for s, m in v.items()} for row, v in per_seed.items()},
-        "stages": details,
-        "timings": timings,
+        "per_seed": {row: {str(s): m for s, m in v.items()} for row, v in results.per_seed.items()},
+        "stages": results.details,
+        "timings": results.timings,
         "wall_seconds": wall,
-        "notes": notes,
-        "examples": examples,
+        "notes": results.notes,
+        "examples": results.examples,
         "params": p.model_dump(),
     }
-    paths = write_report(results, Path(run))
+    paths = stages.write_report(out, ctx.run_dir)
+    tracker = ctx.tracker
     for row, metrics in table.items():
-        tracker.metrics(parent_run_id, {f"{row}.{m}": s["mean"] for m, s in metrics.items()})
-    tracker.metrics(parent_run_id, {"wall_seconds": wall})
+        tracker.metrics(ctx.parent_run_id, {f"{row}.{m}": s["mean"] for m, s in metrics.items()})
+    tracker.metrics(ctx.parent_run_id, {"wall_seconds": wall})
     for path in paths.values():
-        tracker.artifact(parent_run_id, path)
-    return {"run_dir": run, **paths, "wall_seconds": wall}
+        tracker.artifact(ctx.parent_run_id, path)
+    return {"run_dir": str(ctx.run_dir), **paths, "wall_seconds": wall}
+
+
+def _users(n: int | None) -> int | None:
+    return n or None
 
 
 BRIEF_KEYS = (
-    "windows", "answers", "ndcg@5", "mapped_title_rate", "parse_failure_rate", "titles_parsed",
-    "context_hits", "duplicates", "loss", "steps",
-    "n_examples", "n_pairs", "n_prompts", "reward", "accuracy", "rewards/accuracies", "pairs",
-    "prompts", "prompts_with_pairs", "prompts_all_zero", "mean_ndcg", "mean_best_ndcg",
-    "backend", "generated_tokens", "tokens_per_s", "skipped",
-)  # fmt: skip
+    "windows",
+    "answers",
+    "ndcg@5",
+    "mapped_title_rate",
+    "parse_failure_rate",
+    "titles_parsed",
+    "context_hits",
+    "duplicates",
+    "loss",
+    "steps",
+    "n_examples",
+    "n_pairs",
+    "n_prompts",
+    "reward",
+    "accuracy",
+    "rewards/accuracies",
+    "pairs",
+    "prompts",
+    "prompts_with_pairs",
+    "prompts_all_zero",
+    "mean_ndcg",
+    "mean_best_ndcg",
+    "backend",
+    "generated_tokens",
+    "tokens_per_s",
+    "skipped",
+)
 
 
-def _brief(result: dict) -> dict:
-    """The few reportable figures of a task's result (flat)."""
+def _brief(artefact: Artefact) -> dict:
+    """The few reportable figures of a stage's artefact (flat)."""
     flat: dict = {}
     for part in ("counts", "metrics", "stats", "generation"):
-        value = result.get(part)
+        value = artefact.stats.get(part)
         if isinstance(value, dict):
             flat.update({k: v for k, v in value.items() if not isinstance(v, dict)})
-    if result.get("skipped"):
-        flat["skipped"] = result["skipped"]
+    if artefact.skipped:
+        flat["skipped"] = artefact.skipped
     out = {k: flat[k] for k in BRIEF_KEYS if k in flat and flat[k] is not None}
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 
-# --------------------------------------------------------------------------- command line
-
-
 def main(argv: list[str] | None = None) -> int:
-    from tasks.assets import AssetError
-
-    params, _ = parse_params(DirectParams, argv, "python -m flows.direct", DESCRIPTION)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        result = direct_flow(**params.model_dump(exclude_unset=True))
-    except AssetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(Path(result["report"]).read_text())
-    print(f"run folder: {result['run_dir']}")
-    return 0
+    return run_main(
+        DirectParams, direct_flow, argv, prog="python -m flows.direct", description=DESCRIPTION
+    )
 
 
 if __name__ == "__main__":

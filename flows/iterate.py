@@ -10,87 +10,66 @@ per-round curve (Fig. 4), in ``runs/<run>/report.md`` and MLflow.
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from prefect import flow
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from flows.common import (
-    RESUME_NOTE,
-    Tracker,
-    ensure_run_uid,
-    make_task_runner,
-    params_flow,
-    parse_params,
-    run_lock,
-)
-
-log = logging.getLogger(__name__)
+from flows.common import RESUME_NOTE, RunContext, RunParams, params_flow, run_main, run_tracked
+from tasks.common.stage import Artefact, InputRef
+from tasks.dpo import DPOConfig
+from tasks.generate import SamplingConfig
+from tasks.llm.policy import Policy
+from tasks.pairing import PairingConfig
+from tasks.rerank_lists import TaskConfig
+from tasks.reranker import TrainConfig
+from tasks.rlrf4rec import stages
+from tasks.rlrf4rec.stages import Shard
 
 Backbone = Literal["dlcm", "prm"]
-
-# Values a profile gives to every parameter left unset (None).
-PROFILES: dict[str, dict] = {
-    "quick": {
-        "max_users": 100,
-        "rounds": 2,
-        "n_samples": 4,
-        "max_new_tokens": 96,
-        "dpo_max_steps": 2,
-        "backbones": ["dlcm", "prm"],
-        "seeds": [1],
-        "reranker_settings": "fast",
-        "dpo_settings": "fast",
-        "eval_each_round": False,
-    },
-    "paper": {
-        "max_users": 0,
-        "rounds": 3,
-        "n_samples": 8,
-        "max_new_tokens": 512,
-        "backbones": ["dlcm", "prm"],
-        "seeds": [1, 2, 3],
-        "reranker_settings": "paper",
-        "dpo_settings": "paper",
-        "eval_each_round": True,
-    },
-}
+T = TypeVar("T")
+ALL_SPLITS = ("train", "valid", "test")
+REWARD_FOLDS = 2
 
 
-class IterateParams(BaseModel):
+class IterateParams(RunParams):
     """Parameters of one RLRF4Rec run (the Prefect UI form and the command line)."""
 
-    model_config = ConfigDict(extra="forbid")
+    PROFILES: ClassVar[dict[str, dict[str, Any]]] = {
+        "quick": {
+            "max_users": 100,
+            "rounds": 2,
+            "n_samples": 4,
+            "max_new_tokens": 96,
+            "dpo_max_steps": 2,
+            "backbones": ["dlcm", "prm"],
+            "seeds": [1],
+            "reranker_settings": "fast",
+            "dpo_settings": "fast",
+            "eval_each_round": False,
+        },
+        "paper": {
+            "max_users": 0,
+            "rounds": 3,
+            "n_samples": 8,
+            "max_new_tokens": 512,
+            "backbones": ["dlcm", "prm"],
+            "seeds": [1, 2, 3],
+            "reranker_settings": "paper",
+            "dpo_settings": "paper",
+            "eval_each_round": True,
+        },
+    }
 
-    profile: Literal["quick", "paper"] = Field(
-        "quick",
-        description="quick: CPU, a subset of users, minutes; paper: all users, the paper's "
-        "settings. Fills every parameter left unset.",
-    )
-    run_name: str | None = Field(
-        None,
-        description="run folder under runs_dir (default '<profile>-<dataset>'); the same name "
-        "with the same parameters resumes",
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-    )
-    runs_dir: str = Field("runs", description="folder holding the run folders")
     dataset: Literal["ml-100k", "ml-1m", "amazon-books"] = Field("ml-100k", description="data set")
-    data_dir: str | None = Field(
-        None, description="folder with the data set's files (optional for ml-100k)"
-    )
     max_users: int | None = Field(
         None, ge=0, description="seeded random subset of users; 0 = all (profile)"
     )
     seed: int = Field(42, description="seed of the data split, negatives and sampling")
-    policy_model: str = Field(
-        "SmolLM2-135M-Instruct",
-        description="policy LLM: the offline default, a local model folder or a HF id",
-    )
     encoder: str = Field(
         "all-MiniLM-L6-v2",
         description="knowledge encoder: the offline default, a local folder or a HF id",
@@ -103,9 +82,6 @@ class IterateParams(BaseModel):
     top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling top-p")
     max_new_tokens: int | None = Field(
         None, ge=1, description="token budget of each answer (profile)"
-    )
-    backend: Literal["auto", "vllm", "transformers"] = Field(
-        "auto", description="generation backend; auto = vLLM when it starts, else transformers"
     )
     n_shards: int = Field(
         0, ge=0, description="sampling shards, one engine each; 0 = one per GPU (1 on CPU)"
@@ -143,16 +119,12 @@ class IterateParams(BaseModel):
     )
     dpo_gradient_checkpointing: bool | None = Field(
         None,
-        description="recompute activations in DPO's backward pass; unset: on GPU only (quick "
-        "profile on CPU: peak 1.1 GB lower, DPO 26% slower)",
+        description="recompute activations in DPO's backward pass: less memory, slower "
+        "(unset: on GPU only; the README gives the measured trade)",
     )
     eval_each_round: bool | None = Field(
         None, description="evaluate every round's policy on test users (Fig. 4) (profile)"
     )
-    task_runner: Literal["threads", "ray"] = Field(
-        "threads", description="threads, or Ray (prefect-ray) with one GPU per sampling shard"
-    )
-    experiment: str = Field("rlrf4rec", description="MLflow experiment name")
 
     @field_validator("backbones")
     @classmethod
@@ -168,60 +140,160 @@ class IterateParams(BaseModel):
             raise ValueError("give at least one seed, without repeats")
         return v
 
-    @field_validator("policy_model", "encoder", "data_dir")
+    @field_validator("encoder")
     @classmethod
-    def _existing_path(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        looks_like_path = v.startswith(("/", "./", "../", "~")) or os.sep * 2 in v
-        if looks_like_path and not Path(v).expanduser().exists():
-            raise ValueError(f"path {v!r} does not exist")
-        return v
+    def _encoder_path(cls, v: str) -> str:
+        from flows.common import existing_path
 
-    def resolved(self) -> IterateParams:
-        """A copy with every unset parameter filled from the profile."""
-        fill = {k: v for k, v in PROFILES[self.profile].items() if getattr(self, k) is None}
-        out = self.model_copy(update=fill)
-        if out.run_name is None:
-            out = out.model_copy(update={"run_name": f"{out.profile}-{out.dataset}"})
+        return existing_path(v) or v
+
+    @model_validator(mode="after")
+    def _configs_build(self) -> IterateParams:
+        LoopConfig.of(self.resolved())  # a bad preset fails here, at parse time
+        return self
+
+
+# --------------------------------------------------------------------------- typed configs
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The stages' settings, built once from the resolved parameters."""
+
+    lists: TaskConfig
+    sampling: SamplingConfig
+    reward: TrainConfig
+    pairing: PairingConfig
+    dpo: DPOConfig
+    reranker: TrainConfig
+    rounds: int
+    backbones: tuple[str, ...]
+    seeds: tuple[int, ...]
+    eval_each_round: bool
+
+    @classmethod
+    def of(cls, p: IterateParams) -> LoopConfig:
+        base = TrainConfig.paper("dlcm") if p.reranker_settings == "paper" else TrainConfig()
+        if p.reranker_epochs:
+            base = replace(base, epochs=p.reranker_epochs)
+        dpo = DPOConfig.paper() if p.dpo_settings == "paper" else DPOConfig()
+        dpo = replace(dpo, beta=p.dpo_beta, ref=p.dpo_reference)
+        if p.dpo_max_steps:
+            dpo = replace(dpo, max_steps=p.dpo_max_steps)
+        if p.dpo_gradient_checkpointing is not None:
+            dpo = replace(dpo, gradient_checkpointing=p.dpo_gradient_checkpointing)
+        return cls(
+            lists=TaskConfig(seed=p.seed),
+            sampling=SamplingConfig(
+                n=_given(p.n_samples, "n_samples"),
+                temperature=p.temperature,
+                top_p=p.top_p,
+                max_new_tokens=_given(p.max_new_tokens, "max_new_tokens"),
+                seed=p.seed,
+            ),
+            reward=replace(base, backbone=p.reward_backbone, seed=p.seed),
+            pairing=PairingConfig(p.pairing, p.min_margin, p.reward_metric.replace("@", "_at_")),
+            dpo=dpo,
+            reranker=base,
+            rounds=_given(p.rounds, "rounds"),
+            backbones=tuple(_given(p.backbones, "backbones")),
+            seeds=tuple(_given(p.seeds, "seeds")),
+            eval_each_round=bool(p.eval_each_round),
+        )
+
+    def sampling_for(self, round_idx: int, n: int) -> SamplingConfig:
+        """Round ``round_idx``'s sampler: ``n`` texts per prompt, its own seed."""
+        return replace(self.sampling, n=n, seed=self.sampling.seed + 1000 * round_idx)
+
+    def dpo_for(self, round_idx: int) -> DPOConfig:
+        return replace(self.dpo, seed=self.sampling.seed + round_idx)
+
+    def reranker_for(self, backbone: str, seed: int) -> TrainConfig:
+        return replace(self.reranker, backbone=backbone, seed=seed)
+
+
+def _given(value: T | None, name: str) -> T:
+    """A parameter the profile must have filled."""
+    if value is None:
+        raise ValueError(f"{name} is unset and the profile gives no value")
+    return value
+
+
+# --------------------------------------------------------------------------- stage results
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What every round reads: the prepared data, the prompts, the item vectors."""
+
+    data: Artefact
+    prompts: Artefact
+    items: Artefact
+
+
+@dataclass(frozen=True)
+class Knowledge:
+    """Sampled texts (one per user, or N per train user) and their vectors."""
+
+    samples: Artefact
+    vectors: Artefact
+
+    def seconds(self, prefix: str) -> dict[str, float]:
+        sampling = self.samples.seconds + self.samples.stats.get("sample_seconds", 0.0)
+        return {f"{prefix}.sample": sampling, f"{prefix}.encode": self.vectors.seconds}
+
+
+@dataclass(frozen=True)
+class Round:
+    """One round of Algorithm 1: samples, rewards, pairs, the DPO that followed and, where it
+    was evaluated, every user's knowledge from the new policy."""
+
+    index: int
+    knowledge: Knowledge
+    scored: Artefact
+    pairs: Artefact
+    dpo: Artefact
+    final_knowledge: Knowledge | None = None
+
+    @property
+    def tag(self) -> str:
+        return f"round_{self.index:02d}"
+
+    def record(self) -> dict[str, Any]:
+        """The round's row of the report and its MLflow metrics."""
+        return {
+            "round": self.index,
+            "generation": self.knowledge.samples.stats,
+            "reward": self.scored.stats,
+            "pairs": self.pairs.stats,
+            "dpo": {**self.dpo.stats, "skipped": int(self.dpo.skipped is not None)},
+        }
+
+    def seconds(self) -> dict[str, float]:
+        out = self.knowledge.seconds(self.tag)
+        for name, stage in (("score", self.scored), ("pair", self.pairs), ("dpo", self.dpo)):
+            out[f"{self.tag}.{name}"] = stage.seconds
+        if self.final_knowledge is not None:
+            out.update(self.final_knowledge.seconds(f"{self.tag}.knowledge"))
         return out
 
-    def run_dir(self) -> Path:
-        base = Path(self.runs_dir)
-        if not base.is_absolute():
-            base = Path.cwd() / base
-        return (base / (self.run_name or f"{self.profile}-{self.dataset}")).resolve()
 
+@dataclass(frozen=True)
+class Loop:
+    """One run's fixed values: parameters, typed configs, run context, and its inputs."""
 
-DESCRIPTION = __doc__.split("\n\n")[0] + RESUME_NOTE
+    p: IterateParams
+    cfg: LoopConfig
+    ctx: RunContext
+    inputs: Inputs
 
 
 # --------------------------------------------------------------------------- the flow
 
 
 def run_iterate(params: IterateParams) -> dict:
-    """Validate, lock the run folder, open the MLflow parent run and run the loop subflow."""
-    from tasks.assets import encoder_model, policy_model
-
     p = params.resolved()
-    # Resolve the models first: a missing model fails here, before any work.
-    policy_path = policy_model(p.policy_model)
-    encoder_path = encoder_model(p.encoder)
-    run_dir = p.run_dir()
-    with run_lock(run_dir):
-        run_uid = ensure_run_uid(run_dir)
-        tracker = Tracker(p.experiment)
-        parent = tracker.start(p.run_name or run_dir.name, tags={"run_dir": str(run_dir)})
-        tracker.params(parent, p.model_dump())
-        loop = rlrf4rec_loop.with_options(task_runner=make_task_runner(p.task_runner))
-        try:
-            result = loop(p, policy_path, encoder_path, str(run_dir), run_uid, parent)
-        except BaseException:
-            tracker.end(parent, "FAILED")
-            raise
-        tracker.end(parent)
-    result["mlflow_run_id"] = parent
-    return result
+    return run_tracked(p, rlrf4rec_loop, encoder=p.encoder, n_shards=p.n_shards)
 
 
 iterate = params_flow(
@@ -233,414 +305,298 @@ iterate = params_flow(
 )
 
 
-@flow(name="rlrf4rec-loop")
-def rlrf4rec_loop(
-    p: IterateParams,
-    policy_path: str,
-    encoder_path: str,
-    run: str,
-    run_uid: str,
-    parent_run_id: str,
-) -> dict:
-    """The stages, in order (see the module docstring)."""
-    from tasks.data import prepare_data_task
-    from tasks.generate import available_gpus
-    from tasks.loop import (
-        dpo_task,
-        encode_items_task,
-        encode_task,
-        pair_task,
-        prompts_task,
-        score_task,
-        train_reward_task,
+@flow(name="rlrf4rec-loop", validate_parameters=False)
+def rlrf4rec_loop(p: IterateParams, ctx: RunContext) -> dict:
+    """Algorithm 1: round zero, R rounds, the final evaluation, the report."""
+    t_start = time.perf_counter()
+    cfg = LoopConfig.of(p)
+    loop = Loop(p, cfg, ctx, prepare_inputs(p, cfg, ctx))
+    policy = Policy(ctx.policy)
+    knowledge0 = write_knowledge(loop, policy, 0, out_dir=ctx.run_dir / "round_00")
+    reward_model = train_reward_model(loop, knowledge0)
+    rounds: list[Round] = []
+    for r in range(1, cfg.rounds + 1):
+        this = run_round(loop, r, policy, reward_model)
+        policy = policy.after(this.dpo)
+        if cfg.eval_each_round or r == cfg.rounds:
+            out_dir = ctx.run_dir / this.tag / "knowledge"
+            this = replace(this, final_knowledge=write_knowledge(loop, policy, r, out_dir=out_dir))
+        track_round(loop, this)
+        rounds.append(this)
+    evaluation = evaluate_table1(loop, knowledge0, rounds)
+    timings = {
+        "prepare": loop.inputs.data.seconds,
+        "prompts": loop.inputs.prompts.seconds,
+        "encode_items": loop.inputs.items.seconds,
+        **knowledge0.seconds("round_00"),
+        "round_00.train_reward_model": reward_model.seconds,
+        **{k: v for this in rounds for k, v in this.seconds().items()},
+        **evaluation.timings,
+    }
+    return report(loop, knowledge0, rounds, evaluation, timings=timings, t_start=t_start)
+
+
+def prepare_inputs(p: IterateParams, cfg: LoopConfig, ctx: RunContext) -> Inputs:
+    """The data set as reranking lists, one prompt per user, the item vectors."""
+    data = stages.prepare_data(
+        p.dataset,
+        data_dir=InputRef.of(p.data_dir) if p.data_dir else None,
+        lists=cfg.lists,
+        max_users=p.max_users or None,
+        out=ctx.run_dir / "data",
     )
+    prompts = stages.build_prompts(data, p.dataset, out=ctx.run_dir / "prompts.parquet")
+    items = stages.encode_items(data, encoder=ctx.encoder, out=ctx.run_dir / "item_vectors.parquet")
+    ctx.tracker.metrics(ctx.parent_run_id, {"data": data.stats})
+    return Inputs(data, prompts, items)
+
+
+def sample_users(
+    loop: Loop,
+    policy: Policy,
+    splits: tuple[str, ...],
+    sampling: SamplingConfig,
+    *,
+    out_dir: Path,
+    round_idx: int,
+) -> Artefact:
+    """Fan the prompts of ``splits`` out over the shards (one engine per GPU), then merge."""
+    ctx = loop.ctx
+    with _ray_gpu_options(loop):
+        futures = [
+            stages.sample.submit(
+                loop.inputs.prompts,
+                policy,
+                splits=splits,
+                sampling=sampling,
+                backend=loop.p.backend,
+                shard=Shard(k, ctx.n_shards, _shard_gpu(loop, k)),
+                round_idx=round_idx,
+                out=out_dir / "samples" / f"shard{k:02d}.parquet",
+            )
+            for k in range(ctx.n_shards)
+        ]
+    shards = [f.result() for f in futures]
+    return stages.merge_samples(shards, out=out_dir / "samples.parquet")
+
+
+def write_knowledge(loop: Loop, policy: Policy, round_idx: int, *, out_dir: Path) -> Knowledge:
+    """One knowledge text per user (every split) with ``policy``, and its vector."""
+    sampling = loop.cfg.sampling_for(round_idx, 1)
+    samples = sample_users(loop, policy, ALL_SPLITS, sampling, out_dir=out_dir, round_idx=round_idx)
+    vectors = stages.encode_knowledge(
+        samples, loop.inputs.prompts, encoder=loop.ctx.encoder, out=out_dir / "vectors.parquet"
+    )
+    return Knowledge(samples, vectors)
+
+
+def train_reward_model(loop: Loop, knowledge0: Knowledge) -> Artefact:
+    """The frozen reward reranker, cross-fitted on round-0 knowledge; its MLflow child run."""
+    reward_model = stages.train_reward_model(
+        loop.inputs.data,
+        knowledge0.vectors,
+        loop.inputs.items,
+        cfg=loop.cfg.reward,
+        n_folds=REWARD_FOLDS,
+        out=loop.ctx.run_dir / "reward_model",
+    )
+    tracker = loop.ctx.tracker
+    child = tracker.start("round_00", loop.ctx.parent_run_id)
+    tracker.metrics(
+        child, {"generation": knowledge0.samples.stats, "reward_model": reward_model.stats}
+    )
+    seconds = knowledge0.seconds("round_00")
+    seconds["round_00.train_reward_model"] = reward_model.seconds
+    tracker.metrics(child, {f"seconds.{k}": v for k, v in seconds.items()})
+    tracker.end(child)
+    return reward_model
+
+
+def run_round(loop: Loop, r: int, policy: Policy, reward_model: Artefact) -> Round:
+    """Sample N texts per train user, score them, pair best and worst, train with DPO."""
+    rd, cfg, inputs = loop.ctx.run_dir / f"round_{r:02d}", loop.cfg, loop.inputs
+    sampling = cfg.sampling_for(r, cfg.sampling.n)
+    samples = sample_users(loop, policy, ("train",), sampling, out_dir=rd, round_idx=r)
+    vectors = stages.encode_knowledge(
+        samples, inputs.prompts, encoder=loop.ctx.encoder, out=rd / "vectors.parquet"
+    )
+    scored = stages.score(
+        reward_model,
+        inputs.data,
+        vectors=vectors,
+        samples=samples,
+        items=inputs.items,
+        out=rd / "scored.parquet",
+    )
+    pairs = stages.pair(scored, inputs.prompts, cfg=cfg.pairing, out=rd / "pairs.parquet")
+    dpo = stages.dpo(policy, pairs, cfg=cfg.dpo_for(r), out=rd / "dpo")
+    return Round(r, Knowledge(samples, vectors), scored, pairs, dpo)
+
+
+def track_round(loop: Loop, this: Round) -> None:
+    """The round's MLflow child run: metrics, stage seconds, pairs and adapter."""
+    tracker, parent = loop.ctx.tracker, loop.ctx.parent_run_id
+    child = tracker.start(this.tag, parent)
+    record = this.record()
+    tracker.metrics(child, {k: v for k, v in record.items() if k != "round"}, step=this.index)
+    tracker.metrics(child, {f"seconds.{k}": v for k, v in this.seconds().items()})
+    reward_col = loop.cfg.pairing.reward_col
+    reward_mean = this.scored.stats.get(f"{reward_col}_mean")
+    tracker.metrics(parent, {"reward_mean": reward_mean}, step=this.index)
+    tracker.artifact(child, this.pairs.path)
+    if this.dpo.skipped is None:
+        tracker.artifact(child, this.dpo.path, "adapter")
+    tracker.end(child)
+
+
+# --------------------------------------------------------------------------- Table I
+
+
+@dataclass
+class Evaluation:
+    """Test metrics per backbone, row and seed; per-list files; Fig. 4's per-round metrics."""
+
+    table1: dict[str, dict[str, dict[str, dict[str, float]]]] = field(default_factory=dict)
+    per_list: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
+    per_round: dict[int, dict[str, float]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def add(self, backbone: str, row: str, seed: int, metrics: Artefact) -> None:
+        self.table1.setdefault(backbone, {}).setdefault(row, {})[str(seed)] = metrics.stats
+        self.per_list.setdefault(backbone, {}).setdefault(row, {})[str(seed)] = metrics.extra[0]
+
+    def row(self, backbone: str, row: str, seed: int) -> dict[str, float]:
+        return self.table1.get(backbone, {}).get(row, {}).get(str(seed), {})
+
+
+def evaluate_table1(loop: Loop, knowledge0: Knowledge, rounds: list[Round]) -> Evaluation:
+    """Base / KAR / RLRF4Rec rerankers per backbone and seed on the test users, and Fig. 4's
+    test metrics of every evaluated round (reward backbone, first seed)."""
+    final = rounds[-1].final_knowledge
+    assert final is not None, "the last round always writes its knowledge"
+    rows = {"base": None, "KAR": knowledge0.vectors, "RLRF4Rec": final.vectors}
+    ev = Evaluation()
+    eval_dir = loop.ctx.run_dir / "eval"
+    for backbone in loop.cfg.backbones:
+        for seed in loop.cfg.seeds:
+            for row, vectors in rows.items():
+                out = eval_dir / backbone / row / f"seed{seed}"
+                metrics = train_and_evaluate(loop, vectors, backbone, seed, out, ev)
+                ev.add(backbone, row, seed, metrics)
+    seed, backbone = loop.cfg.seeds[0], loop.p.reward_backbone
+    ev.per_round[0] = ev.row(backbone, "KAR", seed)
+    for this in rounds:
+        if this.index == loop.cfg.rounds:
+            ev.per_round[this.index] = ev.row(backbone, "RLRF4Rec", seed)
+        elif this.final_knowledge is not None:
+            out = eval_dir / backbone / f"round{this.index}" / f"seed{seed}"
+            vectors = this.final_knowledge.vectors
+            ev.per_round[this.index] = train_and_evaluate(
+                loop, vectors, backbone, seed, out, ev
+            ).stats
+    return ev
+
+
+def train_and_evaluate(
+    loop: Loop, vectors: Artefact | None, backbone: str, seed: int, out: Path, ev: Evaluation
+) -> Artefact:
+    """Train one reranker (with knowledge when ``vectors`` is given) and evaluate it on the
+    test users; its seconds go to ``ev.timings``."""
+    data = loop.inputs.data
+    items = loop.inputs.items if vectors is not None else None
+    cfg = loop.cfg.reranker_for(backbone, seed)
+    model = stages.train_reranker(data, vectors, items, cfg=cfg, out=out / "model")
+    metrics = stages.evaluate_reranker(model, data, vectors, items, out=out / "metrics.json")
+    ev.timings["eval." + "/".join(out.parts[-3:])] = model.seconds + metrics.seconds
+    return metrics
+
+
+# --------------------------------------------------------------------------- report
+
+
+def report(
+    loop: Loop,
+    knowledge0: Knowledge,
+    rounds: list[Round],
+    evaluation: Evaluation,
+    *,
+    timings: dict[str, float],
+    t_start: float,
+) -> dict:
+    """``report.md``, ``results.json`` and Fig. 4, with their figures in MLflow."""
     from tasks.report import write_report
 
-    t_start = time.perf_counter()
-    tracker = Tracker(p.experiment)
-    R = Path(run)
-    timings: dict[str, float] = {}
-    gpus = available_gpus()
-    n_shards = p.n_shards or max(1, len(gpus))
-
-    data = prepare_data_task(
-        p.dataset, run, p.data_dir, seed=p.seed, max_users=p.max_users or None, run_uid=run_uid
-    )
-    timings["prepare"] = data["seconds"]
-    prompts = prompts_task(run, p.dataset, str(R / "prompts.parquet"), run_uid=run_uid)
-    timings["prompts"] = prompts["seconds"]
-    items = encode_items_task(run, str(R / "item_vectors.parquet"), encoder_path, run_uid=run_uid)
-    timings["encode_items"] = items["seconds"]
-    tracker.metrics(parent_run_id, {"data": data["counts"]})
-
-    # ---- round 0: zero-shot knowledge for every user, reward model
-    r0 = tracker.start("round_00", parent_run_id)
-    knowledge0 = _knowledge(
-        p,
-        prompts["path"],
-        policy_path,
-        None,
-        0,
-        R / "round_00",
-        encoder_path,
-        n_shards,
-        gpus,
-        run_uid,
-        timings,
-        "round_00",
-    )
-    reward_model = train_reward_task(
-        run,
-        str(R / "reward_model"),
-        _train_cfg(p, p.reward_backbone, p.seed),
-        knowledge0["vectors"],
-        items["path"],
-        run_uid=run_uid,
-    )
-    timings["round_00.train_reward_model"] = reward_model["seconds"]
-    tracker.metrics(
-        r0, {"generation": knowledge0["generation"], "reward_model": reward_model["train"]}
-    )
-    tracker.metrics(r0, {f"seconds.{k}": v for k, v in timings.items() if k.startswith("round_00")})
-    tracker.end(r0)
-    rounds: list[dict] = [{"round": 0, "generation": knowledge0["generation"]}]
-    round_knowledge = {0: knowledge0["vectors"]}
-
-    # ---- rounds 1..R
-    adapter: str | None = None
-    policy_for_sampling, sampling_adapter = policy_path, None
-    for r in range(1, p.rounds + 1):
-        tag = f"round_{r:02d}"
-        rd = R / tag
-        child = tracker.start(tag, parent_run_id)
-        samples = _sample(
-            p,
-            prompts["path"],
-            ["train"],
-            p.n_samples,
-            policy_for_sampling,
-            sampling_adapter,
-            r,
-            rd,
-            n_shards,
-            gpus,
-            run_uid,
-        )
-        timings[f"{tag}.sample"] = samples["seconds"]
-        vectors = encode_task(
-            samples["path"],
-            prompts["path"],
-            str(rd / "vectors.parquet"),
-            encoder_path,
-            run_uid=run_uid,
-        )
-        timings[f"{tag}.encode"] = vectors["seconds"]
-        scored = score_task(
-            reward_model["model_dir"],
-            run,
-            vectors["path"],
-            samples["path"],
-            items["path"],
-            str(rd / "scored.parquet"),
-            run_uid=run_uid,
-        )
-        timings[f"{tag}.score"] = scored["seconds"]
-        reward_col = p.reward_metric.replace("@", "_at_")
-        pairs = pair_task(
-            scored["path"],
-            prompts["path"],
-            str(rd / "pairs.parquet"),
-            p.pairing,
-            p.min_margin,
-            reward_col,
-            run_uid=run_uid,
-        )
-        timings[f"{tag}.pair"] = pairs["seconds"]
-        dpo = dpo_task(
-            policy_path,
-            pairs["path"],
-            str(rd / "dpo"),
-            _dpo_cfg(p, r),
-            init_adapter=adapter,
-            run_uid=run_uid,
-        )
-        timings[f"{tag}.dpo"] = dpo["seconds"]
-        if not dpo.get("skipped"):
-            adapter = dpo["adapter_dir"]
-            if dpo.get("merged_dir"):
-                policy_for_sampling, sampling_adapter = dpo["merged_dir"], None
-            else:
-                policy_for_sampling, sampling_adapter = policy_path, adapter
-        info = {
-            "round": r,
-            "generation": samples["stats"],
-            "reward": scored["stats"],
-            "pairs": pairs["stats"],
-            "dpo": {**dpo.get("metrics", {}), "skipped": int(bool(dpo.get("skipped")))},
-        }
-        tracker.metrics(child, {k: v for k, v in info.items() if k != "round"}, step=r)
-        tracker.metrics(child, {f"seconds.{k}": v for k, v in timings.items() if k.startswith(tag)})
-        tracker.metrics(
-            parent_run_id, {"reward_mean": scored["stats"][f"{reward_col}_mean"]}, step=r
-        )
-        tracker.artifact(child, pairs["path"])
-        if adapter and not dpo.get("skipped"):
-            tracker.artifact(child, adapter, "adapter")
-        if p.eval_each_round or r == p.rounds:
-            k = _knowledge(
-                p,
-                prompts["path"],
-                policy_for_sampling,
-                sampling_adapter,
-                r,
-                rd / "knowledge",
-                encoder_path,
-                n_shards,
-                gpus,
-                run_uid,
-                timings,
-                f"{tag}.knowledge",
-            )
-            round_knowledge[r] = k["vectors"]
-        tracker.end(child)
-        rounds.append(info)
-
-    # ---- final evaluation: Table I rows per backbone and seed
-    table1: dict = {}
-    per_list: dict = {}
-    final = round_knowledge[p.rounds]
-    rows = {"base": None, "KAR": round_knowledge[0], "RLRF4Rec": final}
-    for backbone in p.backbones or ["dlcm"]:
-        for seed in p.seeds or [1]:
-            for row, vec in rows.items():
-                ev = _train_eval(
-                    p,
-                    run,
-                    R / "eval" / backbone / row / f"seed{seed}",
-                    backbone,
-                    seed,
-                    vec,
-                    items["path"],
-                    run_uid,
-                    timings,
-                )
-                table1.setdefault(backbone, {}).setdefault(row, {})[str(seed)] = ev["metrics"]
-                per_list.setdefault(backbone, {}).setdefault(row, {})[str(seed)] = ev["per_list"]
-    # Fig. 4: test metrics of each evaluated round's policy (reward backbone, first seed).
-    first_seed = (p.seeds or [1])[0]
-    for info in rounds:
-        r = info["round"]
-        if r == 0:
-            vec_metrics = table1.get(p.reward_backbone, {}).get("KAR", {}).get(str(first_seed))
-        elif r == p.rounds:
-            vec_metrics = table1.get(p.reward_backbone, {}).get("RLRF4Rec", {}).get(str(first_seed))
-        elif r in round_knowledge:
-            vec_metrics = _train_eval(
-                p,
-                run,
-                R / "eval" / p.reward_backbone / f"round{r}" / f"seed{first_seed}",
-                p.reward_backbone,
-                first_seed,
-                round_knowledge[r],
-                items["path"],
-                run_uid,
-                timings,
-            )["metrics"]
-        else:
-            vec_metrics = None
-        if vec_metrics:
-            info["eval"] = {p.reward_backbone: vec_metrics}
-
+    history = [{"round": 0, "generation": knowledge0.samples.stats}]
+    history += [r.record() for r in rounds]
+    for row in history:
+        if evaluation.per_round.get(row["round"]):
+            row["eval"] = {loop.p.reward_backbone: evaluation.per_round[row["round"]]}
     stage_seconds = sum(timings.values())
     wall = time.perf_counter() - t_start
     results = {
-        "table1": table1,
-        "per_list": per_list,
-        "rounds": rounds,
+        "table1": evaluation.table1,
+        "per_list": evaluation.per_list,
+        "rounds": history,
         "timings": timings,
         "wall_seconds": wall,
         "stage_seconds": stage_seconds,
     }
-    report = write_report(results, R, p.model_dump())
-    for backbone, rows_ in report["tables"]["table1"].items():
-        for row, metrics in rows_.items():
-            for metric, summary in metrics.items():
-                tracker.metrics(parent_run_id, {f"{backbone}.{row}.{metric}": summary["mean"]})
-    tracker.metrics(
-        parent_run_id,
-        {
-            "wall_seconds": wall,
-            "stage_seconds": stage_seconds,
-            "overhead_share": max(0.0, 1 - stage_seconds / wall) if wall else 0.0,
-        },
-    )
-    for path in (report["report"], report["results"], report["plot"]):
-        if path:
-            tracker.artifact(parent_run_id, path)
+    written = write_report(results, loop.ctx.run_dir, loop.p.model_dump())
+    track_report(loop, written, wall=wall, stage_seconds=stage_seconds)
     return {
-        "run_dir": run,
-        "report": report["report"],
-        "results": report["results"],
+        "run_dir": str(loop.ctx.run_dir),
+        "report": written["report"],
+        "results": written["results"],
         "wall_seconds": wall,
         "stage_seconds": stage_seconds,
     }
 
 
-# --------------------------------------------------------------------------- stage helpers
-
-
-def _sampling(p: IterateParams, n: int, round_idx: int) -> dict:
-    return {
-        "n": n,
-        "temperature": p.temperature,
-        "top_p": p.top_p,
-        "max_new_tokens": p.max_new_tokens,
-        "seed": p.seed + 1000 * round_idx,
-    }
-
-
-def _sample(
-    p, prompts_path, splits, n, model, adapter, round_idx, out_dir, n_shards, gpus, run_uid
-):
-    """Fan the prompts of ``splits`` out over shards (one engine per GPU), then merge."""
-    from tasks.loop import merge_samples_task, sample_task, select_prompts_task
-
-    shards = select_prompts_task(
-        prompts_path, splits, n_shards, str(out_dir / "prompts"), run_uid=run_uid
+def track_report(loop: Loop, written: dict, *, wall: float, stage_seconds: float) -> None:
+    """Table I's means, the run's seconds and the report files on the MLflow parent run."""
+    tracker, parent = loop.ctx.tracker, loop.ctx.parent_run_id
+    for backbone, rows in written["tables"]["table1"].items():
+        for row, metrics in rows.items():
+            for metric, summary in metrics.items():
+                tracker.metrics(parent, {f"{backbone}.{row}.{metric}": summary["mean"]})
+    overhead = max(0.0, 1 - stage_seconds / wall) if wall else 0.0
+    tracker.metrics(
+        parent, {"wall_seconds": wall, "stage_seconds": stage_seconds, "overhead_share": overhead}
     )
-    gpu_options = _ray_gpu_options(p, gpus)
-    with gpu_options:
-        futures = [
-            sample_task.submit(
-                path,
-                str(out_dir / "samples" / f"shard{k:02d}.parquet"),
-                model,
-                _sampling(p, n, round_idx),
-                p.backend,
-                adapter,
-                round_idx,
-                # Under Ray the worker's CUDA_VISIBLE_DEVICES is set by Ray itself.
-                gpus[k % len(gpus)] if gpus and p.task_runner != "ray" else None,
-                run_uid=run_uid,
-            )
-            for k, path in enumerate(shards["shards"])
-        ]
-    results = [f.result() for f in futures]
-    return merge_samples_task(results, str(out_dir / "samples.parquet"), run_uid=run_uid)
+    for path in (written["report"], written["results"], written["plot"]):
+        if path:
+            tracker.artifact(parent, path)
 
 
-def _ray_gpu_options(p: IterateParams, gpus: list[int]):
+# --------------------------------------------------------------------------- GPUs
+
+
+def _shard_gpu(loop: Loop, k: int) -> int | None:
+    # Under Ray the worker's CUDA_VISIBLE_DEVICES is set by Ray itself.
+    gpus = loop.ctx.gpus
+    if not gpus or loop.p.task_runner == "ray":
+        return None
+    return gpus[k % len(gpus)]
+
+
+def _ray_gpu_options(loop: Loop):
     """With Ray on a GPU host, each sampling shard asks Ray for one whole GPU."""
     from contextlib import nullcontext
 
-    if p.task_runner != "ray" or not gpus:
+    if loop.p.task_runner != "ray" or not loop.ctx.gpus:
         return nullcontext()
     from prefect_ray.context import remote_options
 
     return remote_options(num_gpus=1)
 
 
-def _knowledge(
-    p,
-    prompts_path,
-    model,
-    adapter,
-    round_idx,
-    out_dir,
-    encoder,
-    n_shards,
-    gpus,
-    run_uid,
-    timings,
-    tag,
-) -> dict:
-    """One knowledge text per user (every split) and its vector."""
-    from tasks.loop import encode_task
-
-    samples = _sample(
-        p,
-        prompts_path,
-        ["train", "valid", "test"],
-        1,
-        model,
-        adapter,
-        round_idx,
-        out_dir,
-        n_shards,
-        gpus,
-        run_uid,
-    )
-    timings[f"{tag}.sample"] = samples["seconds"]
-    vectors = encode_task(
-        samples["path"], prompts_path, str(out_dir / "vectors.parquet"), encoder, run_uid=run_uid
-    )
-    timings[f"{tag}.encode"] = vectors["seconds"]
-    return {"vectors": vectors["path"], "generation": samples["stats"]}
-
-
-def _train_cfg(p: IterateParams, backbone: str, seed: int) -> dict:
-    """Reranker settings (fast CPU default or the paper's) as a plain dict for the task."""
-    from tasks.reranker import TrainConfig
-
-    cfg = TrainConfig.paper(backbone) if p.reranker_settings == "paper" else TrainConfig()
-    out = cfg.to_dict()
-    out.update({"backbone": backbone, "seed": seed})
-    if p.reranker_epochs:
-        out["epochs"] = p.reranker_epochs
-    return out
-
-
-def _train_eval(p, run, out_dir, backbone, seed, vectors, item_vectors, run_uid, timings) -> dict:
-    from tasks.loop import evaluate_task, train_reranker_task
-
-    trained = train_reranker_task(
-        run,
-        str(out_dir / "model"),
-        _train_cfg(p, backbone, seed),
-        vectors,
-        item_vectors,
-        run_uid=run_uid,
-    )
-    ev = evaluate_task(
-        trained["model_dir"], run, vectors, item_vectors, str(out_dir), run_uid=run_uid
-    )
-    name = "eval." + "/".join(out_dir.parts[-3:])
-    timings[name] = trained["seconds"] + ev["seconds"]
-    return ev
-
-
-def _dpo_cfg(p: IterateParams, round_idx: int) -> dict:
-    from tasks.dpo import DPOConfig
-
-    cfg = DPOConfig.paper() if p.dpo_settings == "paper" else DPOConfig()
-    out = dict(cfg.__dict__)
-    out["beta"] = p.dpo_beta
-    out["seed"] = p.seed + round_idx
-    if "ref" in out:
-        out["ref"] = p.dpo_reference
-    if p.dpo_max_steps and "max_steps" in out:
-        out["max_steps"] = p.dpo_max_steps
-    if p.dpo_gradient_checkpointing is not None:
-        out["gradient_checkpointing"] = p.dpo_gradient_checkpointing
-    return out
-
-
-# --------------------------------------------------------------------------- command line
+DESCRIPTION = __doc__.split("\n\n")[0] + RESUME_NOTE
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tasks.assets import AssetError
-
-    params, _ = parse_params(IterateParams, argv, "python -m flows.iterate", DESCRIPTION)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        result = iterate(**params.model_dump(exclude_unset=True))
-    except AssetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(Path(result["report"]).read_text())
-    print(f"run folder: {result['run_dir']}")
-    return 0
+    return run_main(
+        IterateParams, iterate, argv, prog="python -m flows.iterate", description=DESCRIPTION
+    )
 
 
 if __name__ == "__main__":

@@ -21,10 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from tasks.assets import AssetError
+from tasks.common.runlock import RunLockedError, run_lock
 from tasks.datasets import DATASETS, DataError, load_dataset
 from tasks.io import atomic_dir
 from tasks.rerank_lists import RerankTask, TaskConfig, build_task, task_counts
@@ -127,34 +126,6 @@ def format_counts(counts: dict) -> str:
     return "\n".join(lines)
 
 
-@task(name="prepare-data", persist_result=True, cache_policy=INPUTS + TASK_SOURCE)
-def prepare_data_task(
-    dataset: str,
-    out: str,
-    data_dir: str | None = None,
-    seed: int = 42,
-    test_frac: float = 0.1,
-    valid_frac: float = 0.1,
-    min_interactions: int = 5,
-    max_users: int | None = None,
-    run_uid: str = "",
-) -> dict:
-    """Prefect wrapper: prepare the data set under ``<out>/data``; return its path and counts.
-
-    ``run_uid`` only enters the cache key (a new run folder gets new cache entries).
-    """
-    import time
-
-    t0 = time.perf_counter()
-    cfg = TaskConfig(seed=seed, test_frac=test_frac, valid_frac=valid_frac)
-    counts = prepare(dataset, out, data_dir, cfg, min_interactions, max_users)
-    return {
-        "path": str(Path(out) / "data"),
-        "counts": counts,
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tasks.data",
@@ -199,10 +170,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     cfg = TaskConfig(seed=args.seed, test_frac=args.test_frac, valid_frac=args.valid_frac)
     try:
-        counts = prepare(
-            args.dataset, args.out, args.data_dir, cfg, args.min_interactions, args.max_users
-        )
-    except (DataError, AssetError) as exc:
+        # A flow may be writing this run folder: take its lock, as the flows do.
+        with run_lock(args.out):
+            counts = prepare(
+                args.dataset, args.out, args.data_dir, cfg, args.min_interactions, args.max_users
+            )
+    except (DataError, AssetError, RunLockedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(format_counts(counts))

@@ -1,6 +1,6 @@
 """Data of the second pipeline (You et al., 3.1): one prompt window per user, ground truth, split.
 
-Rules (../shared/DESIGN.md, "The second pipeline"; the paper's section 3.1 and Figure 2):
+Rules (docs/design.md, "The second pipeline"; the paper's section 3.1 and Figure 2):
 
 - a user's ratings in time order (ties keep file order). A candidate cut-off is any distinct
   timestamp ``t`` of the user's ratings; the context is the ``context_size`` (10) most recent

@@ -1,11 +1,9 @@
 """The stages of the second pipeline (You et al.): evaluate, SFT, preference pairs, DPO, online RL.
 
-Pure functions first (they take frames and return frames), then thin Prefect tasks that read
-and write files under ``runs/<run>/direct/seed_<s>/<stage>/`` and return small dicts (paths,
-metrics, seconds). Every task persists its result and caches on its inputs and its source
-(``INPUTS + TASK_SOURCE``) and takes ``run_uid``, so a finished stage is never recomputed and a
-killed run resumes at the first unfinished one; ``upstream`` carries the content fingerprints of
-the artefacts a task reads (:func:`fingerprint`), so a redone stage invalidates what follows.
+Pure functions first (they take frames and return frames), then the stages
+(:func:`tasks.common.stage.stage`): each reads upstream artefacts, writes files under
+``runs/<run>/direct/seed_<s>/<stage>/`` and returns an :class:`Artefact`; it is served again
+only when its parameters, upstream artefacts and code are unchanged.
 
 - **evaluate**: one answer per test window with the stage's policy and the shared decoding
   settings (greedy by default), parsed and mapped (:mod:`tasks.title_mapping`), scored with
@@ -23,7 +21,6 @@ the artefacts a task reads (:func:`fingerprint`), so a redone stage invalidates 
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -31,23 +28,27 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
-from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from models.direct_metrics import mean_ci, metrics_at_k
-from tasks.direct_data import select
+from tasks.common.stage import Artefact, InputRef, stage
+from tasks.direct_baselines import BaselineConfig
+from tasks.direct_data import WindowConfig, select
+from tasks.dpo import DPOConfig
+from tasks.generate import SamplingConfig
 from tasks.io import atomic_dir, atomic_path, write_json, write_parquet
+from tasks.llm.policy import Policy
+from tasks.online_rl import OnlineRLConfig
+from tasks.sft import SFTConfig
 from tasks.title_mapping import Catalogue, MappingConfig, format_titles, mapping_counts
 
 log = logging.getLogger(__name__)
 
-CACHED = {"persist_result": True, "cache_policy": INPUTS + TASK_SOURCE}
 K = 5
 
 # The paper's Table 1 (MovieLens-100K, Llama-3.2-1B-Instruct), in %.
@@ -89,27 +90,6 @@ ANSWER_SCHEMA = {
 # The smallest gap between two different NDCG@5 values (binary relevance, |truth| <= 5) is
 # 0.00603: a format bonus up to this keeps every NDCG@5 difference decisive and only breaks ties.
 MAX_FORMAT_BONUS = 0.005
-
-
-def _timed(start: float) -> float:
-    return round(time.perf_counter() - start, 3)
-
-
-def fingerprint(path: str | Path) -> str:
-    """Short sha256 of a file, or of an adapter folder's weights.
-
-    Downstream tasks take the fingerprints of their inputs as ``upstream``: paths stay the same
-    when a stage is redone (other parameters, new code), the fingerprints do not, so a cached
-    downstream result is never reused for a changed input.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "adapter_model.safetensors"
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- loading
@@ -239,6 +219,16 @@ def sft_examples(windows: pl.DataFrame) -> pl.DataFrame:
         .map_elements(lambda t: format_titles(list(t)), return_dtype=pl.Utf8)
         .alias("completion"),
     )
+
+
+@dataclass(frozen=True)
+class DirectPairing:
+    """How the second pipeline pairs its sampled answers (see :func:`preference_pairs`)."""
+
+    mode: Literal["all_pairs", "best_worst"] = "all_pairs"
+    min_margin: float = 0.0
+    max_pairs_per_prompt: int | None = None
+    format_bonus: float = 0.0
 
 
 def preference_pairs(
@@ -438,18 +428,31 @@ class RewardModelScore:
         return self.score([_as_text(p) for p in prompts], [_as_text(c) for c in completions])
 
 
+@dataclass(frozen=True)
+class RewardModelConfig:
+    """Reward-model training (TRL ``RewardTrainer``, LoRA on the LLM); lr 5e-5 is the paper's."""
+
+    lr: float = 5e-5
+    epochs: float = 1.0
+    batch_size: int = 1
+    max_steps: int = -1
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    max_length: int = 1024
+    seed: int = 0
+
+
 def train_reward_model(
     model: str,
     pairs: pl.DataFrame,
     out_dir: str | Path,
-    cfg: dict[str, Any] | None = None,
+    cfg: RewardModelConfig | None = None,
 ) -> dict[str, Any]:
     """Train a reward model on the preference pairs (TRL ``RewardTrainer``, LoRA on the LLM).
 
-    ``cfg`` keys (all optional): ``lr`` (5e-5, the paper), ``epochs`` (1), ``batch_size`` (1),
-    ``max_steps`` (-1), ``lora_r`` (8), ``lora_alpha`` (32), ``lora_dropout`` (0.1),
-    ``max_length`` (1024), ``seed`` (0). Writes ``adapter/`` and ``metrics.json`` under
-    ``out_dir``; returns ``{"adapter_dir", "metrics"}`` (pairwise training accuracy included).
+    Writes ``adapter/`` and ``metrics.json`` under ``out_dir``; returns ``{"adapter_dir",
+    "metrics"}`` (pairwise training accuracy included).
     """
     import torch
     from datasets import Dataset
@@ -460,24 +463,13 @@ def train_reward_model(
     from tasks.dpo import assistant_messages, require_columns, user_messages
     from tasks.prompts import load_tokenizer
 
-    c = {
-        "lr": 5e-5,
-        "epochs": 1.0,
-        "batch_size": 1,
-        "max_steps": -1,
-        "lora_r": 8,
-        "lora_alpha": 32,
-        "lora_dropout": 0.1,
-        "max_length": 1024,
-        "seed": 0,
-    }
-    c.update(cfg or {})
+    c = cfg or RewardModelConfig()
     require_columns(pairs, ("prompt", "chosen", "rejected"), "pairs")
     out_dir = Path(out_dir)
     tok = load_tokenizer(model)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    torch.manual_seed(int(c["seed"]))
+    torch.manual_seed(c.seed)
     base = AutoModelForSequenceClassification.from_pretrained(
         model, num_labels=1, dtype=torch.float32
     )
@@ -490,9 +482,9 @@ def train_reward_model(
         }
     )
     lora = LoraConfig(
-        r=int(c["lora_r"]),
-        lora_alpha=int(c["lora_alpha"]),
-        lora_dropout=float(c["lora_dropout"]),
+        r=c.lora_r,
+        lora_alpha=c.lora_alpha,
+        lora_dropout=c.lora_dropout,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
         task_type="SEQ_CLS",
     )
@@ -500,17 +492,17 @@ def train_reward_model(
     with atomic_dir(out_dir) as tmp:
         args = RewardConfig(
             output_dir=str(tmp / "trainer"),
-            per_device_train_batch_size=int(c["batch_size"]),
-            learning_rate=float(c["lr"]),
-            num_train_epochs=float(c["epochs"]),
-            max_steps=int(c["max_steps"]),
+            per_device_train_batch_size=c.batch_size,
+            learning_rate=c.lr,
+            num_train_epochs=c.epochs,
+            max_steps=c.max_steps,
             logging_steps=1,
             save_strategy="no",
             report_to="none",
-            seed=int(c["seed"]),
+            seed=c.seed,
             use_cpu=not torch.cuda.is_available(),
             bf16=False,
-            max_length=int(c["max_length"]),
+            max_length=c.max_length,
             dataloader_num_workers=0,
         )
         trainer = RewardTrainer(
@@ -538,19 +530,15 @@ def train_reward_model(
 
 
 def _generate(
-    windows: pl.DataFrame,
-    model: str,
-    sampling: dict,
-    backend: str,
-    adapter: str | None,
-    round_idx: int,
+    windows: pl.DataFrame, policy: Policy, cfg: SamplingConfig, backend: str, round_idx: int
 ) -> tuple[pl.DataFrame, dict]:
-    from tasks.generate import SamplingConfig, generate
+    from tasks.generate import generate
 
+    model, adapter = policy.serving()
     return generate(
         windows.select("window_id", "prompt"),
         model,
-        SamplingConfig(**sampling),
+        cfg,
         backend=backend,  # type: ignore[arg-type]
         adapter=adapter,
         round_idx=round_idx,
@@ -558,259 +546,202 @@ def _generate(
     )
 
 
-def _mapping(mapping: dict | None) -> MappingConfig:
-    return MappingConfig(**(mapping or {}))
+# --------------------------------------------------------------------------- stages
 
 
-# --------------------------------------------------------------------------- Prefect tasks
-
-
-@task(name="direct-data", **CACHED)
-def direct_data_task(
+@stage("direct-data")
+def direct_data(
     dataset: str,
-    data_dir: str | None,
-    out_dir: str,
-    window_cfg: dict,
-    zip_table: str | None = None,
-    run_uid: str = "",
-) -> dict:
-    """Load the data set, build the windows of one seed and write them under ``out_dir``."""
+    *,
+    data_dir: InputRef | None,
+    windows: WindowConfig,
+    zip_table: InputRef | None,
+    out: Path,
+) -> Artefact:
+    """Load the data set, build the windows of one seed and write them under ``out``."""
     from tasks.datasets import load_dataset
-    from tasks.direct_data import WindowConfig, prepare_direct
+    from tasks.direct_data import prepare_direct
 
-    t0 = time.perf_counter()
-    data = load_dataset(dataset, data_dir)
-    counts = prepare_direct(data, out_dir, WindowConfig(**window_cfg), zip_table)
-    fp = fingerprint(Path(out_dir) / "windows.parquet")
-    return {"path": out_dir, "fingerprint": fp, "counts": counts, "seconds": _timed(t0)}
+    data = load_dataset(dataset, data_dir.path if data_dir else None)
+    counts = prepare_direct(data, out, windows, zip_table.path if zip_table else None)
+    return Artefact(str(out), stats={"counts": counts})
 
 
-@task(name="direct-baselines", **CACHED)
-def baselines_task(
-    data_path: str,
-    out_dir: str,
-    cfg: dict,
-    max_eval_users: int | None,
-    upstream: str = "",
-    run_uid: str = "",
-) -> dict:
+@stage("direct-baselines")
+def baselines(
+    data: Artefact, *, cfg: BaselineConfig, max_eval_users: int | None, out: Path
+) -> Artefact:
     """Most-popular and item-kNN on the evaluated test windows."""
-    from tasks.direct_baselines import BaselineConfig, recommend
+    from tasks.direct_baselines import recommend
 
-    t0 = time.perf_counter()
-    windows, catalogue = load_direct(data_path)
-    ratings = pl.read_parquet(Path(data_path) / "ratings.parquet")
+    windows, catalogue = load_direct(data.path)
+    ratings = pl.read_parquet(Path(data.path) / "ratings.parquet")
     test = select(windows, "test", max_eval_users)
     train_users = windows.filter(pl.col("split") == "train")["user_id"].unique().to_list()
-    bcfg = BaselineConfig(**cfg)
-    recs = recommend(test, ratings, train_users, bcfg, catalogue.canonical_of)
-    write_parquet(recs, Path(out_dir) / "recommendations.parquet")
+    recs = recommend(test, ratings, train_users, cfg, catalogue.canonical_of)
+    write_parquet(recs, Path(out) / "recommendations.parquet")
     metrics = {
-        name: score_lists(recs[name].to_list(), test, catalogue, bcfg.k)
+        name: score_lists(recs[name].to_list(), test, catalogue, cfg.k)
         for name in ("popular", "item_knn")
     }
-    write_json(metrics, Path(out_dir) / "metrics.json")
-    return {"path": out_dir, "metrics": metrics, "seconds": _timed(t0)}
+    write_json(metrics, Path(out) / "metrics.json")
+    return Artefact(str(out), stats={"metrics": _plain(metrics)})
 
 
-@task(name="direct-evaluate", **CACHED)
-def evaluate_task(
-    data_path: str,
-    stage: str,
-    model: str,
-    adapter: str | None,
-    sampling: dict,
+@stage("direct-evaluate")
+def evaluate(
+    data: Artefact,
+    policy: Policy,
+    *,
+    name: str,
+    sampling: SamplingConfig,
     backend: str,
     max_eval_users: int | None,
-    mapping: dict,
-    out_dir: str,
-    upstream: str = "",
-    run_uid: str = "",
-) -> dict:
-    """Answer every evaluated test window with the stage's policy; map and score the answers."""
-    t0 = time.perf_counter()
-    windows, catalogue = load_direct(data_path)
+    mapping: MappingConfig,
+    out: Path,
+) -> Artefact:
+    """Answer every evaluated test window with ``policy``; map and score the answers.
+
+    ``out`` is the folder of ``answers.parquet`` (the artefact) and ``metrics.json``.
+    """
+    windows, catalogue = load_direct(data.path)
     test = select(windows, "test", max_eval_users)
-    samples, gen_stats = _generate(test, model, sampling, backend, adapter, 0)
-    scored, summary = score_answers(samples, test, catalogue, _mapping(mapping))
-    write_parquet(scored, Path(out_dir) / "answers.parquet")
-    write_json({"stage": stage, "metrics": summary, "generation": gen_stats},
-               Path(out_dir) / "metrics.json")  # fmt: skip
-    log.info("%s: ndcg@5 %.4f on %d test windows", stage, summary["ndcg@5"], test.height)
-    return {
-        "path": str(Path(out_dir) / "answers.parquet"),
-        "metrics": summary,
-        "generation": _plain(gen_stats),
-        "seconds": _timed(t0),
-    }
+    samples, gen_stats = _generate(test, policy, sampling, backend, 0)
+    scored, summary = score_answers(samples, test, catalogue, mapping)
+    answers, metrics = Path(out) / "answers.parquet", Path(out) / "metrics.json"
+    write_parquet(scored, answers)
+    write_json({"stage": name, "metrics": summary, "generation": gen_stats}, metrics)
+    log.info("%s: ndcg@5 %.4f on %d test windows", name, summary["ndcg@5"], test.height)
+    stats = {"metrics": _plain(summary), "generation": _plain(gen_stats)}
+    return Artefact(str(answers), stats=stats, extra=(str(metrics),))
 
 
-@task(name="direct-sft", **CACHED)
-def sft_task(
-    data_path: str,
-    model: str,
-    out_dir: str,
-    cfg: dict,
-    max_train_users: int | None,
-    upstream: str = "",
-    run_uid: str = "",
-) -> dict:
+@stage("direct-sft")
+def sft(
+    data: Artefact, base: InputRef, *, cfg: SFTConfig, max_train_users: int | None, out: Path
+) -> Artefact:
     """SFT of a LoRA adapter on (prompt, ground-truth titles) of the train windows."""
-    from tasks.sft import SFTConfig, train_sft
+    from tasks.sft import train_sft
 
-    t0 = time.perf_counter()
-    windows, _ = load_direct(data_path)
-    train = select(windows, "train", max_train_users)
-    examples = sft_examples(train)
-    write_parquet(examples, Path(out_dir).with_name("sft_examples.parquet"))
-    out = train_sft(model, examples, Path(out_dir), SFTConfig(**cfg))
-    return {
-        "adapter_dir": out["adapter_dir"],
-        "fingerprint": fingerprint(out["adapter_dir"]),
-        "merged_dir": out.get("merged_dir"),
-        "metrics": _plain({**out.get("metrics", {}), "n_examples": examples.height}),
-        "seconds": _timed(t0),
-    }
+    windows, _ = load_direct(data.path)
+    examples = sft_examples(select(windows, "train", max_train_users))
+    examples_path = Path(out).with_name("sft_examples.parquet")
+    write_parquet(examples, examples_path)
+    result = train_sft(base.path, examples, Path(out), cfg)
+    metrics = {**result.get("metrics", {}), "n_examples": examples.height}
+    return _trained(result, out, {"metrics": metrics}, extra=(str(examples_path),))
 
 
-@task(name="direct-preferences", **CACHED)
-def preferences_task(
-    data_path: str,
-    model: str,
-    adapter: str | None,
-    sampling: dict,
+@stage("direct-preferences")
+def preferences(
+    data: Artefact,
+    policy: Policy,
+    *,
+    sampling: SamplingConfig,
     backend: str,
     max_train_users: int | None,
-    mapping: dict,
-    pairing: str,
-    min_margin: float,
-    max_pairs_per_prompt: int | None,
-    out_dir: str,
-    format_bonus: float = 0.0,
-    upstream: str = "",
-    run_uid: str = "",
-) -> dict:
-    """``n`` answers per train prompt from the SFT policy, scored, turned into pairs."""
-    t0 = time.perf_counter()
-    windows, catalogue = load_direct(data_path)
+    mapping: MappingConfig,
+    pairing: DirectPairing,
+    out: Path,
+) -> Artefact:
+    """``n`` answers per train prompt from ``policy`` (SFT's), scored, turned into pairs.
+
+    The artefact is ``out/pairs.parquet``; ``samples.parquet`` and ``stats.json`` sit beside.
+    """
+    windows, catalogue = load_direct(data.path)
     train = select(windows, "train", max_train_users)
-    samples, gen_stats = _generate(train, model, sampling, backend, adapter, 1)
-    scored, summary = score_answers(samples, train, catalogue, _mapping(mapping), format_bonus)
-    pairs = preference_pairs(scored, train, pairing, min_margin, max_pairs_per_prompt)
-    out = Path(out_dir)
+    samples, gen_stats = _generate(train, policy, sampling, backend, 1)
+    scored, summary = score_answers(samples, train, catalogue, mapping, pairing.format_bonus)
+    pairs = preference_pairs(
+        scored, train, pairing.mode, pairing.min_margin, pairing.max_pairs_per_prompt
+    )
+    out = Path(out)
     write_parquet(scored, out / "samples.parquet")
     write_parquet(pairs, out / "pairs.parquet")
     stats = {**pair_stats(scored, pairs), "mapping": summary}
     write_json({"stats": stats, "generation": gen_stats}, out / "stats.json")
-    return {
-        "pairs_path": str(out / "pairs.parquet"),
-        "fingerprint": fingerprint(out / "pairs.parquet"),
-        "samples_path": str(out / "samples.parquet"),
-        "stats": _plain(stats),
-        "generation": _plain(gen_stats),
-        "seconds": _timed(t0),
-    }
+    return Artefact(
+        str(out / "pairs.parquet"),
+        stats={"stats": _plain(stats), "generation": _plain(gen_stats)},
+        extra=(str(out / "samples.parquet"), str(out / "stats.json")),
+    )
 
 
-@task(name="direct-dpo", **CACHED)
-def dpo_task(
-    model: str,
-    pairs_path: str,
-    out_dir: str,
-    cfg: dict,
-    init_adapter: str | None,
-    upstream: str = "",
-    run_uid: str = "",
-) -> dict:
-    """DPO on the preference pairs, continuing ``init_adapter`` (skipped with no pair)."""
-    from tasks.dpo import DPOConfig, train_dpo
+@stage("direct-dpo")
+def dpo(policy: Policy, pairs: Artefact, *, cfg: DPOConfig, out: Path) -> Artefact:
+    """DPO on the preference pairs, continuing ``policy``'s adapter (skipped with no pair)."""
+    from tasks.dpo import train_dpo
 
-    t0 = time.perf_counter()
-    pairs = pl.read_parquet(pairs_path)
-    if pairs.height == 0:
+    frame = pl.read_parquet(pairs.path)
+    if frame.height == 0:
         log.warning("DPO skipped: no preference pairs (every sampled answer scored the same)")
-        return {"adapter_dir": None, "skipped": "no preference pairs", "metrics": {},
-                "seconds": _timed(t0)}  # fmt: skip
-    out = train_dpo(model, pairs.select("prompt", "chosen", "rejected"), Path(out_dir),
-                    DPOConfig(**cfg), init_adapter=init_adapter)  # fmt: skip
-    return {
-        "adapter_dir": out["adapter_dir"],
-        "fingerprint": fingerprint(out["adapter_dir"]),
-        "skipped": None,
-        "metrics": _plain(out.get("metrics", {})),
-        "seconds": _timed(t0),
-    }
+        return Artefact(str(out), skipped="no preference pairs")
+    result = train_dpo(
+        policy.base.path,
+        frame.select("prompt", "chosen", "rejected"),
+        Path(out),
+        cfg,
+        init_adapter=policy.adapter,
+    )
+    return _trained(result, out, {"metrics": result.get("metrics", {})})
 
 
-@task(name="direct-reward-model", **CACHED)
-def reward_model_task(
-    model: str,
-    pairs_path: str,
-    out_dir: str,
-    cfg: dict,
-    upstream: str = "",
-    run_uid: str = "",
-) -> dict:
+@stage("direct-reward-model")
+def reward_model(base: InputRef, pairs: Artefact, *, cfg: RewardModelConfig, out: Path) -> Artefact:
     """Train the RLHF reward model on the preference pairs (skipped with no pair)."""
-    t0 = time.perf_counter()
-    pairs = pl.read_parquet(pairs_path)
-    if pairs.height == 0:
+    frame = pl.read_parquet(pairs.path)
+    if frame.height == 0:
         log.warning("reward model skipped: no preference pairs")
-        return {"adapter_dir": None, "skipped": "no preference pairs", "metrics": {},
-                "seconds": _timed(t0)}  # fmt: skip
-    out = train_reward_model(model, pairs, out_dir, cfg)
-    return {
-        **out,
-        "fingerprint": fingerprint(out["adapter_dir"]),
-        "metrics": _plain(out["metrics"]),
-        "skipped": None,
-        "seconds": _timed(t0),
-    }
+        return Artefact(str(out), skipped="no preference pairs")
+    result = train_reward_model(base.path, frame, out, cfg)
+    return _trained(result, out, {"metrics": result["metrics"]})
 
 
-@task(name="direct-online-rl", **CACHED)
-def online_rl_task(
-    data_path: str,
-    model: str,
-    out_dir: str,
-    cfg: dict,
-    init_adapter: str | None,
+@stage("direct-online-rl")
+def online_rl(
+    data: Artefact,
+    policy: Policy,
+    *,
+    cfg: OnlineRLConfig,
     max_train_users: int | None,
-    mapping: dict,
-    reward_model_dir: str | None = None,
-    format_bonus: float = 0.0,
-    upstream: str = "",
-    run_uid: str = "",
-) -> dict:
-    """Online RL (TRL GRPO/RLOO + LoRA) from ``init_adapter`` on the train prompts.
+    mapping: MappingConfig,
+    reward_model: Artefact | None,
+    format_bonus: float,
+    out: Path,
+) -> Artefact:
+    """Online RL (TRL GRPO/RLOO + LoRA) from ``policy``'s adapter on the train prompts.
 
-    The reward is NDCG@5 of the mapped answer, or, with ``reward_model_dir``, the score of the
+    The reward is NDCG@5 of the mapped answer, or, with ``reward_model``, the score of the
     reward model trained on the preference pairs (the paper's RLHF).
     """
-    from tasks.online_rl import OnlineRLConfig, train_online_rl
+    from tasks.online_rl import train_online_rl
 
-    t0 = time.perf_counter()
-    windows, catalogue = load_direct(data_path)
+    windows, catalogue = load_direct(data.path)
     train = select(windows, "train", max_train_users)
     prompts = train.select("prompt", "ground_truth_item_ids", "context_item_ids")
     reward: Callable[..., list[float]]
-    if reward_model_dir:
-        reward = RewardModelScore(model, reward_model_dir)
+    if reward_model is not None:
+        reward = RewardModelScore(policy.base.path, reward_model.path)
     else:
-        reward = NDCGReward(catalogue, _mapping(mapping), format_bonus)
-    rl_cfg = OnlineRLConfig(**cfg)
-    if rl_cfg.batch_size > prompts.height:
+        reward = NDCGReward(catalogue, mapping, format_bonus)
+    if cfg.batch_size > prompts.height:
         # A step takes batch_size prompts: fewer prompts than that would give no step at all.
         log.warning("online RL: %d prompts < batch_size %d; using batch_size %d",
-                    prompts.height, rl_cfg.batch_size, prompts.height)  # fmt: skip
-        rl_cfg = replace(rl_cfg, batch_size=prompts.height)
-    out = train_online_rl(model, prompts, reward, Path(out_dir), rl_cfg, init_adapter=init_adapter)
-    return {
-        "adapter_dir": out["adapter_dir"],
-        "fingerprint": fingerprint(out["adapter_dir"]),
-        "metrics": _plain(out.get("metrics", {})),
-        "seconds": _timed(t0),
-    }
+                    prompts.height, cfg.batch_size, prompts.height)  # fmt: skip
+        cfg = replace(cfg, batch_size=prompts.height)
+    result = train_online_rl(
+        policy.base.path, prompts, reward, Path(out), cfg, init_adapter=policy.adapter
+    )
+    return _trained(result, out, {"metrics": result.get("metrics", {})})
+
+
+def _trained(
+    result: dict[str, Any], out: str | Path, stats: dict[str, Any], extra: tuple[str, ...] = ()
+) -> Artefact:
+    """The artefact of a LoRA trainer's ``out``: its ``adapter/`` (path) and ``metrics.json``."""
+    out = Path(out)
+    files = (str(out / "metrics.json"),) if (out / "metrics.json").exists() else ()
+    return Artefact(str(out / "adapter"), stats=_plain(stats), extra=(*files, *extra))
 
 
 def _plain(obj: Any) -> Any:
@@ -947,12 +878,12 @@ def example_rows(stage_paths: dict[str, str], windows: pl.DataFrame) -> list[tup
         return []
     wid = first["window_id"][0]
     out: list[tuple[str, list]] = [("ground truth", first["ground_truth_titles"][0].to_list())]
-    for stage, path in stage_paths.items():
+    for name, path in stage_paths.items():
         if not path or not Path(path).is_file():
             continue
         ans = pl.read_parquet(path).filter(pl.col("window_id") == wid)
         if ans.height:
             ids, matched = ans["item_ids"][0].to_list(), ans["matched"][0].to_list()
             shown = [m if i is not None else None for i, m in zip(ids, matched, strict=True)]
-            out.append((stage, shown))
+            out.append((name, shown))
     return out

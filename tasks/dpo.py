@@ -40,6 +40,7 @@ from tasks.memory import releases_memory
 log = logging.getLogger(__name__)
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,18 @@ class DPOConfig(LoraTrainConfig):
         """The fast CPU default (same as ``DPOConfig()``)."""
         return replace(cls(), **overrides)
 
+    @classmethod
+    def you_et_al(cls, **overrides: Any) -> DPOConfig:
+        """You et al.'s DPO: batch 1, 2 epochs, lr 5e-5, LoRA r 16 / alpha 16 on every linear
+        layer."""
+        base = cls(batch_size=1, epochs=2.0, lr=5e-5, lora_r=16, lora_alpha=16)
+        return replace(base, lora_dropout=0.05, lora_target_modules=ALL_LINEAR, **overrides)
+
+    @classmethod
+    def direct_cpu(cls, **overrides: Any) -> DPOConfig:
+        """A few CPU steps for the second pipeline (shorter answers than RLRF4Rec's)."""
+        return replace(cls(lr=5e-4, batch_size=2, epochs=1.0, max_length=512), **overrides)
+
 
 # --------------------------------------------------------------------------- shared helpers
 
@@ -184,17 +197,17 @@ def load_policy(
 ) -> tuple[Any, Any, Any]:
     """The model to train, its LoRA config (None when ``init_adapter`` is loaded) and tokenizer.
 
-    fp32 on CPU, bf16 on GPU. With ``init_adapter`` the adapter is loaded trainable (training
-    continues from it); otherwise a fresh LoRA is created by the trainer from the config.
+    fp32 on CPU, bf16 on GPU (:func:`tasks.hardware.train_dtype`). With ``init_adapter`` the
+    adapter is loaded trainable (training continues from it); otherwise a fresh LoRA is created
+    by the trainer from the config.
     """
-    import torch
     from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM
 
+    from tasks.hardware import train_dtype
     from tasks.prompts import load_tokenizer
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    base = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=train_dtype(device))
     tokenizer = load_tokenizer(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -475,6 +488,7 @@ def completion_logps(
 
 
 __all__ = [
+    "ALL_LINEAR",
     "DEFAULT_TARGET_MODULES",
     "DPOConfig",
     "LoraTrainConfig",

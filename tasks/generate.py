@@ -56,6 +56,7 @@ from typing import Any, Literal
 
 import polars as pl
 
+from tasks.hardware import cpu_dtype, torch_dtype
 from tasks.io import write_json, write_parquet
 from tasks.prompts import chat_prompt, load_tokenizer
 from tasks.vllm_worker import REPLY_PREFIX
@@ -190,33 +191,46 @@ def _check_adapter(adapter: str | Path) -> Path:
     return path
 
 
+def _merge_dtype(model: str) -> Any:
+    """The dtype a merged checkpoint is saved in: the base's on a GPU host, else the CPU's."""
+    import torch
+    from transformers import AutoConfig
+
+    if not available_gpus():
+        return torch_dtype("cpu")
+    config = AutoConfig.from_pretrained(model)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 def _merge_info(model: str, adapter: Path) -> dict[str, str]:
-    # The adapter's weights identify it (its folder may be renamed into place after merging).
+    # The adapter's weights identify it (its folder may be renamed into place after merging);
+    # the dtype, because a run folder may move to a machine that chooses another one.
     weights = adapter / "adapter_model.safetensors"
     digest = _file_sha256(weights) if weights.is_file() else ""
-    return {"base": str(model), "adapter_sha256": digest}
+    dtype = str(_merge_dtype(model)).removeprefix("torch.")
+    return {"base": str(model), "adapter_sha256": digest, "dtype": dtype}
 
 
 def merge_lora(model: str, adapter: str | Path, out_dir: str | Path) -> str:
     """Merge the PEFT LoRA ``adapter`` into ``model`` and save a plain checkpoint at ``out_dir``.
 
-    The merge is done in fp32 and saved in the base model's dtype, with the tokenizer and a
-    ``merge_info.json`` (base model, sha256 of the adapter weights). Written to a temporary
-    folder and renamed into place; when another process finished the same folder first, its
-    copy is kept.
+    The merge is done in fp32 and saved, on a GPU host, in the base model's dtype; on a CPU host
+    in the CPU's dtype (:func:`tasks.hardware.cpu_dtype`: fp32 without native bf16), with the
+    tokenizer and a ``merge_info.json`` (base model, sha256 of the adapter weights, dtype).
+    Written to a temporary folder and renamed into place; when another process finished the same
+    folder first, its copy is kept.
     """
     import shutil
 
     import torch
     from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     adapter = _check_adapter(adapter)
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
-    config = AutoConfig.from_pretrained(model)
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = _merge_dtype(model)
     base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     merged = merged.to(dtype)
@@ -279,16 +293,20 @@ def _engine_args(
     enforce_eager: bool | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.LLM``. On CPU ``dtype="auto"`` becomes the CPU's dtype
+    (:func:`tasks.hardware.cpu_dtype`), not the checkpoint's, and the KV cache is sized to it."""
+    if not gpu_visible and dtype == "auto":
+        dtype = cpu_dtype().name
     args: dict[str, Any] = {
         "model": model,
         "seed": seed,
         "dtype": dtype,
-        # On CPU this is the share of RAM vLLM may reserve (DESIGN.md: about 0.25 leaves room).
+        # On CPU this is the share of RAM vLLM may reserve (about 0.25 leaves room; docs/design.md).
         "gpu_memory_utilization": gpu_memory_utilization or (0.85 if gpu_visible else 0.25),
         "enforce_eager": (not gpu_visible) if enforce_eager is None else enforce_eager,
     }
     if not gpu_visible and gpu_memory_utilization is None:
-        args["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(model, max_model_len)
+        args["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(model, max_model_len, dtype)
     if max_model_len:
         args["max_model_len"] = int(max_model_len)
     if enable_lora:
@@ -302,25 +320,33 @@ CPU_KV_SEQUENCES = 64
 CPU_KV_MIN_BYTES = 2**30
 
 
-def cpu_kv_cache_bytes(model: str, max_model_len: int | None) -> int:
+def cpu_kv_cache_bytes(model: str, max_model_len: int | None, dtype: str | None = None) -> int:
     """KV cache size for a CPU engine: room for :data:`CPU_KV_SEQUENCES` sequences of
     ``max_model_len`` tokens, at least 1 GiB, at most a quarter of RAM.
+
+    The cache holds K and V in the engine's ``dtype`` (a torch dtype name; default the CPU's,
+    :func:`tasks.hardware.cpu_dtype`): 2 bytes an element in bf16, 4 in fp32.
 
     vLLM's CPU default (a quarter of RAM whatever the model) reserved 6 GiB on a 24 GiB host
     for SmolLM2-135M, whose quick-profile rounds need a few hundred MiB; sized to the work, the
     engine's resident memory follows the model. ``VLLM_CPU_KVCACHE_SPACE`` (GiB) still wins.
     """
+    import torch
     from transformers import AutoConfig
 
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    name = dtype or cpu_dtype().name
+    if not isinstance(getattr(torch, name, None), torch.dtype):
+        raise ValueError(f"dtype={name!r}: not a torch dtype name")
+    element = getattr(torch, name).itemsize
     try:
         c = AutoConfig.from_pretrained(model)
         c = getattr(c, "text_config", None) or c
         heads = int(c.num_attention_heads)
         kv_heads = int(getattr(c, "num_key_value_heads", None) or heads)
         head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // heads)
-        # K and V, every layer, 2 bytes (the CPU engine keeps the cache in bf16/fp16)
-        per_token = 2 * int(c.num_hidden_layers) * kv_heads * head_dim * 2
+        # K and V, every layer, in the model's dtype (the CPU engine's cache dtype is "auto")
+        per_token = 2 * int(c.num_hidden_layers) * kv_heads * head_dim * element
         length = max_model_len or int(getattr(c, "max_position_embeddings", 4096) or 4096)
         want = per_token * length * CPU_KV_SEQUENCES
     except (OSError, ValueError, AttributeError, TypeError):
@@ -359,7 +385,8 @@ class VLLMEngine:
         max_model_len: prompt + answer token limit of the engine (default: the model's, at
             most 4096).
         seed: the engine's seed (each call reseeds its sampler with ``cfg.seed`` anyway).
-        dtype, gpu_memory_utilization, enforce_eager: passed to ``vllm.LLM``.
+        dtype, gpu_memory_utilization, enforce_eager: passed to ``vllm.LLM`` (on CPU
+            ``dtype="auto"`` is :func:`tasks.hardware.cpu_dtype`).
     """
 
     def __init__(
@@ -567,23 +594,17 @@ def _seed_for_batch(seed: int, batch: int) -> int:
     return int(np.random.SeedSequence([seed, batch]).generate_state(1)[0])
 
 
-def _hf_dtype(model: str, device: Any, dtype: str) -> Any:
-    """``auto``: bf16 on GPU; on CPU the checkpoint's bf16 where the CPU has bf16 instructions
-    (AVX512-BF16 / AMX: about 2-3x faster than fp32 here), else fp32."""
+def _hf_dtype(device: Any, dtype: str) -> Any:
+    """A torch dtype name as asked; ``auto``: :func:`tasks.hardware.torch_dtype` (bf16 on GPU;
+    on CPU bf16 only with native bf16 instructions, AVX512-BF16 / AMX, else fp32), the same
+    dtype the vLLM backend runs in."""
     import torch
 
     if dtype != "auto":
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"dtype={dtype!r}: not a torch dtype name")
         return getattr(torch, dtype)
-    if device.type == "cuda":
-        return torch.bfloat16
-    from transformers import AutoConfig
-
-    saved = getattr(AutoConfig.from_pretrained(model), "dtype", None)
-    fast_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    bf16 = saved in (torch.bfloat16, "bfloat16") and fast_bf16
-    return torch.bfloat16 if bf16 else torch.float32
+    return torch_dtype(device)
 
 
 def _run_transformers(
@@ -605,9 +626,9 @@ def _run_transformers(
         device = torch.device(f"cuda:{gpu}")
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = _hf_dtype(model, device, dtype)
+    run_dtype = _hf_dtype(device, dtype)
     t0 = time.perf_counter()
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=run_dtype)
     if adapter:
         from peft import PeftModel
 
@@ -682,7 +703,7 @@ def _run_transformers(
         "prompt_tokens": int(sum(len(p) for p in prompt_ids)),
         "engine_start_seconds": load_seconds,
         "device": str(device),
-        "dtype": str(torch_dtype).removeprefix("torch."),
+        "dtype": str(run_dtype).removeprefix("torch."),
         "batch_size": batch_size,
     }
     del lm
@@ -749,8 +770,9 @@ def generate(
         engine: a running :class:`VLLMEngine` to use instead of a fresh worker.
         system: an optional system message for the chat template.
         batch_size: prompts per ``generate`` batch (transformers backend).
-        dtype: model dtype (``auto``: vLLM takes the checkpoint's; transformers bf16 on GPU,
-            and on CPU the checkpoint's bf16 where the CPU has bf16 instructions, else fp32).
+        dtype: model dtype (``auto``: bf16 on GPU, where vLLM takes the checkpoint's; on CPU
+            :func:`tasks.hardware.cpu_dtype`, bf16 only with native bf16 instructions, else
+            fp32, on both backends).
         max_model_len, gpu_memory_utilization: vLLM engine settings (one-shot worker).
 
     Returns:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,6 +95,17 @@ class OnlineRLConfig(LoraTrainConfig):
             )
         if self.beta < 0:
             raise ValueError(f"OnlineRLConfig.beta must be >= 0, got {self.beta}")
+
+    @classmethod
+    def you_et_al(cls, **overrides: Any) -> OnlineRLConfig:
+        """Online RL at the scale of You et al.'s PPO: lr 1e-5, batch 4, LoRA r 8 / alpha 32."""
+        base = cls(lr=1e-5, batch_size=4, grad_accum=1, lora_r=8, lora_alpha=32)
+        return replace(base, lora_dropout=0.1, **overrides)
+
+    @classmethod
+    def direct_cpu(cls, **overrides: Any) -> OnlineRLConfig:
+        """A few CPU steps for the second pipeline."""
+        return replace(cls(lr=1e-4, batch_size=2), **overrides)
 
 
 def _text(value: Any) -> str:

@@ -39,6 +39,15 @@ PAIR_SCHEMA = {
 
 
 @dataclass(frozen=True)
+class PairingConfig:
+    """How pairs are built: the strategy, the smallest margin kept, the reward column."""
+
+    strategy: Strategy = "best_worst"
+    min_margin: float = 0.0
+    reward_col: str = "ndcg_at_5"
+
+
+@dataclass(frozen=True)
 class PairStats:
     """What pairing kept and dropped."""
 

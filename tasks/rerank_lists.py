@@ -1,6 +1,6 @@
 """The KAR reranking task: prompt histories, lists of 10, labels and the user split.
 
-Rules (../shared/DESIGN.md, "The reranking task"):
+Rules (docs/design.md, "The reranking task"):
 
 - each user's ratings in time order (ties keep file order);
 - the earliest ``min((n + 1) // 2, 30)`` ratings are the history the LLM sees; they never

@@ -19,6 +19,7 @@ from typing import Any
 import polars as pl
 
 from tasks.dpo import (
+    ALL_LINEAR,
     LoraTrainConfig,
     assistant_messages,
     load_policy,
@@ -51,6 +52,19 @@ class SFTConfig(LoraTrainConfig):
     def paper(cls, **overrides: Any) -> SFTConfig:
         """Settings of the same scale as the DPO paper run: batch 2 x 8, lr 5e-5, 3 epochs."""
         return replace(cls(batch_size=2, grad_accum=8, lr=5e-5, epochs=3.0), **overrides)
+
+    @classmethod
+    def you_et_al(cls, **overrides: Any) -> SFTConfig:
+        """You et al.'s SFT: lr 5e-5, batch 8, 3 epochs, LoRA r 256 / alpha 128 on every
+        linear layer."""
+        base = cls(lr=5e-5, batch_size=8, epochs=3.0, lora_r=256, lora_alpha=128)
+        return replace(base, lora_dropout=0.05, lora_target_modules=ALL_LINEAR, **overrides)
+
+    @classmethod
+    def direct_cpu(cls, **overrides: Any) -> SFTConfig:
+        """A few CPU steps for the second pipeline: a large LoRA learning rate so that they
+        move the policy."""
+        return replace(cls(lr=1e-3, batch_size=4, epochs=1.0, max_length=512), **overrides)
 
 
 def sft_dataset(examples: pl.DataFrame) -> Any:

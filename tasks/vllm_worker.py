@@ -9,7 +9,7 @@ The engine runs inside this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and th
 executor, unless the environment says otherwise): the torch RNG it samples from is then this
 process's, so each job reseeds it and the same seed and inputs give the same texts, whether the
 engine is fresh or has served other jobs. (A per-request ``seed`` in ``SamplingParams`` crashes
-the CPU worker, see DESIGN.md.)
+the CPU worker, see docs/design.md.)
 
 ``python -m tasks.vllm_worker --engine ENGINE.json``: jobs as JSON lines on stdin, one reply
 line per job on stdout (prefixed with :data:`REPLY_PREFIX`; everything else on stdout is

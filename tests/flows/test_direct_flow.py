@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 import tasks.direct_stages as stages
 from flows.common import RunLockedError, parse_params, run_lock
-from flows.direct import DESCRIPTION, DirectParams, main
+from flows.direct import DESCRIPTION, DirectParams, StageConfigs, main
 from tasks.direct_stages import (
     NDCGReward,
     preference_pairs,
@@ -147,21 +147,6 @@ def test_report_layout():
     assert "| Most popular | 5.000" in text and "n/a" in text
 
 
-def test_fingerprints_change_with_content(tmp_path):
-    from flows.direct import _fp
-
-    a = tmp_path / "a.parquet"
-    a.write_bytes(b"one")
-    first = stages.fingerprint(a)
-    a.write_bytes(b"two")
-    assert stages.fingerprint(a) != first and len(first) == 16
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_model.safetensors").write_bytes(b"w")
-    assert stages.fingerprint(adapter) == stages.fingerprint(adapter / "adapter_model.safetensors")
-    assert _fp({"fingerprint": "x"}, None, {"fingerprint": "y"}) == "x:y"
-
-
 # --------------------------------------------------------------------------- parameters
 
 
@@ -203,7 +188,9 @@ def test_profiles_fill_unset_parameters():
     paper = DirectParams(profile="paper", max_eval_users=10).resolved()
     assert paper.seeds == [0, 1, 2] and paper.max_eval_users == 10
     assert paper.stages == ["sft", "dpo", "rl", "rlhf"]
-    assert paper.sft_cfg(0)["lora_r"] == 256 and paper.dpo_cfg(0)["ref"] == "previous"
+    cfg = StageConfigs.of(paper, seed=0)
+    assert cfg.sft.lora_r == 256 and cfg.dpo.ref == "previous" and cfg.dpo.epochs == 2.0
+    assert StageConfigs.of(quick, seed=3).dpo.max_steps == 4
     with pytest.raises(ValidationError, match="stage"):
         DirectParams(stages=["sft", "sft"])
 
@@ -305,7 +292,8 @@ def test_reward_model_on_tiny_llm(tiny_llm_path, tmp_path):
             "rejected": ["I cannot.", "no"],
         }
     )
-    out = stages.train_reward_model(tiny_llm_path, pairs, tmp_path / "rm", {"max_steps": 1})
+    cfg = stages.RewardModelConfig(max_steps=1)
+    out = stages.train_reward_model(tiny_llm_path, pairs, tmp_path / "rm", cfg)
     assert out["metrics"]["steps"] == 1 and (tmp_path / "rm" / "adapter").is_dir()
     score = stages.RewardModelScore(tiny_llm_path, out["adapter_dir"])
     values = score(["p", "p", "p"], ["['Jaws']", [{"role": "assistant", "content": "x"}], ""], {})

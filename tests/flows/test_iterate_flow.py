@@ -179,12 +179,27 @@ def test_flow_runs_on_local_ray(tmp_path: Path, tiny_llm_path: str, prefect_harn
 
 
 def test_dpo_settings_reach_the_trainer_config() -> None:
-    from flows.iterate import IterateParams, _dpo_cfg
-    from tasks.dpo import DPOConfig
+    from flows.iterate import IterateParams, LoopConfig
 
-    quick = IterateParams().resolved()
-    cfg = DPOConfig(**_dpo_cfg(quick, 2))
+    quick = LoopConfig.of(IterateParams().resolved())
+    cfg = quick.dpo_for(2)
     assert cfg.max_steps == 2 and cfg.gradient_checkpointing is None and cfg.seed == 44
     on = IterateParams(dpo_gradient_checkpointing=True, dpo_settings="paper").resolved()
-    cfg = DPOConfig(**_dpo_cfg(on, 1))
+    cfg = LoopConfig.of(on).dpo_for(1)
     assert cfg.gradient_checkpointing is True and cfg.grad_accum == 8
+
+
+def test_configs_are_built_at_parse_time(capsys, monkeypatch, tmp_path) -> None:
+    """A preset value that only a stage's config rejects fails when the parameters are
+    parsed, before any work."""
+    import flows.iterate as module
+    from flows.iterate import IterateParams, main
+
+    bad = {**IterateParams.PROFILES["quick"], "max_new_tokens": 0}
+    monkeypatch.setitem(IterateParams.PROFILES, "quick", bad)
+    monkeypatch.setattr(module, "iterate", lambda **_: pytest.fail("the run was started"))
+    with pytest.raises(SystemExit) as exc:
+        main(["--runs-dir", str(tmp_path / "runs")])
+    assert exc.value.code == 2
+    assert "SamplingConfig.max_new_tokens" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -89,15 +89,15 @@ def test_available_gpus_is_a_list_of_indices() -> None:
 
 def test_cpu_kv_cache_follows_the_model(default_policy_path: str, tiny_llm_path: str) -> None:
     # SmolLM2-135M: 30 layers x 3 KV heads x 64 dims, K and V, 2 bytes each = 23,040 B/token
-    smol = cpu_kv_cache_bytes(default_policy_path, 1024)
+    smol = cpu_kv_cache_bytes(default_policy_path, 1024, dtype="bfloat16")
     assert smol == 2 * 30 * 3 * 64 * 2 * 1024 * CPU_KV_SEQUENCES
-    assert cpu_kv_cache_bytes(default_policy_path, 2048) == 2 * smol
+    assert cpu_kv_cache_bytes(default_policy_path, 2048, dtype="bfloat16") == 2 * smol
     # a tiny model gets the floor, a huge length the ceiling (a quarter of RAM)
     assert cpu_kv_cache_bytes(tiny_llm_path, 2048) == CPU_KV_MIN_BYTES
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     assert cpu_kv_cache_bytes(default_policy_path, 10**7) == ram // 4
     cpu = _engine_args(default_policy_path, 0, gpu_visible=False, max_model_len=1024)
-    assert cpu["kv_cache_memory_bytes"] == smol
+    assert cpu["kv_cache_memory_bytes"] == cpu_kv_cache_bytes(default_policy_path, 1024)
     # an explicit fraction, or a GPU, leaves the sizing to vLLM
     assert "kv_cache_memory_bytes" not in _engine_args(
         default_policy_path, 0, False, 1024, gpu_memory_utilization=0.3

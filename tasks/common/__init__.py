@@ -1,0 +1,1 @@
+"""Shared plumbing: atomic writes, hashing, the stage mechanism, the run lock, memory release."""

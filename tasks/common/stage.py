@@ -1,0 +1,350 @@
+"""The one stage mechanism of both flows: time a stage, persist its result, serve it again only
+when nothing it depends on changed.
+
+A stage is a function with an ``out`` parameter (the file or folder it writes) that returns an
+:class:`Artefact`. :func:`stage` turns it into a Prefect task that keys the stage on
+
+- its parameters (configs, numbers, paths, as JSON),
+- the fingerprints of the upstream :class:`Artefact` values and :class:`InputRef` stamps it
+  takes (wherever they sit in its arguments, dataclasses included),
+- the code version of the logic it calls (:func:`code_version`: the stage function, the helpers
+  of its own module it uses, and every project module those reach by import),
+
+and writes a manifest beside ``out`` (``.<name>.stage.json``: the key, the result, the size and
+mtime of every output file, their content hash). Called again, the stage is served from the
+manifest when the key is the same and its outputs are still there with the same content;
+otherwise it runs again. An output's fingerprint is ``sha256(key, content)``, so a stage that
+ran again with another key, or whose outputs came out different, changes the keys of every
+stage downstream of it, and only of those.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import hashlib
+import importlib.util
+import inspect
+import json
+import logging
+import textwrap
+import time
+import types
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+from tasks.common.hashing import text_sha256, tree_sha256, tree_stamp
+from tasks.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+PROJECT_PACKAGES = ("tasks", "models")
+"""Packages whose modules enter a stage's code version."""
+MANIFEST_VERSION = 1
+
+P = ParamSpec("P")
+A = TypeVar("A", bound="Artefact")
+
+
+# --------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True)
+class Artefact:
+    """What a stage wrote: ``path`` (file or folder) and its ``extra`` outputs.
+
+    Attributes:
+        path: the stage's ``out``.
+        stats: small numbers and names worth reporting (counts, losses, token rates).
+        extra: further files or folders the stage wrote (fingerprinted with ``path``).
+        skipped: why nothing was computed (e.g. no preference pairs); ``None`` when it ran.
+        fingerprint: ``sha256(stage key, content of the outputs)``, set by the mechanism.
+        seconds: wall time of the run that made it (also when served from the manifest).
+        cached: whether this call was served from the manifest (not persisted).
+    """
+
+    path: str
+    stats: dict[str, Any] = field(default_factory=dict)
+    extra: tuple[str, ...] = ()
+    skipped: str | None = None
+    fingerprint: str = ""
+    seconds: float = 0.0
+    cached: bool = False
+
+    def outputs(self) -> list[str]:
+        return [self.path, *self.extra]
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("cached")
+        out["extra"] = list(self.extra)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Artefact:
+        return cls(**{**data, "extra": tuple(data.get("extra", ()))})
+
+
+@dataclass(frozen=True)
+class InputRef:
+    """A file or folder the flow reads but no stage wrote (a model, a data folder, a table).
+
+    ``stamp`` hashes the relative names, sizes and mtimes of its files (or the name alone for a
+    hub id that is not a local path), so a stage keyed on it runs again when it is replaced.
+    """
+
+    path: str
+    stamp: str
+
+    @classmethod
+    def of(cls, path: str | Path) -> InputRef:
+        p = Path(path).expanduser()
+        if not p.exists():
+            return cls(str(path), text_sha256(f"name:{path}")[:16])
+        stamp = json.dumps(tree_stamp(p), sort_keys=True)
+        return cls(str(p.resolve()), text_sha256(stamp)[:16])
+
+
+# --------------------------------------------------------------------------- code version
+
+
+def _module_source(name: str) -> str:
+    """The source text of project module ``name`` ('' when it has no file)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return ""
+    return Path(spec.origin).read_text()
+
+
+def _is_project(name: str | None) -> bool:
+    return bool(name) and name.split(".")[0] in PROJECT_PACKAGES  # type: ignore[union-attr]
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ModuleNotFoundError, ValueError):
+        return False
+
+
+def _imported_modules(tree: ast.AST) -> set[str]:
+    """Project modules named by the import statements anywhere in ``tree``."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if _is_project(a.name))
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and _is_project(node.module):
+            base = node.module or ""
+            for a in node.names:
+                sub = f"{base}.{a.name}"
+                found.add(sub if _is_module(sub) else base)
+    return found
+
+
+@functools.cache
+def _module_closure(name: str) -> frozenset[str]:
+    """``name`` and every project module it reaches by import (at any depth)."""
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        seen.add(mod)
+        source = _module_source(mod)
+        if source:
+            todo.extend(_imported_modules(ast.parse(source)) - seen)
+    return frozenset(seen)
+
+
+def _function_parts(fn: Callable[..., Any]) -> tuple[list[str], set[str]]:
+    """Sources of ``fn`` and the helpers of its own module it uses (recursively), and the
+    other project modules they reach."""
+    fn = inspect.unwrap(fn)
+    home = fn.__module__
+    sources: list[str] = []
+    modules: set[str] = set()
+    seen: set[int] = set()
+    todo: list[Any] = [fn]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        try:
+            source = textwrap.dedent(inspect.getsource(obj))
+        except (OSError, TypeError):
+            continue
+        sources.append(source)
+        tree = ast.parse(source)
+        modules |= _imported_modules(tree)
+        names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        for ref in (vars(inspect.getmodule(obj)).get(n) for n in names):
+            if isinstance(ref, types.ModuleType) and _is_project(ref.__name__):
+                modules.add(ref.__name__)
+            elif getattr(ref, "__module__", None) == home and (
+                inspect.isfunction(ref) or inspect.isclass(ref)
+            ):
+                todo.append(ref)
+            elif _is_project(getattr(ref, "__module__", None)):
+                modules.add(ref.__module__)
+    return sources, modules
+
+
+def code_version(fn: Callable[..., Any]) -> str:
+    """sha256 (16 hex) of the code a stage runs: ``fn``'s source, the helpers of its own
+    module that it uses, and the whole source of every project module they reach by import.
+
+    An edit of the pairing logic under a thin stage therefore changes the stage's key, and an
+    edit of an unrelated module does not.
+    """
+    sources, modules = _function_parts(fn)
+    closure: set[str] = set()
+    for mod in modules:
+        closure |= _module_closure(mod)
+    h = hashlib.sha256()
+    for source in sources:
+        h.update(source.encode())
+    for mod in sorted(closure):
+        h.update(mod.encode() + b"\0" + _module_source(mod).encode())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def key_value(obj: Any) -> Any:
+    """The JSON value of a stage argument in its key: an :class:`Artefact` by its
+    fingerprint, a dataclass by its fields, paths as text."""
+    if isinstance(obj, Artefact):
+        return {"artefact": obj.fingerprint}
+    if isinstance(obj, InputRef):
+        return {"input": obj.path, "stamp": obj.stamp}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: key_value(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): key_value(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, list | tuple | set | frozenset):
+        items = [key_value(v) for v in obj]
+        return sorted(items, key=json.dumps) if isinstance(obj, set | frozenset) else items
+    if isinstance(obj, Path):
+        return str(obj)
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"stage argument of type {type(obj).__name__} cannot enter a cache key")
+
+
+def stage_key(name: str, fn: Callable[..., Any], arguments: dict[str, Any]) -> str:
+    """sha256 of the stage's name, arguments (:func:`key_value`) and code version."""
+    body = {
+        "stage": name,
+        "version": MANIFEST_VERSION,
+        "code": code_version(fn),
+        "arguments": {k: key_value(v) for k, v in arguments.items()},
+    }
+    return text_sha256(json.dumps(body, sort_keys=True))
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def manifest_path(out: str | Path) -> Path:
+    """Where the manifest of the stage writing ``out`` lives: ``<parent>/.<name>.stage.json``."""
+    out = Path(out)
+    return out.parent / f".{out.name}.stage.json"
+
+
+def _content(paths: Iterable[str]) -> str:
+    return text_sha256("\n".join(f"{p}:{tree_sha256(p)}" for p in paths))
+
+
+def _stamps(paths: Iterable[str]) -> dict[str, dict[str, list[int]]]:
+    return {p: tree_stamp(p) for p in paths}
+
+
+def cached_result(out: str | Path, key: str) -> Artefact | None:
+    """The manifest's result for ``key`` when the outputs it lists are unchanged, else None.
+
+    Sizes and mtimes are compared first; when they differ the content is hashed again, so a
+    file merely touched is still served and a changed or deleted one is not.
+    """
+    path = manifest_path(out)
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("key") != key or manifest.get("version") != MANIFEST_VERSION:
+        return None
+    result = Artefact.from_json(manifest["result"])
+    outputs = result.outputs()
+    if _stamps(outputs) != manifest.get("stamps"):
+        if _content(outputs) != manifest.get("content"):
+            return None
+        _write_manifest(path, {**manifest, "stamps": _stamps(outputs)})
+    return dataclasses.replace(result, cached=True)
+
+
+def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")
+
+
+def run_stage(name: str, fn: Callable[..., Artefact], /, *args: Any, **kwargs: Any) -> Artefact:
+    """Serve ``fn(*args, **kwargs)`` from its manifest or run it and write the manifest."""
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    out = bound.arguments["out"]
+    key = stage_key(name, fn, bound.arguments)
+    hit = cached_result(out, key)
+    if hit is not None:
+        log.info("%s: unchanged, served from %s", name, manifest_path(out))
+        return hit
+    t0 = time.perf_counter()
+    result = fn(*bound.args, **bound.kwargs)
+    if not isinstance(result, Artefact):
+        raise TypeError(f"stage {name!r} returned {type(result).__name__}, not an Artefact")
+    outputs = result.outputs()
+    content = _content(outputs)
+    result = dataclasses.replace(
+        result,
+        fingerprint=text_sha256(key + content)[:16],
+        seconds=round(time.perf_counter() - t0, 3),
+        cached=False,
+    )
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "stage": name,
+        "key": key,
+        "content": content,
+        "stamps": _stamps(outputs),
+        "result": result.to_json(),
+    }
+    _write_manifest(manifest_path(out), manifest)
+    return result
+
+
+def stage(name: str, **task_options: Any) -> Callable[[Callable[P, A]], Any]:
+    """Make ``fn`` (which takes ``out`` and returns an :class:`Artefact`) a Prefect task run
+    through :func:`run_stage`. Prefect's own caching is off: the manifest is the cache.
+
+    The undecorated function stays reachable as ``.stage_fn``.
+    """
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    def decorate(fn: Callable[P, A]) -> Any:
+        if "out" not in inspect.signature(fn).parameters:
+            raise TypeError(f"stage {name!r}: {fn.__qualname__} needs an 'out' parameter")
+
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Artefact:
+            return run_stage(name, fn, *args, **kwargs)
+
+        wrapped = task(name=name, cache_policy=NO_CACHE, persist_result=False, **task_options)(run)
+        wrapped.stage_fn = fn
+        return wrapped
+
+    return decorate

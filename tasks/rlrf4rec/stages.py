@@ -1,0 +1,368 @@
+"""The stages of the RLRF4Rec loop, each a :func:`tasks.common.stage.stage` over files.
+
+Every stage reads upstream :class:`Artefact` values, writes its ``out`` atomically under the run
+folder and returns an :class:`Artefact` (path, fingerprint, seconds, stats). The stage mechanism
+serves it again only when its parameters, its upstream artefacts and its code are unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import polars as pl
+
+from tasks.common.stage import Artefact, InputRef, stage
+from tasks.io import write_json, write_parquet
+from tasks.llm.policy import Policy
+
+if TYPE_CHECKING:
+    from tasks.dpo import DPOConfig
+    from tasks.generate import SamplingConfig
+    from tasks.pairing import PairingConfig
+    from tasks.rerank_lists import TaskConfig
+    from tasks.reranker import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One of ``count`` sampling shards (one engine each), on ``gpu`` when there are GPUs."""
+
+    index: int = 0
+    count: int = 1
+    gpu: int | None = None
+
+
+def run_folder(data: Artefact) -> Path:
+    """The run folder of a prepared ``data/`` artefact."""
+    return Path(data.path).parent
+
+
+# --------------------------------------------------------------------------- data and prompts
+
+
+@stage("prepare-data")
+def prepare_data(
+    dataset: str,
+    *,
+    data_dir: InputRef | None,
+    lists: TaskConfig,
+    max_users: int | None,
+    out: Path,
+) -> Artefact:
+    """The data set as KAR reranking lists under ``out`` (``<run>/data``)."""
+    from tasks.data import prepare
+
+    counts = prepare(
+        dataset, Path(out).parent, data_dir.path if data_dir else None, lists, max_users=max_users
+    )
+    return Artefact(str(out), stats=counts)
+
+
+@stage("build-prompts")
+def build_prompts(data: Artefact, dataset: str, out: Path) -> Artefact:
+    """One KAR preference prompt per user: ``user_id, split, prefix, prompt``."""
+    from tasks.data import load_prepared
+    from tasks.prompts import prompt_table
+
+    prepared = load_prepared(run_folder(data))
+    table = prompt_table(prepared.users, prepared.history, prepared.items, dataset)
+    write_parquet(table, Path(out))
+    return Artefact(str(out), stats={"users": table.height})
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+@stage("sample")
+def sample(
+    prompts: Artefact,
+    policy: Policy,
+    *,
+    splits: tuple[str, ...],
+    sampling: SamplingConfig,
+    backend: str,
+    shard: Shard,
+    round_idx: int,
+    out: Path,
+) -> Artefact:
+    """``sampling.n`` texts per user of ``splits`` in this shard."""
+    from tasks.generate import generate, shard_users
+
+    table = pl.read_parquet(prompts.path).filter(pl.col("split").is_in(list(splits)))
+    users = shard_users(table["user_id"].to_list(), shard.count)[shard.index]
+    model, adapter = policy.serving()
+    samples, stats = generate(
+        table.filter(pl.col("user_id").is_in(users)).select("user_id", "prompt"),
+        model,
+        sampling,
+        backend=backend,  # type: ignore[arg-type]
+        adapter=adapter,
+        round_idx=round_idx,
+        gpu=shard.gpu,
+    )
+    write_parquet(samples, Path(out))
+    return Artefact(str(out), stats=_plain(stats))
+
+
+@stage("merge-samples")
+def merge_samples(shards: list[Artefact], out: Path) -> Artefact:
+    """The shards' samples in one table, with the generation statistics summed."""
+    samples = pl.concat([pl.read_parquet(s.path) for s in shards]).sort(["user_id", "sample_idx"])
+    write_parquet(samples, Path(out))
+    tokens = sum(s.stats.get("generated_tokens", 0) for s in shards)
+    gen_seconds = max((s.stats.get("seconds", 0.0) for s in shards), default=0.0)
+    n = samples.height
+    stats = {
+        "samples": n,
+        "users": samples["user_id"].n_unique(),
+        "generated_tokens": tokens,
+        "tokens_per_s": tokens / gen_seconds if gen_seconds else 0.0,
+        "mean_tokens": float(samples["n_tokens"].mean()) if n else 0.0,
+        "mean_chars": float(samples["text"].str.len_chars().mean()) if n else 0.0,
+        "degenerate_share": float(samples["degenerate"].mean()) if n else 0.0,
+        "backend": shards[0].stats.get("backend") if shards else None,
+        "sample_seconds": sum(s.seconds for s in shards),
+    }
+    return Artefact(str(out), stats=stats)
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+@stage("encode-knowledge")
+def encode_knowledge(
+    samples: Artefact, prompts: Artefact, *, encoder: InputRef, out: Path
+) -> Artefact:
+    """Each sample's knowledge text (profile and history, ". ", answer) as a vector:
+    ``user_id, sample_idx, vector`` (List[Float32])."""
+    from tasks.encode import encode_texts
+    from tasks.prompts import knowledge_text
+
+    frame = pl.read_parquet(samples.path)
+    prefix = dict(pl.read_parquet(prompts.path).select("user_id", "prefix").iter_rows())
+    texts = [
+        knowledge_text(prefix[u], t)
+        for u, t in zip(frame["user_id"].to_list(), frame["text"].to_list(), strict=True)
+    ]
+    vectors = encode_texts(texts, encoder.path)
+    write_parquet(frame.select("user_id", "sample_idx").with_columns(_vector_column(vectors)), out)
+    return Artefact(str(out), stats={"texts": len(texts)})
+
+
+@stage("encode-items")
+def encode_items(data: Artefact, *, encoder: InputRef, out: Path) -> Artefact:
+    """Every item's text (title and genres) as a vector: ``item_id, vector``."""
+    from tasks.data import load_prepared
+    from tasks.encode import encode_texts, item_texts
+
+    items = load_prepared(run_folder(data)).items
+    vectors = encode_texts(item_texts(items), encoder.path)
+    write_parquet(items.select("item_id").with_columns(_vector_column(vectors)), Path(out))
+    return Artefact(str(out), stats={"items": items.height})
+
+
+def _vector_column(vectors: np.ndarray) -> pl.Series:
+    return pl.Series("vector", vectors.astype(np.float32).tolist(), dtype=pl.List(pl.Float32))
+
+
+def user_vectors(vectors: Artefact | None) -> pl.DataFrame | None:
+    """One vector per user (sample 0) from an encoded-samples artefact; None stays None."""
+    if vectors is None:
+        return None
+    frame = pl.read_parquet(vectors.path)
+    return (
+        frame.sort(["user_id", "sample_idx"])
+        .unique("user_id", keep="first")
+        .select("user_id", "vector")
+    )
+
+
+# --------------------------------------------------------------------------- rerankers
+
+
+@stage("train-reranker")
+def train_reranker(
+    data: Artefact,
+    vectors: Artefact | None,
+    items: Artefact | None,
+    *,
+    cfg: TrainConfig,
+    out: Path,
+) -> Artefact:
+    """A DLCM/PRM reranker, with knowledge when ``vectors`` is given."""
+    from tasks.reranker import train_reranker as train
+
+    info = train(
+        run_folder(data),
+        Path(out),
+        cfg,
+        user_vectors=user_vectors(vectors),
+        item_vectors=pl.read_parquet(items.path) if vectors is not None and items else None,
+    )
+    return Artefact(str(out), stats=_plain(info))
+
+
+@stage("evaluate-reranker")
+def evaluate_reranker(
+    model: Artefact,
+    data: Artefact,
+    vectors: Artefact | None,
+    items: Artefact | None,
+    *,
+    out: Path,
+) -> Artefact:
+    """Test-user metrics of a trained reranker: ``out`` = ``metrics.json`` and, beside it,
+    ``per_list.parquet``."""
+    from tasks.reranker import evaluate_reranker as evaluate
+
+    result = evaluate(
+        Path(model.path),
+        run_folder(data),
+        user_vectors=user_vectors(vectors),
+        item_vectors=pl.read_parquet(items.path) if vectors is not None and items else None,
+        split="test",
+    )
+    per_list = Path(out).with_name("per_list.parquet")
+    write_json(result.metrics, Path(out))
+    write_parquet(result.per_list, per_list)
+    metrics = {k: float(v) for k, v in result.metrics.items() if _is_number(v)}
+    return Artefact(str(out), stats=metrics, extra=(str(per_list),))
+
+
+@stage("train-reward-model")
+def train_reward_model(
+    data: Artefact,
+    vectors: Artefact,
+    items: Artefact | None,
+    *,
+    cfg: TrainConfig,
+    n_folds: int,
+    out: Path,
+) -> Artefact:
+    """The cross-fitted reward reranker on round-0 knowledge (see :mod:`tasks.reward`)."""
+    from tasks.reward import train_reward_model as train
+
+    meta = train(
+        run_folder(data),
+        Path(out),
+        cfg,
+        user_vectors(vectors),
+        pl.read_parquet(items.path) if items else None,
+        n_folds=n_folds,
+    )
+    valid = [f["summary"].get("valid", {}) for f in meta["folds"]]
+    stats = {
+        "folds": meta["n_folds"],
+        "valid_map@5": float(np.mean([v.get("map@5", np.nan) for v in valid])),
+        "valid_ndcg@5": float(np.mean([v.get("ndcg@5", np.nan) for v in valid])),
+        "best_epoch_mean": float(
+            np.mean([f["summary"].get("best_epoch", 0) for f in meta["folds"]])
+        ),
+    }
+    return Artefact(str(out), stats=stats)
+
+
+# --------------------------------------------------------------------------- reward and pairs
+
+
+@stage("score-samples")
+def score(
+    reward_model: Artefact,
+    data: Artefact,
+    *,
+    vectors: Artefact,
+    samples: Artefact,
+    items: Artefact | None,
+    out: Path,
+) -> Artefact:
+    """Reward of every (user, sample): MAP@5 and NDCG@5 on the user's lists."""
+    from tasks.reward import score_samples
+
+    vec = pl.read_parquet(vectors.path).with_columns(pl.col("sample_idx").cast(pl.Int64))
+    scores = score_samples(
+        Path(reward_model.path),
+        run_folder(data),
+        vec,
+        item_vectors=pl.read_parquet(items.path) if items else None,
+    )
+    texts = pl.read_parquet(samples.path).with_columns(pl.col("sample_idx").cast(pl.Int64))
+    scores = scores.with_columns(pl.col("sample_idx").cast(pl.Int64)).drop_nulls("ndcg_at_5")
+    scored = texts.join(scores, on=["user_id", "sample_idx"], how="inner").sort(
+        ["user_id", "sample_idx"]
+    )  # a join's row order is not fixed: sorted, the same inputs give the same bytes
+    write_parquet(scored, Path(out))
+    stats = {}
+    for col in ("map_at_5", "ndcg_at_5"):
+        stats[f"{col}_mean"] = float(scored[col].mean())
+        stats[f"{col}_min"] = float(scored[col].min())
+        stats[f"{col}_max"] = float(scored[col].max())
+        spread = scored.group_by("user_id").agg(pl.col(col).max() - pl.col(col).min())
+        stats[f"{col}_user_spread"] = float(spread[col].mean())
+    return Artefact(str(out), stats=stats)
+
+
+@stage("pair")
+def pair(scored: Artefact, prompts: Artefact, *, cfg: PairingConfig, out: Path) -> Artefact:
+    """Chosen/rejected pairs from the scored samples."""
+    from tasks.pairing import build_pairs
+
+    pairs, stats = build_pairs(
+        pl.read_parquet(scored.path),
+        pl.read_parquet(prompts.path),
+        cfg.strategy,
+        cfg.min_margin,
+        cfg.reward_col,
+    )
+    write_parquet(pairs, Path(out))
+    return Artefact(str(out), stats=stats.as_dict())
+
+
+# --------------------------------------------------------------------------- DPO
+
+
+@stage("dpo")
+def dpo(policy: Policy, pairs: Artefact, *, cfg: DPOConfig, out: Path) -> Artefact:
+    """LoRA-DPO of ``policy`` on the round's pairs: ``out`` holds ``adapter/`` (the artefact's
+    path), ``metrics.json``, ``config.json`` and, with ``cfg.merge``, ``merged/``.
+
+    A sampler may later write a merged checkpoint into ``out/merged`` itself; it is not one of
+    this stage's outputs, so it does not invalidate them. A round whose pairs were all dropped
+    trains nothing: the result is ``skipped`` and the flow keeps the previous policy.
+    """
+    from tasks.dpo import train_dpo
+
+    frame = pl.read_parquet(pairs.path)
+    if frame.height == 0:
+        log.warning("%s: no preference pairs (all dropped); the policy is unchanged", pairs.path)
+        return Artefact(str(out), skipped="no preference pairs")
+    result = train_dpo(policy.base.path, frame, Path(out), cfg, init_adapter=policy.adapter)
+    out = Path(out)
+    extra = [str(out / "metrics.json"), str(out / "config.json")]
+    if result.get("merged_dir"):
+        extra.append(str(out / "merged"))
+    return Artefact(
+        str(out / "adapter"), stats=_plain(result.get("metrics", {})), extra=tuple(extra)
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _plain(obj: object) -> dict:
+    """A JSON-safe copy of a stats dict (what the manifest stores)."""
+    import json
+
+    return json.loads(json.dumps(obj, default=str))

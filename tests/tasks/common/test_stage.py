@@ -1,0 +1,157 @@
+"""The stage mechanism: what is served from a manifest, what runs again, and why."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+from tasks.common import stage as stage_mod
+from tasks.common.stage import Artefact, InputRef, code_version, manifest_path, run_stage
+
+CALLS: list[str] = []
+
+
+@dataclasses.dataclass(frozen=True)
+class Cfg:
+    scale: int = 2
+
+
+def write_numbers(out: Path, cfg: Cfg, n: int = 3) -> Artefact:
+    CALLS.append("write")
+    out.write_text(",".join(str(cfg.scale * i) for i in range(n)))
+    return Artefact(str(out), stats={"n": n})
+
+
+def add_one(source: Artefact, out: Path) -> Artefact:
+    CALLS.append("add")
+    values = [int(v) + 1 for v in Path(source.path).read_text().split(",")]
+    out.write_text(",".join(map(str, values)))
+    return Artefact(str(out))
+
+
+def pair_like(out: Path) -> Artefact:
+    from tasks.pairing import build_pairs  # noqa: F401 - what the code version must follow
+
+    return Artefact(str(out))
+
+
+@pytest.fixture(autouse=True)
+def _calls():
+    CALLS.clear()
+
+
+def test_same_arguments_are_served_from_the_manifest(tmp_path: Path) -> None:
+    first = run_stage("numbers", write_numbers, out=tmp_path / "a.txt", cfg=Cfg())
+    again = run_stage("numbers", write_numbers, out=tmp_path / "a.txt", cfg=Cfg())
+    assert CALLS == ["write"]
+    assert not first.cached and again.cached
+    assert again.fingerprint == first.fingerprint and again.stats == {"n": 3}
+    assert manifest_path(tmp_path / "a.txt").name == ".a.txt.stage.json"
+
+
+def test_a_changed_parameter_runs_again_and_changes_the_fingerprint(tmp_path: Path) -> None:
+    first = run_stage("numbers", write_numbers, out=tmp_path / "a.txt", cfg=Cfg())
+    other = run_stage("numbers", write_numbers, out=tmp_path / "a.txt", cfg=Cfg(scale=3))
+    assert CALLS == ["write", "write"]
+    assert other.fingerprint != first.fingerprint
+    assert (tmp_path / "a.txt").read_text() == "0,3,6"
+
+
+def test_downstream_runs_again_only_when_upstream_changed(tmp_path: Path) -> None:
+    up = run_stage("numbers", write_numbers, out=tmp_path / "a.txt", cfg=Cfg())
+    run_stage("add", add_one, up, out=tmp_path / "b.txt")
+    up = run_stage("numbers", write_numbers, out=tmp_path / "a.txt", cfg=Cfg())  # cached
+    run_stage("add", add_one, up, out=tmp_path / "b.txt")
+    assert CALLS == ["write", "add"]
+    up = run_stage("numbers", write_numbers, out=tmp_path / "a.txt", cfg=Cfg(scale=5))
+    down = run_stage("add", add_one, up, out=tmp_path / "b.txt")
+    assert CALLS == ["write", "add", "write", "add"]
+    assert not down.cached and (tmp_path / "b.txt").read_text() == "1,6,11"
+
+
+def test_deleted_or_edited_outputs_run_again_touched_ones_do_not(tmp_path: Path) -> None:
+    out = tmp_path / "a.txt"
+    first = run_stage("numbers", write_numbers, out=out, cfg=Cfg())
+    os.utime(out, ns=(1, 1))  # same bytes, other mtime: still served
+    assert run_stage("numbers", write_numbers, out=out, cfg=Cfg()).cached
+    out.unlink()
+    again = run_stage("numbers", write_numbers, out=out, cfg=Cfg())
+    assert not again.cached and out.exists()
+    # Deterministic: the same bytes again give the same fingerprint, so downstream is kept.
+    assert again.fingerprint == first.fingerprint
+    out.write_text("9,9,9")
+    assert not run_stage("numbers", write_numbers, out=out, cfg=Cfg()).cached
+    assert out.read_text() == "0,2,4"
+    assert CALLS == ["write", "write", "write"]
+
+
+def test_folder_outputs_and_extra_files(tmp_path: Path) -> None:
+    def folder(out: Path) -> Artefact:
+        CALLS.append("folder")
+        (out / "sub").mkdir(parents=True, exist_ok=True)
+        (out / "sub" / "w.bin").write_bytes(b"abc")
+        (tmp_path / "side.json").write_text("{}")
+        return Artefact(str(out), extra=(str(tmp_path / "side.json"),))
+
+    run_stage("folder", folder, out=tmp_path / "f")
+    assert run_stage("folder", folder, out=tmp_path / "f").cached
+    (tmp_path / "side.json").unlink()
+    assert not run_stage("folder", folder, out=tmp_path / "f").cached
+    (tmp_path / "f" / "sub" / "w.bin").write_bytes(b"abd")
+    assert not run_stage("folder", folder, out=tmp_path / "f").cached
+    assert CALLS == ["folder"] * 3
+
+
+def test_input_refs_follow_their_files(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights").write_bytes(b"1")
+    before = InputRef.of(model)
+    os.utime(model / "weights", ns=(5, 5))
+    assert InputRef.of(model).stamp != before.stamp
+    assert InputRef.of("org/hub-id") == InputRef.of("org/hub-id")
+
+
+def test_code_version_follows_the_modules_a_stage_reaches(monkeypatch) -> None:
+    before = code_version(pair_like)
+    original = stage_mod._module_source
+
+    def edited(name: str, target: str) -> str:
+        return original(name) + ("\n# edited\n" if name == target else "")
+
+    for target, changes in (("tasks.pairing", True), ("tasks.title_mapping", False)):
+        stage_mod._module_closure.cache_clear()
+        monkeypatch.setattr(stage_mod, "_module_source", lambda n, t=target: edited(n, t))
+        assert (code_version(pair_like) != before) is changes, target
+    stage_mod._module_closure.cache_clear()
+
+
+def _double(x: int) -> int:
+    return 2 * x
+
+
+def uses_helper(out: Path) -> Artefact:
+    out.write_text(str(_double(2)))
+    return Artefact(str(out))
+
+
+def test_code_version_covers_same_module_helpers() -> None:
+    sources, _ = stage_mod._function_parts(uses_helper)
+    assert any("return 2 * x" in s for s in sources)
+    assert code_version(uses_helper) != code_version(add_one)
+
+
+def test_stage_arguments_must_be_keyable(tmp_path: Path) -> None:
+    def bad(x: object, out: Path) -> Artefact:
+        return Artefact(str(out))
+
+    with pytest.raises(TypeError, match="cannot enter a cache key"):
+        run_stage("bad", bad, object(), out=tmp_path / "x")
+
+
+def test_a_stage_must_return_an_artefact(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="not an Artefact"):
+        run_stage("wrong", lambda out: str(out), out=tmp_path / "x")
