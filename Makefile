@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -c "from tasks.hardware import cpu_dtype; print('CPU dtype:', cpu_dtype().reason)"
+	$(PY) -c "from tasks.common.hardware import cpu_dtype; print('CPU dtype:', cpu_dtype().reason)"
 	$(PY) -m flows.iterate --profile quick
 
 test: $(STAMP)

@@ -3,7 +3,7 @@
 Real MovieLens-100K KAR prompts (about 400-500 tokens in the chat template) with synthetic
 answers of ``--answer-tokens`` tokens each (the length of the policy's preference texts), the
 default policy (SmolLM2-135M-Instruct) unless ``--model``, the fast default
-:class:`tasks.dpo.DPOConfig` (or ``--paper``), one pass over ``--pairs`` pairs.
+:class:`tasks.llm.dpo.DPOConfig` (or ``--paper``), one pass over ``--pairs`` pairs.
 
     python bench/bench_dpo.py --pairs 16 --answer-tokens 200
 """
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import polars as pl  # noqa: E402
 
-from tasks.dpo import DPOConfig, resolve_device, train_dpo  # noqa: E402
+from tasks.llm.dpo import DPOConfig, resolve_device, train_dpo  # noqa: E402
 
 log = logging.getLogger("bench_dpo")
 
@@ -47,8 +47,8 @@ def answer(text: str, tokens: int, tokenizer) -> str:
 
 
 def build_pairs(run: str | None, n: int, answer_tokens: int, model: str) -> pl.DataFrame:
-    from tasks.data import load_prepared, prepare
-    from tasks.prompts import load_tokenizer, prompt_table
+    from tasks.data.prepare import load_prepared, prepare
+    from tasks.rlrf4rec.prompts import load_tokenizer, prompt_table
 
     if run is None:
         run = tempfile.mkdtemp(prefix="bench-ml100k-")
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
 
-    from tasks.assets import policy_model
-    from tasks.prompts import count_prompt_tokens
+    from tasks.data.assets import policy_model
+    from tasks.rlrf4rec.prompts import count_prompt_tokens
 
     model = args.model or policy_model()
     pairs = build_pairs(args.run, args.pairs, args.answer_tokens, model)

@@ -105,7 +105,7 @@ def _run(cmd: list[str], env: dict) -> tuple[float, MemorySampler]:
 
 def _cold_embedding_cache(work: Path) -> Path:
     """An asset cache whose downloads link to the user's, with an empty embedding cache."""
-    from tasks.assets import cache_dir
+    from tasks.data.assets import cache_dir
 
     real, cold = cache_dir(), work / "cache"
     cold.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import polars as pl  # noqa: E402
 
-from tasks.generate import (  # noqa: E402
+from tasks.llm.generate import (  # noqa: E402
     SamplingConfig,
     VLLMEngine,
     available_gpus,
@@ -42,8 +42,8 @@ def real_prompts(
     run: str | None, users: int, max_prompt_tokens: int | None, model: str
 ) -> pl.DataFrame:
     """KAR prompts of the first ``users`` users of a prepared ML-100K run."""
-    from tasks.data import load_prepared, prepare
-    from tasks.prompts import prompt_table
+    from tasks.data.prepare import load_prepared, prepare
+    from tasks.rlrf4rec.prompts import prompt_table
 
     if run is None:
         run = tempfile.mkdtemp(prefix="bench-ml100k-")
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
         torch.set_num_threads(args.threads)
 
-    from tasks.assets import policy_model
+    from tasks.data.assets import policy_model
 
     model = args.model or policy_model()
     prompts = real_prompts(args.run, args.users, args.max_prompt_tokens, model)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = None
     engine = None
     if "vllm" in backends:
-        from tasks.prompts import count_prompt_tokens
+        from tasks.rlrf4rec.prompts import count_prompt_tokens
 
         longest = max(count_prompt_tokens(model, p) for p in prompts["prompt"])
         max_len = 256 * (1 + (longest + cfg.max_new_tokens) // 256)

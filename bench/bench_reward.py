@@ -5,9 +5,10 @@ Prints:
 - encoder throughput: texts/s encoding profile texts into an empty cache (cold), then the same
   texts again (cache hits);
 - reranker training: seconds per epoch for DLCM and PRM, base and knowledge-augmented;
-- reward throughput: (user, sample) pairs scored per second by :func:`tasks.reward.score_samples`
+- reward throughput: (user, sample) pairs scored per second by
+  :func:`tasks.rlrf4rec.reward.score_samples`
   (batched) and by a naive loop that scores one sample at a time
-  (:func:`tasks.reward.score_samples_naive`), measured in the same run, and their ratio
+  (:func:`tasks.rlrf4rec.reward.score_samples_naive`), measured in the same run, and their ratio
   (the batched path must be at least 20x faster).
 
 Usage::
@@ -36,11 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tasks.data import load_prepared, prepare  # noqa: E402
-from tasks.encode import encode_texts, frame_vectors, vectors_frame  # noqa: E402
-from tasks.reranker import TrainConfig, train_reranker  # noqa: E402
-from tasks.reward import score_samples, score_samples_naive, train_reward_model  # noqa: E402
-from tasks.table1 import build_vectors, knowledge_texts  # noqa: E402
+from tasks.data.prepare import load_prepared, prepare  # noqa: E402
+from tasks.rlrf4rec.encode import encode_texts, frame_vectors, vectors_frame  # noqa: E402
+from tasks.rlrf4rec.reranker import TrainConfig, train_reranker  # noqa: E402
+from tasks.rlrf4rec.reward import score_samples, score_samples_naive, train_reward_model  # noqa: E402
+from tasks.rlrf4rec.table1 import build_vectors, knowledge_texts  # noqa: E402
 
 
 def bench_encoder(texts: list[str], encoder: str) -> dict:

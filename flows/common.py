@@ -438,9 +438,9 @@ def run_tracked(
 
     A missing model fails before any work; the parent run ends FAILED when the pipeline does.
     """
-    from tasks.assets import encoder_model, policy_model
-    from tasks.generate import available_gpus
-    from tasks.hardware import cpu_dtype
+    from tasks.common.hardware import cpu_dtype
+    from tasks.data.assets import encoder_model, policy_model
+    from tasks.llm.generate import available_gpus
 
     policy = InputRef.of(policy_model(p.policy_model))
     enc = InputRef.of(encoder_model(encoder)) if encoder else None
@@ -479,7 +479,7 @@ def run_main(
     description: str,
 ) -> int:
     """A flow's command line: parse the parameters, run the flow, print the report."""
-    from tasks.assets import AssetError
+    from tasks.data.assets import AssetError
 
     params, _ = parse_params(model, argv, prog, description)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -30,17 +30,18 @@ from flows.common import (
     run_main,
     run_tracked,
 )
-from tasks import direct_stages as stages
 from tasks.common.stage import Artefact, InputRef
-from tasks.direct_baselines import BaselineConfig
-from tasks.direct_data import WindowConfig
-from tasks.direct_stages import DirectPairing, RewardModelConfig
-from tasks.dpo import DPOConfig
-from tasks.generate import SamplingConfig
+from tasks.direct import stages
+from tasks.direct.baselines import BaselineConfig
+from tasks.direct.stages import DirectPairing, RewardModelConfig
+from tasks.direct.title_mapping import MappingConfig
+from tasks.direct.windows import WindowConfig
+from tasks.llm import stages as llm_stages
+from tasks.llm.dpo import DPOConfig
+from tasks.llm.generate import SamplingConfig
+from tasks.llm.online_rl import OnlineRLConfig
 from tasks.llm.policy import Policy
-from tasks.online_rl import OnlineRLConfig
-from tasks.sft import SFTConfig
-from tasks.title_mapping import MappingConfig
+from tasks.llm.sft import SFTConfig
 
 Stage = Literal["sft", "dpo", "rl", "rlhf"]
 STAGE_ORDER = ("sft", "dpo", "rl", "rlhf")
@@ -428,7 +429,7 @@ def run_seed(run: SeedRun, results: Results) -> None:
         )
         run.record("preferences", prefs, results)
     if "dpo" in wanted and prefs is not None:
-        dpo = stages.dpo(start, prefs, cfg=cfg.dpo, out=out / "dpo" / "model")
+        dpo = llm_stages.dpo(start, prefs, cfg=cfg.dpo, out=out / "dpo" / "model")
         run.record("dpo", dpo, results)
         answers.update(_evaluated_or_noted(run, "dpo", start, dpo, results))
     if "rl" in wanted:

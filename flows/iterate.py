@@ -21,13 +21,14 @@ from pydantic import Field, field_validator, model_validator
 
 from flows.common import RESUME_NOTE, RunContext, RunParams, params_flow, run_main, run_tracked
 from tasks.common.stage import Artefact, InputRef
-from tasks.dpo import DPOConfig
-from tasks.generate import SamplingConfig
+from tasks.llm import stages as llm_stages
+from tasks.llm.dpo import DPOConfig
+from tasks.llm.generate import SamplingConfig
 from tasks.llm.policy import Policy
 from tasks.pairing import PairingConfig
-from tasks.rerank_lists import TaskConfig
-from tasks.reranker import TrainConfig
 from tasks.rlrf4rec import stages
+from tasks.rlrf4rec.lists import TaskConfig
+from tasks.rlrf4rec.reranker import TrainConfig
 from tasks.rlrf4rec.stages import Shard
 
 Backbone = Literal["dlcm", "prm"]
@@ -266,7 +267,10 @@ class Round:
             "generation": self.knowledge.samples.stats,
             "reward": self.scored.stats,
             "pairs": self.pairs.stats,
-            "dpo": {**self.dpo.stats, "skipped": int(self.dpo.skipped is not None)},
+            "dpo": {
+                **self.dpo.stats.get("metrics", {}),
+                "skipped": int(self.dpo.skipped is not None),
+            },
         }
 
     def seconds(self) -> dict[str, float]:
@@ -429,7 +433,7 @@ def run_round(loop: Loop, r: int, policy: Policy, reward_model: Artefact) -> Rou
         out=rd / "scored.parquet",
     )
     pairs = stages.pair(scored, inputs.prompts, cfg=cfg.pairing, out=rd / "pairs.parquet")
-    dpo = stages.dpo(policy, pairs, cfg=cfg.dpo_for(r), out=rd / "dpo")
+    dpo = llm_stages.dpo(policy, pairs, cfg=cfg.dpo_for(r), out=rd / "dpo")
     return Round(r, Knowledge(samples, vectors), scored, pairs, dpo)
 
 
@@ -524,7 +528,7 @@ def report(
     t_start: float,
 ) -> dict:
     """``report.md``, ``results.json`` and Fig. 4, with their figures in MLflow."""
-    from tasks.report import write_report
+    from tasks.rlrf4rec.report import write_report
 
     history = [{"round": 0, "generation": knowledge0.samples.stats}]
     history += [r.record() for r in rounds]

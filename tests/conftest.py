@@ -101,7 +101,7 @@ def amazon_dir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def default_policy_path() -> str:
     """The real default policy LLM (SmolLM2-135M-Instruct), built once into the asset cache."""
-    from tasks.assets import policy_model
+    from tasks.data.assets import policy_model
 
     return policy_model()
 
@@ -109,7 +109,7 @@ def default_policy_path() -> str:
 @pytest.fixture(scope="session")
 def encoder_path() -> str:
     """The real default knowledge encoder (all-MiniLM-L6-v2) from the asset cache."""
-    from tasks.assets import encoder_model
+    from tasks.data.assets import encoder_model
 
     return encoder_model()
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tasks.io import remove_stale_temporaries
+from tasks.common.io import remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,8 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
 
     The lock is an ``flock`` on ``<run_dir>/.lock``: the kernel releases it when the holder
     dies, even by SIGKILL, so a killed run can be resumed at once. Once held, the temporaries
-    a killed writer left in the folder are removed (:func:`tasks.io.remove_stale_temporaries`).
+    a killed writer left in the folder are removed
+    (:func:`tasks.common.io.remove_stale_temporaries`).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

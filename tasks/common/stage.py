@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from tasks.common.hashing import text_sha256, tree_sha256, tree_stamp
-from tasks.io import atomic_path
+from tasks.common.io import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -15,16 +15,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
+from tasks.common.io import write_json, write_parquet
 from tasks.common.stage import Artefact, InputRef, stage
-from tasks.io import write_json, write_parquet
 from tasks.llm.policy import Policy
 
 if TYPE_CHECKING:
-    from tasks.dpo import DPOConfig
-    from tasks.generate import SamplingConfig
+    from tasks.llm.generate import SamplingConfig
     from tasks.pairing import PairingConfig
-    from tasks.rerank_lists import TaskConfig
-    from tasks.reranker import TrainConfig
+    from tasks.rlrf4rec.lists import TaskConfig
+    from tasks.rlrf4rec.reranker import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ def prepare_data(
     out: Path,
 ) -> Artefact:
     """The data set as KAR reranking lists under ``out`` (``<run>/data``)."""
-    from tasks.data import prepare
+    from tasks.data.prepare import prepare
 
     counts = prepare(
         dataset, Path(out).parent, data_dir.path if data_dir else None, lists, max_users=max_users
@@ -70,8 +69,8 @@ def prepare_data(
 @stage("build-prompts")
 def build_prompts(data: Artefact, dataset: str, out: Path) -> Artefact:
     """One KAR preference prompt per user: ``user_id, split, prefix, prompt``."""
-    from tasks.data import load_prepared
-    from tasks.prompts import prompt_table
+    from tasks.data.prepare import load_prepared
+    from tasks.rlrf4rec.prompts import prompt_table
 
     prepared = load_prepared(run_folder(data))
     table = prompt_table(prepared.users, prepared.history, prepared.items, dataset)
@@ -95,7 +94,7 @@ def sample(
     out: Path,
 ) -> Artefact:
     """``sampling.n`` texts per user of ``splits`` in this shard."""
-    from tasks.generate import generate, shard_users
+    from tasks.llm.generate import generate, shard_users
 
     table = pl.read_parquet(prompts.path).filter(pl.col("split").is_in(list(splits)))
     users = shard_users(table["user_id"].to_list(), shard.count)[shard.index]
@@ -144,8 +143,8 @@ def encode_knowledge(
 ) -> Artefact:
     """Each sample's knowledge text (profile and history, ". ", answer) as a vector:
     ``user_id, sample_idx, vector`` (List[Float32])."""
-    from tasks.encode import encode_texts
-    from tasks.prompts import knowledge_text
+    from tasks.rlrf4rec.encode import encode_texts
+    from tasks.rlrf4rec.prompts import knowledge_text
 
     frame = pl.read_parquet(samples.path)
     prefix = dict(pl.read_parquet(prompts.path).select("user_id", "prefix").iter_rows())
@@ -161,8 +160,8 @@ def encode_knowledge(
 @stage("encode-items")
 def encode_items(data: Artefact, *, encoder: InputRef, out: Path) -> Artefact:
     """Every item's text (title and genres) as a vector: ``item_id, vector``."""
-    from tasks.data import load_prepared
-    from tasks.encode import encode_texts, item_texts
+    from tasks.data.prepare import load_prepared
+    from tasks.rlrf4rec.encode import encode_texts, item_texts
 
     items = load_prepared(run_folder(data)).items
     vectors = encode_texts(item_texts(items), encoder.path)
@@ -199,7 +198,7 @@ def train_reranker(
     out: Path,
 ) -> Artefact:
     """A DLCM/PRM reranker, with knowledge when ``vectors`` is given."""
-    from tasks.reranker import train_reranker as train
+    from tasks.rlrf4rec.reranker import train_reranker as train
 
     info = train(
         run_folder(data),
@@ -222,7 +221,7 @@ def evaluate_reranker(
 ) -> Artefact:
     """Test-user metrics of a trained reranker: ``out`` = ``metrics.json`` and, beside it,
     ``per_list.parquet``."""
-    from tasks.reranker import evaluate_reranker as evaluate
+    from tasks.rlrf4rec.reranker import evaluate_reranker as evaluate
 
     result = evaluate(
         Path(model.path),
@@ -248,8 +247,8 @@ def train_reward_model(
     n_folds: int,
     out: Path,
 ) -> Artefact:
-    """The cross-fitted reward reranker on round-0 knowledge (see :mod:`tasks.reward`)."""
-    from tasks.reward import train_reward_model as train
+    """The cross-fitted reward reranker on round-0 knowledge (see :mod:`tasks.rlrf4rec.reward`)."""
+    from tasks.rlrf4rec.reward import train_reward_model as train
 
     meta = train(
         run_folder(data),
@@ -285,7 +284,7 @@ def score(
     out: Path,
 ) -> Artefact:
     """Reward of every (user, sample): MAP@5 and NDCG@5 on the user's lists."""
-    from tasks.reward import score_samples
+    from tasks.rlrf4rec.reward import score_samples
 
     vec = pl.read_parquet(vectors.path).with_columns(pl.col("sample_idx").cast(pl.Int64))
     scores = score_samples(
@@ -324,34 +323,6 @@ def pair(scored: Artefact, prompts: Artefact, *, cfg: PairingConfig, out: Path) 
     )
     write_parquet(pairs, Path(out))
     return Artefact(str(out), stats=stats.as_dict())
-
-
-# --------------------------------------------------------------------------- DPO
-
-
-@stage("dpo")
-def dpo(policy: Policy, pairs: Artefact, *, cfg: DPOConfig, out: Path) -> Artefact:
-    """LoRA-DPO of ``policy`` on the round's pairs: ``out`` holds ``adapter/`` (the artefact's
-    path), ``metrics.json``, ``config.json`` and, with ``cfg.merge``, ``merged/``.
-
-    A sampler may later write a merged checkpoint into ``out/merged`` itself; it is not one of
-    this stage's outputs, so it does not invalidate them. A round whose pairs were all dropped
-    trains nothing: the result is ``skipped`` and the flow keeps the previous policy.
-    """
-    from tasks.dpo import train_dpo
-
-    frame = pl.read_parquet(pairs.path)
-    if frame.height == 0:
-        log.warning("%s: no preference pairs (all dropped); the policy is unchanged", pairs.path)
-        return Artefact(str(out), skipped="no preference pairs")
-    result = train_dpo(policy.base.path, frame, Path(out), cfg, init_adapter=policy.adapter)
-    out = Path(out)
-    extra = [str(out / "metrics.json"), str(out / "config.json")]
-    if result.get("merged_dir"):
-        extra.append(str(out / "merged"))
-    return Artefact(
-        str(out / "adapter"), stats=_plain(result.get("metrics", {})), extra=tuple(extra)
-    )
 
 
 # --------------------------------------------------------------------------- helpers

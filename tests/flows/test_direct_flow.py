@@ -9,10 +9,10 @@ import polars as pl
 import pytest
 from pydantic import ValidationError
 
-import tasks.direct_stages as stages
+import tasks.direct.stages as stages
 from flows.common import RunLockedError, parse_params, run_lock
 from flows.direct import DESCRIPTION, DirectParams, StageConfigs, main
-from tasks.direct_stages import (
+from tasks.direct.stages import (
     NDCGReward,
     preference_pairs,
     render_report,
@@ -20,7 +20,7 @@ from tasks.direct_stages import (
     sft_examples,
     summarise,
 )
-from tasks.title_mapping import Catalogue, parse_answer
+from tasks.direct.title_mapping import Catalogue, parse_answer
 
 ITEMS = pl.DataFrame(
     {

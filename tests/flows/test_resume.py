@@ -151,7 +151,7 @@ def test_an_edited_artefact_is_recomputed_with_what_depends_on_it(run) -> None:
 
 def test_preparing_data_from_outside_takes_the_run_lock(run, capsys) -> None:
     from tasks.common.runlock import run_lock
-    from tasks.data import main
+    from tasks.data.prepare import main
 
     users = run["dir"] / "data" / "users.parquet"
     before = users.stat().st_mtime_ns
@@ -164,7 +164,7 @@ def test_preparing_data_from_outside_takes_the_run_lock(run, capsys) -> None:
 def test_data_replaced_from_outside_is_put_back(run) -> None:
     """Data prepared into the run by hand (other users) is an edited artefact: the flow
     prepares its own again and everything that read it stays valid."""
-    from tasks.data import main
+    from tasks.data.prepare import main
 
     users = run["dir"] / "data" / "users.parquet"
     before = users.read_bytes()

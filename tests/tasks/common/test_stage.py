@@ -122,7 +122,7 @@ def test_code_version_follows_the_modules_a_stage_reaches(monkeypatch) -> None:
     def edited(name: str, target: str) -> str:
         return original(name) + ("\n# edited\n" if name == target else "")
 
-    for target, changes in (("tasks.pairing", True), ("tasks.title_mapping", False)):
+    for target, changes in (("tasks.pairing", True), ("tasks.direct.title_mapping", False)):
         stage_mod._module_closure.cache_clear()
         monkeypatch.setattr(stage_mod, "_module_source", lambda n, t=target: edited(n, t))
         assert (code_version(pair_like) != before) is changes, target

@@ -1,0 +1,485 @@
+"""Loaders for MovieLens-100K, MovieLens-1M and Amazon-Books into one normalised schema.
+
+Every loader returns a :class:`RatingData` with three polars frames:
+
+- ``users``: ``user_id`` (Int64), ``gender`` (Utf8, null when unknown), ``age`` (Int64; the raw
+  age for ML-100K, the age-bucket code for ML-1M, null for Amazon), ``occupation`` (Utf8),
+  ``zip`` (Utf8), ``source_id`` (Utf8: the id in the source files).
+- ``items``: ``item_id`` (Int64), ``title`` (Utf8, with the year where known, commas kept:
+  "American President, The (1995)"), ``genres`` (List[Utf8]), ``source_id`` (Utf8).
+- ``ratings``: ``user_id``, ``item_id`` (Int64), ``rating`` (Int8, 1..5), ``timestamp``
+  (Int64, seconds), in file order.
+
+Bad input raises :class:`DataError` whose message names the file and the line.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+DATASETS = ("ml-100k", "ml-1m", "amazon-books")
+
+# ML-100K genre flags, in u.item column order (u.genre).
+ML100K_GENRES = [
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+    "Romance", "Sci-Fi", "Thriller", "War", "Western",
+]  # fmt: skip
+
+# ML-1M occupation codes (README of the GroupLens ML-1M release).
+ML1M_OCCUPATIONS = [
+    "other", "academic/educator", "artist", "clerical/admin", "college/grad student",
+    "customer service", "doctor/health care", "executive/managerial", "farmer", "homemaker",
+    "K-12 student", "lawyer", "programmer", "retired", "sales/marketing", "scientist",
+    "self-employed", "technician/engineer", "tradesman/craftsman", "unemployed", "writer",
+]  # fmt: skip
+
+USER_SCHEMA = {
+    "user_id": pl.Int64,
+    "gender": pl.Utf8,
+    "age": pl.Int64,
+    "occupation": pl.Utf8,
+    "zip": pl.Utf8,
+    "source_id": pl.Utf8,
+}
+ITEM_SCHEMA = {
+    "item_id": pl.Int64,
+    "title": pl.Utf8,
+    "genres": pl.List(pl.Utf8),
+    "source_id": pl.Utf8,
+}
+RATING_SCHEMA = {
+    "user_id": pl.Int64,
+    "item_id": pl.Int64,
+    "rating": pl.Int8,
+    "timestamp": pl.Int64,
+}
+
+
+class DataError(ValueError):
+    """Malformed or inconsistent input data; the message names the file and line."""
+
+
+@dataclass
+class RatingData:
+    """A data set in the normalised schema (see the module docstring)."""
+
+    name: str
+    users: pl.DataFrame
+    items: pl.DataFrame
+    ratings: pl.DataFrame
+
+
+# --------------------------------------------------------------------------- line readers
+
+
+def _open_text(path: Path, encoding: str) -> io.TextIOBase:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding=encoding, errors="strict")  # type: ignore[return-value]
+    return open(path, encoding=encoding, errors="strict")  # noqa: SIM115
+
+
+def _lines(
+    path: Path, encoding: str = "utf-8", skip_header: bool = False
+) -> Iterator[tuple[int, str]]:
+    """Yield (1-based line number, line without newline), skipping blank lines.
+
+    Raises DataError for a missing or empty file.
+    """
+    seen = False
+    with _open_text(path, encoding) as fh:
+        try:
+            for lineno, line in enumerate(fh, start=1):
+                if skip_header and lineno == 1:
+                    continue
+                line = line.rstrip("\r\n")
+                if not line.strip():
+                    continue
+                seen = True
+                yield lineno, line
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not valid {encoding} text ({exc.reason})") from exc
+    if not seen:
+        raise DataError(f"{path}: file is empty (no data lines)")
+
+
+def _fields(path: Path, lineno: int, line: str, sep: str, n: int) -> list[str]:
+    parts = line.split(sep)
+    if len(parts) != n:
+        raise DataError(
+            f"{path}:{lineno}: expected {n} fields separated by {sep!r}, got {len(parts)}: "
+            f"{line[:80]!r}"
+        )
+    return parts
+
+
+def _int(path: Path, lineno: int, value: str, what: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        try:
+            as_float = float(value)
+        except ValueError:
+            as_float = None
+        if as_float is not None and as_float.is_integer():
+            return int(as_float)
+        raise DataError(f"{path}:{lineno}: {what} {value!r} is not an integer") from None
+
+
+def _rating(path: Path, lineno: int, value: str) -> int:
+    rating = _int(path, lineno, value, "rating")
+    if not 1 <= rating <= 5:
+        raise DataError(f"{path}:{lineno}: rating {rating} is out of range 1..5")
+    return rating
+
+
+def _check_ids(
+    ratings: list[tuple[int, int, int, int, int]],
+    users: set[int],
+    items: set[int],
+    path: Path,
+) -> None:
+    """Fail on the first rating whose user or item is not in the users/items files."""
+    for user, item, _, _, lineno in ratings:
+        if user not in users:
+            raise DataError(f"{path}:{lineno}: unknown user id {user} (not in the users file)")
+        if item not in items:
+            raise DataError(f"{path}:{lineno}: unknown item id {item} (not in the items file)")
+
+
+def _frames(
+    name: str,
+    users: list[dict],
+    items: list[dict],
+    ratings: list[tuple[int, int, int, int, int]],
+) -> RatingData:
+    ratings_df = pl.DataFrame(
+        {
+            "user_id": [r[0] for r in ratings],
+            "item_id": [r[1] for r in ratings],
+            "rating": [r[2] for r in ratings],
+            "timestamp": [r[3] for r in ratings],
+        },
+        schema=RATING_SCHEMA,
+    )
+    return RatingData(
+        name=name,
+        users=pl.DataFrame(users, schema=USER_SCHEMA).sort("user_id"),
+        items=pl.DataFrame(items, schema=ITEM_SCHEMA).sort("item_id"),
+        ratings=ratings_df,
+    )
+
+
+def _unique(path: Path, lineno: int, key: int, seen: set[int], what: str) -> None:
+    if key in seen:
+        raise DataError(f"{path}:{lineno}: duplicate {what} id {key}")
+    seen.add(key)
+
+
+# --------------------------------------------------------------------------- MovieLens-100K
+
+
+def load_ml100k(folder: str | Path) -> RatingData:
+    """Load MovieLens-100K from the GroupLens layout or from RecBole's atomic files."""
+    folder = Path(folder)
+    if (folder / "u.data").exists() or not (folder / "ml-100k.inter").exists():
+        return _load_ml100k_grouplens(folder)
+    return _load_ml100k_recbole(folder)
+
+
+def _load_ml100k_grouplens(folder: Path) -> RatingData:
+    users, user_ids = [], set()
+    path = folder / "u.user"
+    for lineno, line in _lines(path, "latin-1"):
+        uid, age, gender, occupation, zipcode = _fields(path, lineno, line, "|", 5)
+        user = _int(path, lineno, uid, "user id")
+        _unique(path, lineno, user, user_ids, "user")
+        users.append(
+            {
+                "user_id": user,
+                "gender": gender,
+                "age": _int(path, lineno, age, "age"),
+                "occupation": occupation,
+                "zip": zipcode,
+                "source_id": uid,
+            }
+        )
+    items, item_ids = [], set()
+    path = folder / "u.item"
+    for lineno, line in _lines(path, "latin-1"):
+        parts = _fields(path, lineno, line, "|", 5 + len(ML100K_GENRES))
+        item = _int(path, lineno, parts[0], "item id")
+        _unique(path, lineno, item, item_ids, "item")
+        flags = parts[5:]
+        if any(f not in ("0", "1") for f in flags):
+            raise DataError(f"{path}:{lineno}: genre flags must be 0 or 1")
+        genres = [g for g, f in zip(ML100K_GENRES, flags, strict=True) if f == "1"]
+        items.append(
+            {"item_id": item, "title": parts[1].strip(), "genres": genres, "source_id": parts[0]}
+        )
+    ratings = []
+    path = folder / "u.data"
+    for lineno, line in _lines(path, "latin-1"):
+        uid, iid, rating, ts = _fields(path, lineno, line, "\t", 4)
+        ratings.append(
+            (
+                _int(path, lineno, uid, "user id"),
+                _int(path, lineno, iid, "item id"),
+                _rating(path, lineno, rating),
+                _int(path, lineno, ts, "timestamp"),
+                lineno,
+            )
+        )
+    _check_ids(ratings, user_ids, item_ids, path)
+    return _frames("ml-100k", users, items, ratings)
+
+
+def _load_ml100k_recbole(folder: Path) -> RatingData:
+    users, user_ids = [], set()
+    path = folder / "ml-100k.user"
+    for lineno, line in _lines(path, "utf-8", skip_header=True):
+        uid, age, gender, occupation, zipcode = _fields(path, lineno, line, "\t", 5)
+        user = _int(path, lineno, uid, "user id")
+        _unique(path, lineno, user, user_ids, "user")
+        users.append(
+            {
+                "user_id": user,
+                "gender": gender,
+                "age": _int(path, lineno, age, "age"),
+                "occupation": occupation,
+                "zip": zipcode,
+                "source_id": uid,
+            }
+        )
+    items, item_ids = [], set()
+    path = folder / "ml-100k.item"
+    for lineno, line in _lines(path, "utf-8", skip_header=True):
+        iid, title, year, genres = _fields(path, lineno, line, "\t", 4)
+        item = _int(path, lineno, iid, "item id")
+        _unique(path, lineno, item, item_ids, "item")
+        title = title.strip()
+        if year.strip():
+            title = f"{title} ({year.strip()})"
+        items.append({"item_id": item, "title": title, "genres": genres.split(), "source_id": iid})
+    ratings = []
+    path = folder / "ml-100k.inter"
+    for lineno, line in _lines(path, "utf-8", skip_header=True):
+        uid, iid, rating, ts = _fields(path, lineno, line, "\t", 4)
+        ratings.append(
+            (
+                _int(path, lineno, uid, "user id"),
+                _int(path, lineno, iid, "item id"),
+                _rating(path, lineno, rating),
+                _int(path, lineno, ts, "timestamp"),
+                lineno,
+            )
+        )
+    _check_ids(ratings, user_ids, item_ids, path)
+    return _frames("ml-100k", users, items, ratings)
+
+
+# --------------------------------------------------------------------------- MovieLens-1M
+
+
+def load_ml1m(folder: str | Path) -> RatingData:
+    """Load MovieLens-1M (``ratings.dat``, ``movies.dat``, ``users.dat``; ``::``, latin-1)."""
+    folder = Path(folder)
+    users, user_ids = [], set()
+    path = folder / "users.dat"
+    for lineno, line in _lines(path, "latin-1"):
+        uid, gender, age, occupation, zipcode = _fields(path, lineno, line, "::", 5)
+        user = _int(path, lineno, uid, "user id")
+        _unique(path, lineno, user, user_ids, "user")
+        occ = _int(path, lineno, occupation, "occupation code")
+        if not 0 <= occ < len(ML1M_OCCUPATIONS):
+            raise DataError(f"{path}:{lineno}: occupation code {occ} is out of range 0..20")
+        users.append(
+            {
+                "user_id": user,
+                "gender": gender,
+                "age": _int(path, lineno, age, "age"),
+                "occupation": ML1M_OCCUPATIONS[occ],
+                "zip": zipcode,
+                "source_id": uid,
+            }
+        )
+    items, item_ids = [], set()
+    path = folder / "movies.dat"
+    for lineno, line in _lines(path, "latin-1"):
+        iid, title, genres = _fields(path, lineno, line, "::", 3)
+        item = _int(path, lineno, iid, "item id")
+        _unique(path, lineno, item, item_ids, "item")
+        items.append(
+            {
+                "item_id": item,
+                "title": title.strip(),
+                "genres": [g for g in genres.split("|") if g],
+                "source_id": iid,
+            }
+        )
+    ratings = []
+    path = folder / "ratings.dat"
+    for lineno, line in _lines(path, "latin-1"):
+        uid, iid, rating, ts = _fields(path, lineno, line, "::", 4)
+        ratings.append(
+            (
+                _int(path, lineno, uid, "user id"),
+                _int(path, lineno, iid, "item id"),
+                _rating(path, lineno, rating),
+                _int(path, lineno, ts, "timestamp"),
+                lineno,
+            )
+        )
+    _check_ids(ratings, user_ids, item_ids, path)
+    return _frames("ml-1m", users, items, ratings)
+
+
+# --------------------------------------------------------------------------- Amazon-Books
+
+
+def _find(folder: Path, names: tuple[str, ...]) -> Path:
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    return folder / names[0]
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
+    for lineno, line in _lines(path, "utf-8"):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object")
+        yield lineno, obj
+
+
+def load_amazon_books(folder: str | Path, min_interactions: int = 5) -> RatingData:
+    """Load the 2018 Amazon "Books" reviews and metadata (JSON lines, optionally .gz).
+
+    Reviews: ``Books.json`` (``reviewerID``, ``asin``, ``overall``, ``unixReviewTime``).
+    Metadata: ``meta_Books.json`` (``asin``, ``title``, ``category``). Users and items are
+    filtered to at least ``min_interactions`` ratings each, repeatedly until both hold
+    (a k-core); only items with metadata are kept. Duplicate (user, item) reviews keep the
+    first. There are no user features.
+    """
+    folder = Path(folder)
+    meta_path = _find(folder, ("meta_Books.json", "meta_Books.json.gz", "meta_Books.jsonl"))
+    titles: dict[str, tuple[str, list[str]]] = {}
+    for lineno, obj in _json_lines(meta_path):
+        asin = obj.get("asin")
+        if not isinstance(asin, str) or not asin:
+            raise DataError(f"{meta_path}:{lineno}: missing 'asin'")
+        title = obj.get("title")
+        if not isinstance(title, str) or not title.strip():
+            continue
+        category = obj.get("category") or []
+        genres = [c for c in category if isinstance(c, str) and c and c != "Books"]
+        titles.setdefault(asin, (" ".join(title.split()), genres))
+    reviews_path = _find(folder, ("Books.json", "Books.json.gz", "Books.jsonl"))
+    rows: dict[tuple[str, str], tuple[int, int]] = {}
+    for lineno, obj in _json_lines(reviews_path):
+        try:
+            user, asin = obj["reviewerID"], obj["asin"]
+            rating_raw, ts_raw = obj["overall"], obj["unixReviewTime"]
+        except KeyError as exc:
+            raise DataError(f"{reviews_path}:{lineno}: missing field {exc.args[0]!r}") from None
+        rating = _rating(reviews_path, lineno, str(rating_raw))
+        ts = _int(reviews_path, lineno, str(ts_raw), "unixReviewTime")
+        if asin in titles:
+            rows.setdefault((user, asin), (rating, ts))
+    frame = pl.DataFrame(
+        {
+            "user": [k[0] for k in rows],
+            "asin": [k[1] for k in rows],
+            "rating": [v[0] for v in rows.values()],
+            "timestamp": [v[1] for v in rows.values()],
+        },
+        schema={"user": pl.Utf8, "asin": pl.Utf8, "rating": pl.Int8, "timestamp": pl.Int64},
+    )
+    frame = k_core(frame, "user", "asin", min_interactions)
+    if frame.height == 0:
+        raise DataError(
+            f"{reviews_path}: no user left after filtering to users and items with at least "
+            f"{min_interactions} interactions (min_interactions)"
+        )
+    user_ids = frame.select(pl.col("user").unique().sort()).with_row_index("user_id", offset=1)
+    item_ids = frame.select(pl.col("asin").unique().sort()).with_row_index("item_id", offset=1)
+    ratings = (
+        frame.join(user_ids, on="user")
+        .join(item_ids, on="asin")
+        .select(
+            pl.col("user_id").cast(pl.Int64),
+            pl.col("item_id").cast(pl.Int64),
+            "rating",
+            "timestamp",
+        )
+    )
+    users = user_ids.select(
+        pl.col("user_id").cast(pl.Int64),
+        pl.lit(None, pl.Utf8).alias("gender"),
+        pl.lit(None, pl.Int64).alias("age"),
+        pl.lit(None, pl.Utf8).alias("occupation"),
+        pl.lit(None, pl.Utf8).alias("zip"),
+        pl.col("user").alias("source_id"),
+    )
+    items = item_ids.select(
+        pl.col("item_id").cast(pl.Int64),
+        pl.col("asin").map_elements(lambda a: titles[a][0], return_dtype=pl.Utf8).alias("title"),
+        pl.col("asin")
+        .map_elements(lambda a: titles[a][1], return_dtype=pl.List(pl.Utf8))
+        .alias("genres"),
+        pl.col("asin").alias("source_id"),
+    )
+    return RatingData("amazon-books", users, items, ratings)
+
+
+def k_core(frame: pl.DataFrame, user_col: str, item_col: str, k: int) -> pl.DataFrame:
+    """Keep rows whose user and item both have at least ``k`` rows, until it holds for all."""
+    while True:
+        before = frame.height
+        frame = frame.filter((pl.len().over(user_col) >= k) & (pl.len().over(item_col) >= k))
+        if frame.height == before:
+            return frame
+
+
+# --------------------------------------------------------------------------- dispatch
+
+LOADERS: dict[str, Callable[..., RatingData]] = {
+    "ml-100k": load_ml100k,
+    "ml-1m": load_ml1m,
+    "amazon-books": load_amazon_books,
+}
+
+
+def load_dataset(
+    name: str, folder: str | Path | None = None, min_interactions: int = 5
+) -> RatingData:
+    """Load a supported data set by name.
+
+    ``folder`` is required for ``ml-1m`` and ``amazon-books``; for ``ml-100k`` it is optional
+    (the files come from the offline asset cache when it is omitted).
+    """
+    if name not in LOADERS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if name == "ml-100k":
+        from tasks.data.assets import movielens_100k
+
+        return load_ml100k(movielens_100k(folder))
+    if folder is None:
+        raise DataError(f"dataset {name!r} needs --data-dir pointing at its files")
+    if not Path(folder).is_dir():
+        raise DataError(f"{folder}: data folder not found")
+    if name == "amazon-books":
+        return load_amazon_books(folder, min_interactions=min_interactions)
+    return LOADERS[name](folder)

@@ -1,0 +1,347 @@
+"""Knowledge encoding: texts -> dense vectors, with a cache that never encodes a text twice.
+
+The encoder is any sentence-transformers folder or plain Hugging Face encoder, resolved with
+:func:`tasks.data.assets.encoder_model` (default all-MiniLM-L6-v2 from the offline asset cache;
+``bert-base-uncased`` as in the paper works by id or path):
+
+- a sentence-transformers folder (it has ``modules.json``): its transformer, mean pooling,
+  then L2 normalisation where its pipeline normalises (all-MiniLM-L6-v2 does);
+- any other folder is loaded with ``AutoModel`` and mean-pooled (no normalisation).
+
+Texts longer than the encoder's window (256 tokens for MiniLM, 512 for BERT) are encoded in
+consecutive windows and mean-pooled over all their tokens, never truncated: the LLM's answer
+comes after a long profile-and-history prefix and would otherwise be cut off.
+
+Cache: ``<cache_dir>/<encoder key>/part-*.parquet`` with columns ``key`` (sha256 hex of the
+text, Utf8) and ``vector`` (List[Float32]). The encoder key is the encoder's name plus a hash of
+its resolved folder, so two encoders never share entries. Each call that encodes new texts
+appends one part file (written atomically: readers never see half a file); parts are compacted
+into one when there are more than :data:`MAX_PARTS`. The default cache folder is
+``tasks.data.assets.cache_dir() / "embeddings"``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from tasks.common.io import write_json, write_parquet
+from tasks.common.memory import releases_memory
+from tasks.data import assets
+from tasks.data.assets import DEFAULT_ENCODER, encoder_model
+
+log = logging.getLogger(__name__)
+
+MAX_PARTS = 32
+MAX_HF_TOKENS = 512
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def text_key(text: str) -> str:
+    """sha256 hex digest of the UTF-8 text (the cache key of one text)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def encoder_key(encoder: str = DEFAULT_ENCODER) -> str:
+    """Folder name of an encoder's cache: ``<name>-<12 hex of its resolved folder>``."""
+    resolved = encoder_model(encoder)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(resolved.rstrip("/")).name or encoder)[:60]
+    digest = hashlib.sha256(f"{resolved}|mean-windowed".encode()).hexdigest()[:12]
+    return f"{name}-{digest}"
+
+
+# --------------------------------------------------------------------------- models
+
+
+@functools.lru_cache(maxsize=4)
+def _load_encoder(resolved: str):
+    """Load an encoder once per process: ``("st", model, None)`` or ``("hf", model, tok)``."""
+    import torch
+
+    if (Path(resolved) / "modules.json").is_file():
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(resolved, device="cpu")
+        model.eval()
+        return "st", model, None
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolved)
+    model = AutoModel.from_pretrained(resolved, dtype=torch.float32)
+    model.eval()
+    return "hf", model, tok
+
+
+def _hf_max_length(tok) -> int:
+    limit = getattr(tok, "model_max_length", MAX_HF_TOKENS) or MAX_HF_TOKENS
+    return int(min(limit, MAX_HF_TOKENS))
+
+
+def _encoder_parts(kind: str, model, tok):
+    """(transformer, tokenizer, max tokens per window, L2-normalise?) of a loaded encoder."""
+    if kind == "st":
+        first = model[0]
+        normalize = any(type(m).__name__ == "Normalize" for m in model)
+        max_len = int(getattr(first, "max_seq_length", None) or MAX_HF_TOKENS)
+        return first.auto_model, first.tokenizer, max_len, normalize
+    return model, tok, _hf_max_length(tok), False
+
+
+def _encode_uncached(
+    texts: list[str], resolved: str, batch_size: int, show_progress: bool
+) -> np.ndarray:
+    """Run the encoder on ``texts``: ``[len(texts), dim]`` float32 (no cache).
+
+    Mean pooling over *all* tokens of a text: a text longer than the encoder's window (256
+    tokens for all-MiniLM-L6-v2, 512 for BERT) is cut into consecutive windows, each encoded
+    with its own special tokens, and the token embeddings of all windows are averaged. Plain
+    truncation would drop the LLM's answer, which comes after a long profile-and-history
+    prefix, and make every sample of a user encode the same. A text that fits one window
+    gives exactly the encoder's usual output (then L2-normalised where the
+    sentence-transformers pipeline normalises).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    kind, model, tok = _load_encoder(resolved)
+    net, tok, max_len, normalize = _encoder_parts(kind, model, tok)
+    enc = tok(
+        list(texts),
+        truncation=True,
+        max_length=max_len,
+        return_overflowing_tokens=True,
+        stride=0,
+        padding=False,
+    )
+    windows = enc["input_ids"]
+    owner = np.asarray(enc["overflow_to_sample_mapping"], dtype=np.int64)  # [windows]
+    sums = np.zeros((len(texts), net.config.hidden_size), dtype=np.float64)
+    counts = np.zeros(len(texts), dtype=np.float64)
+    order = np.argsort([-len(w) for w in windows], kind="stable")  # similar lengths together
+    starts = range(0, len(windows), batch_size)
+    with torch.inference_mode():
+        for start in tqdm(starts, desc="encode", disable=not show_progress):
+            idx = order[start : start + batch_size]
+            batch = tok.pad({"input_ids": [windows[i] for i in idx]}, return_tensors="pt")
+            hidden = net(**batch).last_hidden_state  # [b, T, H]
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [b, T, 1]
+            np.add.at(sums, owner[idx], (hidden * mask).sum(1).double().numpy())
+            np.add.at(counts, owner[idx], mask.sum((1, 2)).double().numpy())
+    out = (sums / np.maximum(counts, 1.0)[:, None]).astype(np.float32)
+    if normalize:
+        out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return out
+
+
+def encoder_dim(encoder: str = DEFAULT_ENCODER) -> int:
+    """Output width of an encoder (loads it)."""
+    kind, model, _ = _load_encoder(encoder_model(encoder))
+    if kind == "st":
+        return int(model.get_sentence_embedding_dimension())
+    return int(model.config.hidden_size)
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _parts(folder: Path) -> list[Path]:
+    return sorted(folder.glob("part-*.parquet"))
+
+
+def _read_cache(folder: Path, keys: set[str]) -> dict[str, np.ndarray]:
+    """Cached vectors for ``keys`` found in ``folder`` (retries once if a part vanished)."""
+    for attempt in range(2):
+        parts = _parts(folder)
+        if not parts:
+            return {}
+        try:
+            frame = (
+                pl.scan_parquet(parts)
+                .filter(pl.col("key").is_in(list(keys)))
+                .unique("key", keep="first")
+                .collect()
+            )
+            break
+        except (FileNotFoundError, OSError, pl.exceptions.ComputeError):
+            if attempt:
+                raise
+            time.sleep(0.1)  # a concurrent compaction removed a part: list again
+    if frame.height == 0:
+        return {}
+    mat = _matrix(frame["vector"])
+    return dict(zip(frame["key"].to_list(), mat, strict=True))
+
+
+def _append_cache(folder: Path, keys: list[str], vectors: np.ndarray) -> None:
+    part = folder / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+    write_parquet(vectors_frame(keys, vectors, id_col="key", id_dtype=pl.Utf8), part)
+    parts = _parts(folder)
+    if len(parts) > MAX_PARTS:
+        merged = pl.read_parquet(parts).unique("key", keep="first")
+        target = folder / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}-compact.parquet"
+        write_parquet(merged, target)
+        for p in parts:
+            p.unlink(missing_ok=True)
+        log.info("compacted %d cache parts into %s (%d vectors)", len(parts), target, len(merged))
+
+
+@releases_memory
+def encode_texts(
+    texts: Sequence[str],
+    encoder: str = DEFAULT_ENCODER,
+    cache_dir: Path | None = None,
+    batch_size: int = 64,
+    show_progress: bool = False,
+    use_cache: bool = True,
+) -> np.ndarray:
+    """Encode texts with mean pooling, through the cache.
+
+    Args:
+        texts: the texts; duplicates are encoded once.
+        encoder: ``"all-MiniLM-L6-v2"`` (default), a local model folder or a Hugging Face id.
+        cache_dir: root of the embedding cache (default
+        ``tasks.data.assets.cache_dir()/embeddings``).
+        batch_size: texts per encoder forward pass.
+        show_progress: show a progress bar while encoding.
+        use_cache: False skips reading and writing the cache.
+
+    Returns:
+        ``[len(texts), dim]`` float32, row ``i`` the vector of ``texts[i]``.
+    """
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    resolved = encoder_model(encoder)
+    keys = [text_key(t) for t in texts]
+    unique: dict[str, str] = dict(zip(keys, texts, strict=True))
+    found: dict[str, np.ndarray] = {}
+    folder: Path | None = None
+    if use_cache:
+        root = Path(cache_dir) if cache_dir is not None else assets.cache_dir() / "embeddings"
+        folder = root / encoder_key(encoder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "encoder.json").is_file():
+            write_json({"encoder": encoder, "resolved": resolved}, folder / "encoder.json")
+        found = _read_cache(folder, set(unique))
+    missing = [k for k in unique if k not in found]
+    log.info(
+        "encode_texts: %d texts, %d distinct, %d cached, %d to encode (%s)",
+        len(texts),
+        len(unique),
+        len(unique) - len(missing),
+        len(missing),
+        Path(resolved).name,
+    )
+    if missing:
+        vecs = _encode_uncached([unique[k] for k in missing], resolved, batch_size, show_progress)
+        found.update(zip(missing, vecs, strict=True))
+        if folder is not None:
+            _append_cache(folder, missing, vecs)
+    if not texts:
+        return np.zeros((0, encoder_dim(encoder)), dtype=np.float32)
+    return np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
+
+
+# --------------------------------------------------------------------------- frames
+
+
+def item_texts(items: pl.DataFrame) -> list[str]:
+    """Item text for items without generated knowledge: ``"<title>; genres: A, B"``.
+
+    Args:
+        items: ``items.parquet`` rows (``title`` Utf8, ``genres`` List[Utf8]), in their order.
+    """
+    for col in ("title", "genres"):
+        if col not in items.columns:
+            raise ValueError(f"items has no {col!r} column (expected items.parquet)")
+    out = []
+    for title, genres in zip(items["title"].to_list(), items["genres"].to_list(), strict=True):
+        genres = [g for g in (genres or []) if g]
+        out.append(f"{title}; genres: {', '.join(genres)}" if genres else str(title))
+    return out
+
+
+def vectors_frame(
+    ids: Sequence, vectors: np.ndarray, id_col: str = "user_id", id_dtype=pl.Int64
+) -> pl.DataFrame:
+    """``{id_col, vector: List[Float32]}`` from ids and a ``[n, dim]`` matrix."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[0] != len(ids):
+        raise ValueError(f"vectors must be [{len(ids)}, dim], got shape {vectors.shape}")
+    return pl.DataFrame(
+        {
+            id_col: pl.Series(id_col, list(ids), dtype=id_dtype),
+            "vector": pl.Series(
+                "vector", vectors, dtype=pl.Array(pl.Float32, vectors.shape[1])
+            ).cast(pl.List(pl.Float32)),
+        }
+    )
+
+
+def _matrix(col: pl.Series) -> np.ndarray:
+    """A List/Array[Float] column of equal-length rows -> ``[n, dim]`` float32."""
+    n = col.len()
+    if n == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    if isinstance(col.dtype, pl.Array):
+        col = col.cast(pl.List(pl.Float32))
+    if not isinstance(col.dtype, pl.List):
+        raise ValueError(f"column {col.name!r} must be a List or Array of floats, got {col.dtype}")
+    lengths = col.list.len()
+    if lengths.null_count() or lengths.min() != lengths.max():
+        raise ValueError(f"column {col.name!r}: vectors must all have the same length")
+    dim = int(lengths[0])
+    flat = col.explode().to_numpy()
+    return np.array(flat, dtype=np.float32).reshape(n, dim)  # a writable copy
+
+
+def frame_vectors(frame: pl.DataFrame, col: str = "vector") -> np.ndarray:
+    """The ``[rows, dim]`` float32 matrix of a vector column (List or Array of floats)."""
+    if col not in frame.columns:
+        raise ValueError(f"frame has no {col!r} column (columns: {frame.columns})")
+    return _matrix(frame[col])
+
+
+def encode_frame(
+    frame: pl.DataFrame,
+    id_col: str = "user_id",
+    text_col: str = "text",
+    encoder: str = DEFAULT_ENCODER,
+    cache_dir: Path | None = None,
+    batch_size: int = 64,
+    show_progress: bool = False,
+) -> pl.DataFrame:
+    """Encode ``frame[text_col]``: returns ``{id_col, vector}`` in the frame's order."""
+    for col in (id_col, text_col):
+        if col not in frame.columns:
+            raise ValueError(f"frame has no {col!r} column (columns: {frame.columns})")
+    vecs = encode_texts(
+        frame[text_col].to_list(), encoder, cache_dir, batch_size, show_progress=show_progress
+    )
+    return vectors_frame(frame[id_col].to_list(), vecs, id_col, frame.schema[id_col])
+
+
+__all__ = [
+    "encode_frame",
+    "encode_texts",
+    "encoder_dim",
+    "encoder_key",
+    "frame_vectors",
+    "item_texts",
+    "text_key",
+    "vectors_frame",
+]

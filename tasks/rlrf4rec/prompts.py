@@ -1,0 +1,424 @@
+"""Prompts: KAR's user-preference prompt, its knowledge text, and the other prompts of the project.
+
+The prompt is ``profile_and_history + ". " + instruction``; the knowledge text the encoder reads
+is ``profile_and_history + ". " + answer`` (KAR encodes the prompt's profile-and-history part
+followed by the LLM's answer).
+
+Also here:
+
+- :func:`chat_prompt`: the user message wrapped in the model's chat template (the generator and
+  the trainers apply it; prompts are stored as plain user messages).
+- :func:`fit_history`: the history cut from the oldest side, whole entries only, so that the
+  chat-formatted prompt fits a token budget (``max_prompt_tokens`` of :func:`prompt_table`).
+- :func:`item_prompt` / :func:`item_prompt_table`: KAR's item factual-knowledge prompt.
+- :func:`direct_prompt`: the prompt of the second pipeline (You et al., Figure 2): demographics,
+  liked and hated movies, a release-date cut-off, an answer of k titles as a list.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+import polars as pl
+
+log = logging.getLogger(__name__)
+
+# ML-1M age-bucket codes (README of the GroupLens ML-1M release).
+ML1M_AGE_BUCKETS = {
+    1: "under 18",
+    18: "18-24",
+    25: "25-34",
+    35: "35-44",
+    45: "45-49",
+    50: "50-55",
+    56: "above 56",
+}
+GENDER_WORDS = {"M": "male", "F": "female"}
+
+MOVIE_INSTRUCTION = (
+    "Analyze user's preferences on movies (consider factors like genre, director/actors, "
+    "time period/country, character, plot/theme, mood/tone, critical acclaim/award, "
+    "production quality, and soundtrack). Provide clear explanations based on relevant "
+    "details from the user's movie viewing history and other pertinent factors."
+)
+BOOK_INSTRUCTION = (
+    "Analyze user's preferences on books (consider factors like genre, author, writing "
+    "style, theme, setting, length and complexity, time period, literary quality, and "
+    "critical acclaim). Provide clear explanations based on relevant details from the "
+    "user's book reading history and other pertinent factors."
+)
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One rated item of a prompt history."""
+
+    title: str
+    rating: int
+
+
+def _with_article(occupation: str) -> str:
+    occupation = occupation.strip()
+    if occupation.lower() in ("", "none", "other"):
+        return "in an unspecified occupation"
+    article = "an" if occupation[0].lower() in "aeiou" else "a"
+    return f"{article} {occupation}"
+
+
+def describe_age(age: int | None, dataset: str) -> str:
+    """ML-1M stores an age-bucket code; ML-100K the raw age in years."""
+    if age is None:
+        return "unknown"
+    if dataset == "ml-1m":
+        return ML1M_AGE_BUCKETS.get(int(age), str(age))
+    return str(age)
+
+
+def history_text(history: Sequence[HistoryEntry]) -> str:
+    """``"title", r stars; "title", r stars`` (one star is singular)."""
+    return "; ".join(f'"{h.title}", {h.rating} star{"" if h.rating == 1 else "s"}' for h in history)
+
+
+def profile_and_history(
+    user: dict, history: Sequence[HistoryEntry], dataset: str = "ml-100k"
+) -> str:
+    """The profile-and-history part of KAR's prompt (no trailing period).
+
+    Args:
+        user: a row of ``users.parquet`` (``gender``, ``age``, ``occupation``; may be null).
+        history: the prompt history, oldest first.
+        dataset: ``ml-100k``, ``ml-1m`` or ``amazon-books``.
+    """
+    if dataset == "amazon-books":
+        head = "Given a user, this user's book reading history over time is listed below. "
+        return head + history_text(history)
+    gender = GENDER_WORDS.get(user.get("gender") or "", "")
+    who = f"{gender} user" if gender else "user"
+    age = describe_age(user.get("age"), dataset)
+    occupation = _with_article(user.get("occupation") or "")
+    head = (
+        f"Given a {who} who is aged {age} and {occupation}, this user's movie viewing "
+        "history over time is listed below. "
+    )
+    return head + history_text(history)
+
+
+def instruction(dataset: str) -> str:
+    """The analysis instruction that follows the history."""
+    return BOOK_INSTRUCTION if dataset == "amazon-books" else MOVIE_INSTRUCTION
+
+
+def preference_prompt(user: dict, history: Sequence[HistoryEntry], dataset: str = "ml-100k") -> str:
+    """KAR's full user-preference prompt (the user message; the chat template is applied later)."""
+    return profile_and_history(user, history, dataset) + ". " + instruction(dataset)
+
+
+def knowledge_text(prefix: str, answer: str) -> str:
+    """What the knowledge encoder reads: the profile-and-history part, ``". "``, the answer."""
+    return prefix + ". " + answer.strip()
+
+
+def prompt_table(
+    users: pl.DataFrame,
+    history: pl.DataFrame,
+    items: pl.DataFrame,
+    dataset: str,
+    user_ids: Sequence[int] | None = None,
+    max_prompt_tokens: int | None = None,
+    tokenizer: Any = None,
+) -> pl.DataFrame:
+    """One prompt per user from the prepared frames.
+
+    Args:
+        users, history, items: the prepared frames (:func:`tasks.data.prepare.load_prepared`).
+        dataset: ``ml-100k``, ``ml-1m`` or ``amazon-books``.
+        user_ids: restrict to these users (default: all).
+        max_prompt_tokens: when set, each user's history is cut from the oldest side (whole
+            entries) so that the chat-formatted prompt has at most this many tokens
+            (:func:`fit_history`); ``prefix`` then holds the kept history only.
+        tokenizer: the policy's tokenizer (an object or a path / model id) used to count tokens;
+            default the default policy model (:func:`tasks.data.assets.policy_model`).
+
+    Returns a frame with ``user_id``, ``split``, ``prefix`` (profile and history) and
+    ``prompt`` (prefix + instruction), in user-id order.
+    """
+    if max_prompt_tokens is not None:
+        if max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+        tokenizer = load_tokenizer(tokenizer)
+    titles = dict(zip(items["item_id"].to_list(), items["title"].to_list(), strict=True))
+    hist = (
+        history.sort(["user_id", "position"])
+        .group_by("user_id", maintain_order=True)
+        .agg("item_id", "rating")
+    )
+    by_user = {
+        row["user_id"]: [
+            HistoryEntry(titles[i], int(r))
+            for i, r in zip(row["item_id"], row["rating"], strict=True)
+        ]
+        for row in hist.iter_rows(named=True)
+    }
+    selected = users if user_ids is None else users.filter(pl.col("user_id").is_in(list(user_ids)))
+    rows = []
+    for user in selected.sort("user_id").iter_rows(named=True):
+        entries = by_user.get(user["user_id"], [])
+        if max_prompt_tokens is not None:
+            entries = fit_history(
+                entries,
+                max_prompt_tokens,
+                tokenizer,
+                functools.partial(preference_prompt, user, dataset=dataset),
+            )
+        prefix = profile_and_history(user, entries, dataset)
+        rows.append(
+            {
+                "user_id": user["user_id"],
+                "split": user.get("split"),
+                "prefix": prefix,
+                "prompt": prefix + ". " + instruction(dataset),
+            }
+        )
+    return pl.DataFrame(
+        rows,
+        schema={"user_id": pl.Int64, "split": pl.Utf8, "prefix": pl.Utf8, "prompt": pl.Utf8},
+    )
+
+
+# --------------------------------------------------------------------------- chat template
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_from(name: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)
+
+
+def load_tokenizer(tokenizer: Any = None) -> Any:
+    """A tokenizer object from an object, a path or model id (cached), or None (default policy)."""
+    if tokenizer is None:
+        from tasks.data.assets import policy_model
+
+        tokenizer = policy_model()
+    if isinstance(tokenizer, str):
+        return _tokenizer_from(tokenizer)
+    if not hasattr(tokenizer, "apply_chat_template"):
+        raise TypeError(
+            f"tokenizer: expected a tokenizer, a path or a model id, got {type(tokenizer).__name__}"
+        )
+    return tokenizer
+
+
+def chat_prompt(tokenizer: Any, prompt: str, system: str | None = None) -> str:
+    """The user message ``prompt`` in the model's chat template, ready for the assistant's turn.
+
+    Args:
+        tokenizer: a tokenizer with a chat template, or a path / model id to load one from.
+        prompt: the plain user message.
+        system: an optional system message (default: whatever the template adds by itself).
+
+    The text already holds the template's special tokens: tokenize it with
+    ``add_special_tokens=False``.
+    """
+    tok = load_tokenizer(tokenizer)
+    messages = [{"role": "user", "content": prompt}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    if not getattr(tok, "chat_template", None):
+        raise ValueError(f"tokenizer {getattr(tok, 'name_or_path', tok)!r} has no chat template")
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def count_prompt_tokens(tokenizer: Any, prompt: str, chat: bool = True) -> int:
+    """Tokens of ``prompt`` as the model sees it (in the chat template when ``chat``)."""
+    tok = load_tokenizer(tokenizer)
+    text = chat_prompt(tok, prompt) if chat else prompt
+    return len(tok(text, add_special_tokens=not chat)["input_ids"])
+
+
+def fit_history(
+    history: Sequence[HistoryEntry],
+    max_prompt_tokens: int,
+    tokenizer: Any,
+    build: Callable[[Sequence[HistoryEntry]], str],
+    chat: bool = True,
+) -> list[HistoryEntry]:
+    """The newest entries of ``history`` whose prompt fits ``max_prompt_tokens``.
+
+    Entries are dropped from the oldest side, whole entries only (never mid-title), until
+    ``build(kept)`` (the full user message) takes at most ``max_prompt_tokens`` tokens in the
+    chat template (or as plain text when ``chat`` is false). When even an empty history does
+    not fit, the empty history is returned and a warning logged.
+
+    Args:
+        history: the prompt history, oldest first.
+        max_prompt_tokens: the token budget of the whole prompt.
+        tokenizer: a tokenizer, or a path / model id.
+        build: makes the user message from a history, e.g.
+            ``functools.partial(preference_prompt, user, dataset="ml-100k")``.
+        chat: count tokens of the chat-formatted prompt (what the generator feeds the model).
+    """
+    if max_prompt_tokens < 1:
+        raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+    tok = load_tokenizer(tokenizer)
+    entries = list(history)
+
+    def fits(keep: int) -> bool:
+        kept = entries[len(entries) - keep :] if keep else []
+        return count_prompt_tokens(tok, build(kept), chat) <= max_prompt_tokens
+
+    if fits(len(entries)):
+        return entries
+    # Token counts grow with the number of kept entries: binary search the largest that fits.
+    lo, hi = 0, len(entries)  # fits(lo) unknown for lo = 0; fits(hi) is False
+    if not fits(0):
+        log.warning(
+            "prompt does not fit max_prompt_tokens=%d even with an empty history", max_prompt_tokens
+        )
+        return []
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return entries[len(entries) - lo :] if lo else []
+
+
+# --------------------------------------------------------------------------- item knowledge
+
+MOVIE_ITEM_PROMPT = (
+    "Introduce movie {title} and describe its attributes precisely (including but not limited "
+    "to genre, director/actors, time period/country, character, plot/theme, mood/tone, critical "
+    "acclaim/award, production quality, and soundtrack)."
+)
+BOOK_ITEM_PROMPT = (
+    "Introduce book {title} and describe its attributes precisely (including but not limited to "
+    "genre, author, writing style, theme, setting, length and complexity, time period, literary "
+    "quality, and critical acclaim)."
+)
+
+
+def item_prompt(title: str, dataset: str = "ml-100k") -> str:
+    """KAR's item factual-knowledge prompt (a user message) for one item title."""
+    template = BOOK_ITEM_PROMPT if dataset == "amazon-books" else MOVIE_ITEM_PROMPT
+    return template.format(title=title)
+
+
+def item_prompt_table(
+    items: pl.DataFrame, dataset: str, item_ids: Sequence[int] | None = None
+) -> pl.DataFrame:
+    """One factual-knowledge prompt per item: ``item_id``, ``prompt``, in item-id order.
+
+    Feed it to :func:`tasks.llm.generate.generate` with ``key="item_id"``.
+    """
+    selected = items if item_ids is None else items.filter(pl.col("item_id").is_in(list(item_ids)))
+    selected = selected.sort("item_id")
+    return pl.DataFrame(
+        {
+            "item_id": selected["item_id"],
+            "prompt": [item_prompt(t, dataset) for t in selected["title"].to_list()],
+        },
+        schema={"item_id": pl.Int64, "prompt": pl.Utf8},
+    )
+
+
+# --------------------------------------------------------------------------- direct recommendation
+
+
+def _ordinal(day: int) -> str:
+    if 11 <= day % 100 <= 13:
+        return f"{day}th"
+    suffix = {1: "st", 2: "nd", 3: "rd"}.get(day % 10, "th")
+    return f"{day}{suffix}"
+
+
+def format_cutoff(when: date | datetime | int) -> str:
+    """``April 22nd, 1998`` from a date, a datetime or a unix timestamp (UTC)."""
+    if isinstance(when, bool):
+        raise TypeError("cutoff: expected a date, a datetime or a unix timestamp, got a bool")
+    if isinstance(when, int | float):
+        when = datetime.fromtimestamp(int(when), tz=UTC)
+    if not isinstance(when, date):
+        raise TypeError(
+            f"cutoff: expected a date, a datetime or a unix timestamp, got {type(when).__name__}"
+        )
+    return f"{when.strftime('%B')} {_ordinal(when.day)}, {when.year}"
+
+
+def movie_with_genres(title: str, genres: Sequence[str] | None = None) -> str:
+    """``Title (1995) (comedy, drama)`` as in You et al.'s prompt (genres lower-cased)."""
+    genres = [g.lower() for g in (genres or []) if g and g.lower() != "unknown"]
+    return f"{title} ({', '.join(genres)})" if genres else title
+
+
+def _title_list(titles: Sequence[str]) -> str:
+    # Each title is its own quoted list item: a comma inside a title never splits it.
+    return "[" + ", ".join(repr(str(t)) for t in titles) + "]"
+
+
+def direct_prompt(
+    user: dict,
+    liked: Sequence[str],
+    hated: Sequence[str],
+    cutoff: date | datetime | int | None = None,
+    k: int = 5,
+    dataset: str = "ml-100k",
+) -> str:
+    """The second pipeline's prompt (You et al., Figure 2): recommend ``k`` titles as a list.
+
+    Args:
+        user: ``gender``, ``age``, ``occupation`` (may be null), optionally ``location``
+            (a place name; the zip code is not turned into a place).
+        liked: movies of the window rated >= 3, oldest first, as display strings
+            (:func:`movie_with_genres`).
+        hated: movies of the window rated <= 2, same format.
+        cutoff: only movies released before this date (the window's end); None leaves it out.
+        k: how many titles to ask for.
+        dataset: ``ml-100k`` or ``ml-1m`` (the age wording); ``amazon-books`` asks for books.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    books = dataset == "amazon-books"
+    noun = "books" if books else "movies"
+    parts = []
+    if not books:
+        gender = GENDER_WORDS.get(user.get("gender") or "", "")
+        who = f"I am a {gender}" if gender else "I am a user"
+        age = user.get("age")
+        if age is not None:
+            who += f", aged {describe_age(age, dataset)}"
+        if user.get("location"):
+            who += f", from {user['location']}"
+        occupation = (user.get("occupation") or "").strip()
+        if occupation and occupation.lower() not in ("none", "other"):
+            who += f", working as {occupation}"
+        parts.append(who + ".")
+    verb = "read" if books else "watched"
+    if liked:
+        parts.append(f"I have previously {verb} and liked the {noun}: {_title_list(liked)}.")
+    if hated:
+        parts.append(f"I have previously {verb} and HATED the {noun}: {_title_list(hated)}.")
+    if cutoff is not None:
+        released = "published" if books else "released"
+        parts.append(
+            f"Please provide recommendations for {noun} {released} before "
+            f"{format_cutoff(cutoff)}, based on my history."
+        )
+    item = "book" if books else "movie"
+    source = "Amazon Books" if books else "MovieLens"
+    parts.append(
+        f"Based on my profile, recommend the top {k} {noun} I am most likely to "
+        f"{'read' if books else 'watch'} next. Please provide the output in a list of strings "
+        f"format, containing only the {item} titles. Make sure to strictly adhere to the output "
+        f"format given below. Strictly do not generate any additional information other than "
+        f"the {item} names. Format: ['{item}_name', '{item}_name', ... '{item}_name'] Make sure "
+        f"to limit the recommendations to {noun} available in the {source} dataset."
+    )
+    return " ".join(parts)

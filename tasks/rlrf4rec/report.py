@@ -1,0 +1,210 @@
+"""The run's report: Table I, Table II, the per-round curve (Fig. 4), as markdown, JSON and PNG.
+
+Input is the ``results`` dict the flow assembles:
+
+- ``table1[backbone][row][seed]`` = metrics dict (``map@5``, ``ndcg@5``, ...) on the test users,
+  ``row`` in ``base`` (no knowledge), ``KAR`` (round-0 zero-shot knowledge), ``RLRF4Rec``
+  (knowledge of the final policy);
+- ``per_list[backbone][row][seed]`` = path of the per-list metrics parquet (for paired CIs);
+- ``rounds`` = one dict per round with at least ``round``; optional ``reward`` (sample reward
+  stats), ``pairs``, ``dpo``, ``generation`` and ``eval[backbone]`` (test metrics of that
+  round's policy).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from tasks.common.io import atomic_path, write_json
+
+ROWS = ("base", "KAR", "RLRF4Rec")
+KS = (1, 3, 5, 7)
+HEADLINE = ("map@5", "ndcg@5")
+
+
+def summarise(values: list[float]) -> dict:
+    """Mean, std and a t-based 95% CI over seeds (the CI collapses to the mean for one seed)."""
+    from models.metrics import seed_summary
+
+    return seed_summary(values)
+
+
+def paired_ci(base_paths: list[str], new_paths: list[str], metric: str) -> dict | None:
+    """Paired bootstrap CI of ``new - base`` on per-list metrics averaged over seeds."""
+    from models.metrics import paired_bootstrap_ci
+
+    if not base_paths or not new_paths:
+        return None
+
+    def per_list(paths: list[str]) -> np.ndarray:
+        frames = [pl.read_parquet(p).sort("list_id")[metric].to_numpy() for p in paths]
+        return np.mean(np.stack(frames), axis=0)
+
+    return paired_bootstrap_ci(per_list(new_paths), per_list(base_paths))
+
+
+def _fmt(summary: dict) -> str:
+    if summary.get("n", 1) > 1 and math.isfinite(summary.get("ci_low", math.nan)):
+        half = (summary["ci_high"] - summary["ci_low"]) / 2
+        return f"{summary['mean']:.4f} ± {half:.4f}"
+    return f"{summary['mean']:.4f}"
+
+
+def build_tables(results: dict) -> dict:
+    """Summaries per backbone/row/metric and paired CIs of RLRF4Rec - KAR and KAR - base."""
+    out: dict = {"table1": {}, "paired": {}}
+    for backbone, rows in results.get("table1", {}).items():
+        out["table1"][backbone] = {}
+        for row, by_seed in rows.items():
+            metrics = sorted({m for v in by_seed.values() for m in v})
+            out["table1"][backbone][row] = {
+                m: summarise([float(v[m]) for v in by_seed.values() if m in v]) for m in metrics
+            }
+        lists = results.get("per_list", {}).get(backbone, {})
+        for new, base in (("RLRF4Rec", "KAR"), ("KAR", "base"), ("RLRF4Rec", "base")):
+            for metric in HEADLINE:
+                ci = paired_ci(
+                    list(lists.get(base, {}).values()), list(lists.get(new, {}).values()), metric
+                )
+                if ci is not None:
+                    out["paired"].setdefault(backbone, {})[f"{new}-{base}:{metric}"] = ci
+    return out
+
+
+def markdown(results: dict, tables: dict, params: dict | None = None) -> str:
+    """The report as markdown."""
+    lines = ["# RLRF4Rec run report", ""]
+    if params:
+        keys = ("profile", "dataset", "policy_model", "encoder", "rounds", "n_samples", "seeds")
+        lines.append(" · ".join(f"{k}: `{params[k]}`" for k in keys if k in params))
+        lines.append("")
+    seeds = {len(v) for b in results.get("table1", {}).values() for v in b.values()}
+    n_seeds = max(seeds) if seeds else 0
+    lines += [
+        "## Table I: test users, reranking metrics",
+        "",
+        f"Mean over {n_seeds} seed(s)" + (" ± half-width of the 95% CI." if n_seeds > 1 else "."),
+        "",
+    ]
+    metric_cols = [f"map@{k}" for k in KS] + [f"ndcg@{k}" for k in KS]
+    lines.append("| backbone | knowledge | " + " | ".join(m.upper() for m in metric_cols) + " |")
+    lines.append("|---|---|" + "---|" * len(metric_cols))
+    for backbone, rows in tables["table1"].items():
+        for row in ROWS:
+            if row not in rows:
+                continue
+            cells = [_fmt(rows[row][m]) if m in rows[row] else "" for m in metric_cols]
+            lines.append(f"| {backbone.upper()} | {row} | " + " | ".join(cells) + " |")
+    if tables["paired"]:
+        lines += ["", "Paired bootstrap over test lists (difference, 95% CI):", ""]
+        lines.append("| backbone | comparison | difference | 95% CI |")
+        lines.append("|---|---|---|---|")
+        for backbone, comps in tables["paired"].items():
+            for name, ci in comps.items():
+                lines.append(
+                    f"| {backbone.upper()} | {name} | {ci['mean_diff']:+.4f} | "
+                    f"[{ci['ci_low']:+.4f}, {ci['ci_high']:+.4f}] |"
+                )
+    first = next(iter(tables["table1"]), None)
+    if first:
+        rows = tables["table1"][first]
+        lines += ["", f"## Table II: ablation ({first.upper()}, NDCG@5)", ""]
+        lines += ["| method | NDCG@5 |", "|---|---|"]
+        for label, row in (
+            ("RLRF4Rec", "RLRF4Rec"),
+            ("RLRF4Rec (w/o knowledge)", "base"),
+            ("RLRF4Rec (w/o DPO) = round-0 knowledge", "KAR"),
+        ):
+            if row in rows and "ndcg@5" in rows[row]:
+                lines.append(f"| {label} | {_fmt(rows[row]['ndcg@5'])} |")
+    rounds = results.get("rounds", [])
+    if rounds:
+        lines += ["", "## Per round (Fig. 4)", ""]
+        lines.append(
+            "| round | reward NDCG@5 mean | pairs kept | dropped | chosen-rejected margin | "
+            "DPO loss | reward acc. | mean tokens | tokens/s | test NDCG@5 | test MAP@5 |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in rounds:
+            rew = r.get("reward", {})
+            pairs = r.get("pairs", {})
+            dpo = r.get("dpo", {})
+            gen = r.get("generation", {})
+            ev = next(iter(r.get("eval", {}).values()), {})
+            dropped = sum(pairs.get(k, 0) for k in ("dropped_tie", "dropped_margin"))
+            lines.append(
+                f"| {r['round']} | {_num(rew.get('ndcg_at_5_mean'))} | {pairs.get('pairs', '')} |"
+                f" {dropped if pairs else ''} | {_num(pairs.get('margin_mean'))} |"
+                f" {_num(dpo.get('loss'))} | {_num(dpo.get('rewards/accuracies'))} |"
+                f" {_num(gen.get('mean_tokens'), 1)} | {_num(gen.get('tokens_per_s'), 1)} |"
+                f" {_num(ev.get('ndcg@5'))} | {_num(ev.get('map@5'))} |"
+            )
+        lines += ["", "![per-round curve](fig4_rounds.png)"]
+    timings = results.get("timings")
+    if timings:
+        lines += ["", "## Wall time per stage (s)", "", "| stage | seconds |", "|---|---|"]
+        for name, sec in timings.items():
+            lines.append(f"| {name} | {sec:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _num(v: object, digits: int = 4) -> str:
+    if isinstance(v, int | float) and math.isfinite(v):
+        return f"{v:.{digits}f}"
+    return ""
+
+
+def plot_rounds(results: dict, path: Path) -> Path | None:
+    """Fig. 4: test NDCG@5 / MAP@5 per round (where evaluated) and the mean sample reward."""
+    rounds = results.get("rounds", [])
+    if not rounds:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, metric in zip(axes[:2], HEADLINE, strict=True):
+        for backbone in sorted({b for r in rounds for b in r.get("eval", {})}):
+            xs = [r["round"] for r in rounds if backbone in r.get("eval", {})]
+            ys = [r["eval"][backbone][metric] for r in rounds if backbone in r.get("eval", {})]
+            ax.plot(xs, ys, marker="o", label=backbone.upper())
+        ax.set_title(f"test {metric.upper()}")
+        ax.set_xlabel("round")
+        ax.legend()
+    xs = [r["round"] for r in rounds if r.get("reward")]
+    ys = [r["reward"]["ndcg_at_5_mean"] for r in rounds if r.get("reward")]
+    axes[2].plot(xs, ys, marker="o", color="tab:green")
+    axes[2].set_title("mean sample reward (NDCG@5)")
+    axes[2].set_xlabel("round")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: dict, out_dir: Path, params: dict | None = None) -> dict:
+    """Write ``report.md``, ``results.json`` and ``fig4_rounds.png`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    tables = build_tables(results)
+    plot = plot_rounds(results, out_dir / "fig4_rounds.png")
+    text = markdown(results, tables, params)
+    with atomic_path(out_dir / "report.md") as tmp:
+        tmp.write_text(text)
+    write_json({"results": results, "tables": tables, "params": params}, out_dir / "results.json")
+    return {
+        "report": str(out_dir / "report.md"),
+        "results": str(out_dir / "results.json"),
+        "plot": str(plot) if plot else None,
+        "tables": tables,
+    }

@@ -1,0 +1,42 @@
+"""Atomic writes and the clean-up of what a killed writer left behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import polars as pl
+
+from tasks.common.io import remove_stale_temporaries, write_parquet
+
+
+def test_killed_writer_leaves_only_temporaries_and_they_are_removed(tmp_path: Path) -> None:
+    done = write_parquet(pl.DataFrame({"x": [1, 2]}), tmp_path / "done.parquet")
+    (tmp_path / ".hidden").write_text("not a temporary")
+    # a writer SIGKILLed in the middle of an atomic file and an atomic folder
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from tasks.common.io import atomic_dir, atomic_path
+        root = Path({str(tmp_path)!r})
+        (root / "round_01").mkdir()
+        with atomic_dir(root / "round_01" / "dpo") as d, atomic_path(root / "x.parquet") as f:
+            (d / "adapter").mkdir()
+            (d / "adapter" / "weights").write_bytes(b"half")
+            f.write_bytes(b"half")
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert proc.returncode == -9
+    left = sorted(p.name for p in tmp_path.rglob(".*.tmp"))
+    assert len(left) == 2 and not (tmp_path / "x.parquet").exists()
+
+    removed = remove_stale_temporaries(tmp_path)
+
+    assert sorted(p.name for p in removed) == left
+    assert not list(tmp_path.rglob(".*.tmp"))
+    assert pl.read_parquet(done)["x"].to_list() == [1, 2]  # finished work untouched
+    assert (tmp_path / ".hidden").exists() and (tmp_path / "round_01").is_dir()
+    assert remove_stale_temporaries(tmp_path) == []

@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from tasks.rlrf4rec import encode
+from tasks.rlrf4rec.encode import (
+    encode_texts,
+    encoder_key,
+    frame_vectors,
+    item_texts,
+    text_key,
+    vectors_frame,
+)
+
+TEXTS = ["A user who loves film noir.", "Space operas and robots.", "A user who loves film noir."]
+
+
+@pytest.fixture
+def counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the texts that reach the encoder model."""
+    calls: list[int] = []
+    real = encode._encode_uncached
+
+    def spy(texts, *args, **kwargs):
+        calls.append(len(texts))
+        return real(texts, *args, **kwargs)
+
+    monkeypatch.setattr(encode, "_encode_uncached", spy)
+    return calls
+
+
+def test_encode_shapes_and_duplicates(encoder_path: str, tmp_path: Path, counting) -> None:
+    vecs = encode_texts(TEXTS, encoder_path, cache_dir=tmp_path)
+    assert vecs.shape == (3, 384) and vecs.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)  # MiniLM normalises
+    assert np.array_equal(vecs[0], vecs[2])
+    assert counting == [2]  # the duplicate is encoded once
+
+
+def test_cache_hit_encodes_nothing(encoder_path: str, tmp_path: Path, counting) -> None:
+    first = encode_texts(TEXTS, encoder_path, cache_dir=tmp_path)
+    again = encode_texts(list(reversed(TEXTS)), encoder_path, cache_dir=tmp_path)
+    assert counting == [2]  # second call: all hits
+    assert np.array_equal(again, first[::-1])
+    more = encode_texts(["Space operas and robots.", "Westerns only."], encoder_path, tmp_path)
+    assert counting == [2, 1]  # only the new text
+    assert np.array_equal(more[0], first[1])
+    folder = tmp_path / encoder_key(encoder_path)
+    assert len(list(folder.glob("part-*.parquet"))) == 2
+    stored = pl.read_parquet(list(folder.glob("part-*.parquet")))
+    assert set(stored["key"]) == {text_key(t) for t in [*TEXTS, "Westerns only."]}
+    # the default encoder id resolves to the same folder, hence the same cache
+    assert encoder_key("all-MiniLM-L6-v2") == encoder_key(encoder_path)
+
+
+def test_compaction_keeps_everything(
+    encoder_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(encode, "MAX_PARTS", 2)
+    texts = [f"text number {i}" for i in range(4)]
+    for t in texts:
+        encode_texts([t], encoder_path, cache_dir=tmp_path)
+    folder = tmp_path / encoder_key(encoder_path)
+    assert len(list(folder.glob("part-*.parquet"))) <= 2
+    assert pl.read_parquet(list(folder.glob("part-*.parquet"))).height == 4
+
+
+def test_plain_hf_encoder_mean_pooling(encoder_path: str, tmp_path: Path) -> None:
+    # the same weights without the sentence-transformers files: a plain HF encoder
+    plain = tmp_path / "plain-bert"
+    plain.mkdir()
+    for f in Path(encoder_path).iterdir():
+        if f.is_file() and f.name not in ("modules.json", "sentence_bert_config.json"):
+            shutil.copy(f, plain / f.name)
+    assert encoder_key(str(plain)) != encoder_key(encoder_path)
+    raw = encode_texts(TEXTS[:2], str(plain), cache_dir=tmp_path)
+    st = encode_texts(TEXTS[:2], encoder_path, cache_dir=tmp_path)
+    assert raw.shape == (2, 384)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)  # no normalisation
+    normed = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    assert np.allclose(normed, st, atol=1e-4)  # MiniLM = mean pooling + L2 norm
+
+
+def test_item_texts_and_vector_frames() -> None:
+    items = pl.DataFrame(
+        {
+            "item_id": [1, 2],
+            "title": ["American President, The (1995)", "Heat (1995)"],
+            "genres": [["Comedy", "Drama"], []],
+        }
+    )
+    assert item_texts(items) == [
+        "American President, The (1995); genres: Comedy, Drama",
+        "Heat (1995)",
+    ]
+    mat = np.arange(6, dtype=np.float32).reshape(2, 3)
+    frame = vectors_frame([7, 9], mat)
+    assert frame.schema == pl.Schema({"user_id": pl.Int64, "vector": pl.List(pl.Float32)})
+    assert np.array_equal(frame_vectors(frame), mat)
+    with pytest.raises(ValueError, match="same length"):
+        frame_vectors(pl.DataFrame({"vector": [[1.0], [1.0, 2.0]]}))
+
+
+def test_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"texts\[1\]"):
+        encode_texts(["ok", 3], cache_dir=tmp_path)  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="batch_size"):
+        encode_texts(["ok"], batch_size=0, cache_dir=tmp_path)
+
+
+def test_long_text_keeps_its_tail(encoder_path: str, tmp_path) -> None:
+    """Texts past the encoder's 256-token window differ by their ends (no truncation), and a
+    short text encodes exactly as sentence-transformers does."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from tasks.rlrf4rec.encode import encode_texts
+
+    prefix = "Given a male user who is aged 24, this user's history is listed below. " * 40
+    texts = [prefix + "He loves slapstick comedy.", prefix + "He hates horror films.", "short"]
+    vecs = encode_texts(texts, encoder_path, cache_dir=tmp_path)
+    assert not np.allclose(vecs[0], vecs[1], atol=1e-4)
+    reference = SentenceTransformer(encoder_path, device="cpu").encode(["short"])
+    np.testing.assert_allclose(vecs[2], reference[0], atol=1e-5)

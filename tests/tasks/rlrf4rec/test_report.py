@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from tasks.rlrf4rec.report import build_tables, write_report
+
+
+def _per_list(path: Path, values: list[float]) -> str:
+    pl.DataFrame(
+        {"list_id": list(range(len(values))), "map@5": values, "ndcg@5": values}
+    ).write_parquet(path)
+    return str(path)
+
+
+def test_tables_and_files(tmp_path: Path) -> None:
+    m = lambda x: {"map@5": x, "ndcg@5": x + 0.1}  # noqa: E731
+    results = {
+        "table1": {"dlcm": {
+            "base": {"1": m(0.50), "2": m(0.52)},
+            "KAR": {"1": m(0.55), "2": m(0.57)},
+            "RLRF4Rec": {"1": m(0.60), "2": m(0.62)},
+        }},
+        "per_list": {"dlcm": {
+            "KAR": {"1": _per_list(tmp_path / "k1.parquet", [0.5, 0.5, 0.5, 0.5])},
+            "RLRF4Rec": {"1": _per_list(tmp_path / "r1.parquet", [0.6, 0.6, 0.7, 0.5])},
+        }},
+        "rounds": [
+            {"round": 0},
+            {"round": 1, "reward": {"ndcg_at_5_mean": 0.4}, "pairs": {"pairs": 5, "dropped_tie": 1},
+             "eval": {"dlcm": {"map@5": 0.6, "ndcg@5": 0.7}}},
+        ],
+        "timings": {"prepare": 1.5},
+    }  # fmt: skip
+    tables = build_tables(results)
+    rl = tables["table1"]["dlcm"]["RLRF4Rec"]["map@5"]
+    assert rl["mean"] == pytest.approx(0.61) and rl["n"] == 2
+    assert rl["ci_low"] < 0.61 < rl["ci_high"]
+    diff = tables["paired"]["dlcm"]["RLRF4Rec-KAR:map@5"]
+    assert diff["mean_diff"] == pytest.approx(0.1)
+    out = write_report(results, tmp_path / "out", {"profile": "quick", "rounds": 1})
+    text = Path(out["report"]).read_text()
+    assert "| DLCM | RLRF4Rec | " in text and "0.6100 ± " in text
+    assert "RLRF4Rec-KAR:map@5 | +0.1000" in text
+    assert "Table II" in text and "| 1 | 0.4000 | 5 | 1 |" in text
+    assert Path(out["plot"]).read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads(Path(out["results"]).read_text())
+    assert saved["params"]["profile"] == "quick"
