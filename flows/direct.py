@@ -31,9 +31,10 @@ from flows.common import (
     run_tracked,
 )
 from tasks.common.stage import Artefact, InputRef
+from tasks.direct import report as direct_report
 from tasks.direct import stages
 from tasks.direct.baselines import BaselineConfig
-from tasks.direct.stages import DirectPairing, RewardModelConfig
+from tasks.direct.scoring import load_direct
 from tasks.direct.title_mapping import MappingConfig
 from tasks.direct.windows import WindowConfig
 from tasks.llm import stages as llm_stages
@@ -41,7 +42,9 @@ from tasks.llm.dpo import DPOConfig
 from tasks.llm.generate import SamplingConfig
 from tasks.llm.online_rl import OnlineRLConfig
 from tasks.llm.policy import Policy
+from tasks.llm.reward_model import RewardModelConfig
 from tasks.llm.sft import SFTConfig
+from tasks.pairing import PairingConfig
 
 Stage = Literal["sft", "dpo", "rl", "rlhf"]
 STAGE_ORDER = ("sft", "dpo", "rl", "rlhf")
@@ -145,12 +148,14 @@ class DirectParams(RunParams):
     )
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the DPO samples")
     top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling top-p")
-    pairing: Literal["all_pairs", "best_worst"] = Field(
+    pairing: Literal["all_pairs", "best_worst", "mu_2sigma"] = Field(
         "all_pairs",
         description="all_pairs: every pair of samples with different NDCG@5 (the paper); "
-        "best_worst: one pair per prompt",
+        "best_worst: one pair per prompt; mu_2sigma: the best against one near mean - 2 std",
     )
-    min_margin: float = Field(0.0, ge=0, description="drop pairs whose NDCG@5 gap is not above")
+    min_margin: float = Field(
+        0.0, ge=0, description="drop pairs whose NDCG@5 gap is below this (kept at exactly it)"
+    )
     format_bonus: float | None = Field(
         None,
         ge=0,
@@ -236,7 +241,8 @@ class StageConfigs:
     mapping: MappingConfig
     eval_sampling: SamplingConfig
     pref_sampling: SamplingConfig
-    pairing: DirectPairing
+    format_bonus: float
+    pairing: PairingConfig
     sft: SFTConfig
     dpo: DPOConfig
     rl: OnlineRLConfig
@@ -269,9 +275,8 @@ class StageConfigs:
             pref_sampling=replace(
                 sampling, n=p.n_samples or 4, temperature=p.temperature, seed=seed + 1
             ),
-            pairing=DirectPairing(
-                p.pairing, p.min_margin, p.max_pairs_per_prompt, p.format_bonus or 0.0
-            ),
+            format_bonus=p.format_bonus or 0.0,
+            pairing=PairingConfig.direct(p.pairing, p.min_margin, p.max_pairs_per_prompt),
             sft=replace(sft, seed=seed, max_steps=p.sft_max_steps or -1),
             # The reference policy is the one DPO starts from (the SFT policy).
             dpo=replace(
@@ -424,6 +429,7 @@ def run_seed(run: SeedRun, results: Results) -> None:
             backend=p.backend,
             max_train_users=_users(p.max_pref_users),
             mapping=cfg.mapping,
+            format_bonus=cfg.format_bonus,
             pairing=cfg.pairing,
             out=out / "preferences",
         )
@@ -448,8 +454,8 @@ def run_seed(run: SeedRun, results: Results) -> None:
         else:
             results.notes.append(f"seed {run.seed}: RLHF skipped ({rm.skipped}).")
     if run.first:
-        windows, _ = stages.load_direct(run.data.path)
-        results.examples = stages.example_rows(answers, windows)
+        windows, _ = load_direct(run.data.path)
+        results.examples = direct_report.example_rows(answers, windows)
         results.test_windows = results.per_seed["base"][run.seed].get("answers", 0)
 
 
@@ -462,7 +468,7 @@ def online_rl(run: SeedRun, start: Policy, reward_model: Artefact | None, name: 
         max_train_users=_users(run.p.max_rl_users),
         mapping=run.cfg.mapping,
         reward_model=reward_model,
-        format_bonus=run.p.format_bonus or 0.0,
+        format_bonus=run.cfg.format_bonus,
         out=run.out / name / "model",
     )
 
@@ -496,7 +502,7 @@ def _evaluated_or_noted(
 
 def report(p: DirectParams, ctx: RunContext, results: Results, t_start: float) -> dict:
     """``report.md`` and ``results.json``, with Table 1's means in MLflow."""
-    table = stages.summarise(results.per_seed)
+    table = direct_report.summarise(results.per_seed)
     wall = time.perf_counter() - t_start
     out = {
         "dataset": p.dataset,
@@ -513,7 +519,7 @@ def report(p: DirectParams, ctx: RunContext, results: Results, t_start: float) -
         "examples": results.examples,
         "params": p.model_dump(),
     }
-    paths = stages.write_report(out, ctx.run_dir)
+    paths = direct_report.write_report(out, ctx.run_dir)
     tracker = ctx.tracker
     for row, metrics in table.items():
         tracker.metrics(ctx.parent_run_id, {f"{row}.{m}": s["mean"] for m, s in metrics.items()})

@@ -27,7 +27,7 @@ from tasks.llm.generate import SamplingConfig
 from tasks.llm.policy import Policy
 from tasks.pairing import PairingConfig
 from tasks.rlrf4rec import stages
-from tasks.rlrf4rec.lists import TaskConfig
+from tasks.rlrf4rec.lists import ListsConfig
 from tasks.rlrf4rec.reranker import TrainConfig
 from tasks.rlrf4rec.stages import Shard
 
@@ -161,7 +161,7 @@ class IterateParams(RunParams):
 class LoopConfig:
     """The stages' settings, built once from the resolved parameters."""
 
-    lists: TaskConfig
+    lists: ListsConfig
     sampling: SamplingConfig
     reward: TrainConfig
     pairing: PairingConfig
@@ -184,7 +184,7 @@ class LoopConfig:
         if p.dpo_gradient_checkpointing is not None:
             dpo = replace(dpo, gradient_checkpointing=p.dpo_gradient_checkpointing)
         return cls(
-            lists=TaskConfig(seed=p.seed),
+            lists=ListsConfig(seed=p.seed),
             sampling=SamplingConfig(
                 n=_given(p.n_samples, "n_samples"),
                 temperature=p.temperature,
@@ -485,7 +485,7 @@ def evaluate_table1(loop: Loop, knowledge0: Knowledge, rounds: list[Round]) -> E
         for seed in loop.cfg.seeds:
             for row, vectors in rows.items():
                 out = eval_dir / backbone / row / f"seed{seed}"
-                metrics = train_and_evaluate(loop, vectors, backbone, seed, out, ev)
+                metrics = train_and_evaluate(loop, vectors, backbone, seed, out=out, ev=ev)
                 ev.add(backbone, row, seed, metrics)
     seed, backbone = loop.cfg.seeds[0], loop.p.reward_backbone
     ev.per_round[0] = ev.row(backbone, "KAR", seed)
@@ -496,13 +496,13 @@ def evaluate_table1(loop: Loop, knowledge0: Knowledge, rounds: list[Round]) -> E
             out = eval_dir / backbone / f"round{this.index}" / f"seed{seed}"
             vectors = this.final_knowledge.vectors
             ev.per_round[this.index] = train_and_evaluate(
-                loop, vectors, backbone, seed, out, ev
+                loop, vectors, backbone, seed, out=out, ev=ev
             ).stats
     return ev
 
 
 def train_and_evaluate(
-    loop: Loop, vectors: Artefact | None, backbone: str, seed: int, out: Path, ev: Evaluation
+    loop: Loop, vectors: Artefact | None, backbone: str, seed: int, *, out: Path, ev: Evaluation
 ) -> Artefact:
     """Train one reranker (with knowledge when ``vectors`` is given) and evaluate it on the
     test users; its seconds go to ``ev.timings``."""

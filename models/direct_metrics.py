@@ -14,20 +14,12 @@ All three are 0 when ``relevant`` is empty.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
 
 K = 5
-
-# Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30; 1.96 beyond.
-_T975 = [
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
-]  # fmt: skip
 
 
 def hits(recommended: Sequence[Any], relevant: Collection[Any], k: int = K) -> np.ndarray:
@@ -99,17 +91,3 @@ def mean_metrics(
         return dict.fromkeys(keys, 0.0)
     rows = [metrics_at_k(r, g, k) for r, g in zip(lists, relevant, strict=True)]
     return {key: float(np.mean([row[key] for row in rows])) for key in keys}
-
-
-def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Mean and the half-width of its Student-t 95% interval (0 for fewer than 2 values)."""
-    if confidence != 0.95:
-        raise ValueError("only the 95% interval is tabulated")
-    arr = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
-    if arr.size == 0:
-        return float("nan"), float("nan")
-    if arr.size == 1:
-        return float(arr[0]), 0.0
-    df = arr.size - 1
-    t = _T975[df - 1] if df <= len(_T975) else 1.96
-    return float(arr.mean()), float(t * arr.std(ddof=1) / math.sqrt(arr.size))

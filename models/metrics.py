@@ -1,4 +1,4 @@
-"""Reranking metrics (KAR's definitions) and the statistics used to compare systems.
+"""Reranking metrics (KAR's definitions). Intervals comparing systems: :mod:`models.stats`.
 
 All metric functions take ``labels`` and ``scores`` as arrays of shape ``[lists, items]``
 (numpy arrays, torch tensors or nested lists). Items are ranked by descending score; ties are
@@ -19,7 +19,6 @@ loop over lists); :func:`map_at_k` and :func:`ndcg_at_k` are their means.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -102,81 +101,3 @@ def metrics_per_list(labels: Any, scores: Any, ks: Sequence[int] = KS) -> dict[s
 def all_metrics(labels: Any, scores: Any, ks: Sequence[int] = KS) -> dict[str, float]:
     """Means over lists of :func:`metrics_per_list`."""
     return {name: float(v.mean()) for name, v in metrics_per_list(labels, scores, ks).items()}
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-def paired_bootstrap_ci(
-    a: Any, b: Any, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05
-) -> dict[str, float]:
-    """Paired bootstrap CI of ``mean(a - b)`` over lists.
-
-    Args:
-        a, b: per-list metric values ``[lists]`` of two systems on the same lists, same order.
-        n_boot: bootstrap resamples of the lists (with replacement).
-        seed: seed of the resampling.
-        alpha: 1 - confidence level (0.05 gives a 95 % percentile interval).
-
-    Returns:
-        ``mean_diff``, ``ci_low``, ``ci_high`` (percentile interval), ``p_value`` (two-sided
-        bootstrap p-value: twice the share of resampled mean differences on the far side of 0,
-        capped at 1; a rough guide, not an exact test) and ``n`` (lists).
-    """
-    x = np.asarray(a, dtype=np.float64).ravel()
-    y = np.asarray(b, dtype=np.float64).ravel()
-    if x.shape != y.shape:
-        raise ValueError(f"a {x.shape} and b {y.shape} must have the same number of lists")
-    if x.size == 0:
-        raise ValueError("a and b are empty: nothing to compare")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    diff = x - y
-    n = diff.size
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_boot, dtype=np.float64)
-    chunk = max(1, min(n_boot, 4_000_000 // n))  # bound the index matrix to ~32 MB
-    for start in range(0, n_boot, chunk):
-        m = min(chunk, n_boot - start)
-        idx = rng.integers(0, n, size=(m, n))
-        means[start : start + m] = diff[idx].mean(axis=1)
-    mean_diff = float(diff.mean())
-    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    if mean_diff >= 0:
-        tail = float((means <= 0).mean())
-    else:
-        tail = float((means >= 0).mean())
-    return {
-        "mean_diff": mean_diff,
-        "ci_low": float(lo),
-        "ci_high": float(hi),
-        "p_value": min(1.0, 2.0 * tail),
-        "n": int(n),
-    }
-
-
-def seed_summary(values: Any, confidence: float = 0.95) -> dict[str, float]:
-    """Mean, sample std and t-based CI of a metric over seeds.
-
-    Args:
-        values: one value per seed.
-        confidence: level of the two-sided interval ``mean +- t * std / sqrt(n)``.
-
-    Returns:
-        ``mean``, ``std`` (ddof=1; 0 with one seed), ``ci_low``, ``ci_high`` (equal to the mean
-        with one seed) and ``n``.
-    """
-    from scipy import stats
-
-    v = np.asarray(values, dtype=np.float64).ravel()
-    if v.size == 0:
-        raise ValueError("values is empty: need at least one seed")
-    n = int(v.size)
-    mean = float(v.mean())
-    if n == 1:
-        return {"mean": mean, "std": 0.0, "ci_low": mean, "ci_high": mean, "n": 1}
-    std = float(v.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * std / math.sqrt(n)
-    return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "n": n}

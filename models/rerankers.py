@@ -28,7 +28,7 @@ from models.base import Reranker, RerankerConfig
 
 
 def take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``table[index]`` along dim 0 via ``index_select`` (several times faster on CPU than
+    """``table[index]`` along dim 0 via ``index_select`` (faster on CPU than
     advanced indexing): ``[*index.shape, *table.shape[1:]]``."""
     return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
 

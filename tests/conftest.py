@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny hand-made data sets in each supported format."""
+"""Shared fixtures: tiny hand-made data sets in each supported format, and the tiny reranker
+set-up (:func:`make_run`, :func:`random_vectors`, ``DIM``, ``FAST``) that the reranker, reward
+and model tests import from here."""
 
 from __future__ import annotations
 
@@ -161,3 +163,65 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- tiny reranker runs
+
+RERANK_USERS, RERANK_ITEMS, RERANK_PER_USER = 16, 60, 34
+DIM = 8  # width of the user and item vectors of :func:`random_vectors`
+# A TrainConfig that trains the tiny rerankers in seconds (``TrainConfig(**FAST, ...)``).
+FAST = {
+    "epochs": 3,
+    "batch_size": 8,
+    "patience": 2,
+    "expert_hidden": 16,
+    "lr": 5e-3,
+    "num_threads": 1,
+}
+
+
+def make_run(root: Path) -> Path:
+    """A prepared run: 16 users x 34 ratings, 60 items; 4 lists per user; 9/3/4 users in
+    train/valid/test. Users like items of their own parity (a learnable signal)."""
+    from tasks.data.prepare import prepare
+    from tasks.rlrf4rec.lists import ListsConfig
+
+    src = root / "ml-100k"
+    src.mkdir(parents=True)
+    (src / "u.user").write_text(
+        "".join(f"{u}|{20 + u}|{'MF'[u % 2]}|writer|0{u:04d}\n" for u in range(1, RERANK_USERS + 1))
+    )
+    lines = []
+    for i in range(1, RERANK_ITEMS + 1):
+        f = ["0"] * 19
+        f[1 + i % 5] = "1"
+        lines.append(f"{i}|Film {i} (19{40 + i})|01-Jan-1990||http://x|{'|'.join(f)}\n")
+    (src / "u.item").write_text("".join(lines), encoding="latin-1")
+    rows = []
+    for u in range(1, RERANK_USERS + 1):
+        for k in range(RERANK_PER_USER):
+            item = (u * 7 + k * 13) % RERANK_ITEMS + 1
+            rating = 5 if item % 2 == u % 2 else 2
+            rows.append(f"{u}\t{item}\t{rating}\t{880000000 + 1000 * u + k}\n")
+    (src / "u.data").write_text("".join(rows))
+    run = root / "run"
+    prepare("ml-100k", run, src, ListsConfig(seed=3, test_frac=0.25, valid_frac=0.25))
+    return run
+
+
+def random_vectors(run: Path, seed: int = 0):
+    """User vectors (``DIM`` wide) that carry the user's parity, and random item vectors:
+    ``(users, items)`` frames of :func:`tasks.rlrf4rec.encode.vectors_frame`."""
+    import numpy as np
+
+    from tasks.data.prepare import load_prepared
+    from tasks.rlrf4rec.encode import vectors_frame
+
+    data = load_prepared(run)
+    rng = np.random.default_rng(seed)
+    uids = data.users["user_id"].to_numpy()
+    user = rng.normal(size=(len(uids), DIM)).astype(np.float32)
+    user[:, 0] = np.where(uids % 2 == 0, 2.0, -2.0)
+    iids = data.items["item_id"].to_numpy()
+    item = rng.normal(size=(len(iids), DIM)).astype(np.float32)
+    return vectors_frame(uids, user), vectors_frame(iids, item, id_col="item_id")

@@ -181,7 +181,7 @@ def _function_parts(fn: Callable[..., Any]) -> tuple[list[str], set[str]]:
         sources.append(source)
         tree = ast.parse(source)
         modules |= _imported_modules(tree)
-        names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        names = sorted({n.id for n in ast.walk(tree) if isinstance(n, ast.Name)})
         for ref in (vars(inspect.getmodule(obj)).get(n) for n in names):
             if isinstance(ref, types.ModuleType) and _is_project(ref.__name__):
                 modules.add(ref.__name__)
@@ -206,7 +206,7 @@ def code_version(fn: Callable[..., Any]) -> str:
     for mod in modules:
         closure |= _module_closure(mod)
     h = hashlib.sha256()
-    for source in sources:
+    for source in sorted(sources):  # a set's order changes with the process's hash seed
         h.update(source.encode())
     for mod in sorted(closure):
         h.update(mod.encode() + b"\0" + _module_source(mod).encode())
@@ -237,15 +237,20 @@ def key_value(obj: Any) -> Any:
     raise TypeError(f"stage argument of type {type(obj).__name__} cannot enter a cache key")
 
 
-def stage_key(name: str, fn: Callable[..., Any], arguments: dict[str, Any]) -> str:
-    """sha256 of the stage's name, arguments (:func:`key_value`) and code version."""
-    body = {
+def key_body(name: str, fn: Callable[..., Any], arguments: dict[str, Any]) -> dict[str, Any]:
+    """What a stage's key hashes: its name, arguments (:func:`key_value`) and code version.
+    Kept in the manifest, so that ``diff`` tells why a stage ran again."""
+    return {
         "stage": name,
         "version": MANIFEST_VERSION,
         "code": code_version(fn),
         "arguments": {k: key_value(v) for k, v in arguments.items()},
     }
-    return text_sha256(json.dumps(body, sort_keys=True))
+
+
+def stage_key(name: str, fn: Callable[..., Any], arguments: dict[str, Any]) -> str:
+    """sha256 of :func:`key_body`."""
+    return text_sha256(json.dumps(key_body(name, fn, arguments), sort_keys=True))
 
 
 # --------------------------------------------------------------------------- manifest
@@ -297,7 +302,8 @@ def run_stage(name: str, fn: Callable[..., Artefact], /, *args: Any, **kwargs: A
     bound = inspect.signature(fn).bind(*args, **kwargs)
     bound.apply_defaults()
     out = bound.arguments["out"]
-    key = stage_key(name, fn, bound.arguments)
+    body = key_body(name, fn, bound.arguments)
+    key = text_sha256(json.dumps(body, sort_keys=True))
     hit = cached_result(out, key)
     if hit is not None:
         log.info("%s: unchanged, served from %s", name, manifest_path(out))
@@ -318,6 +324,7 @@ def run_stage(name: str, fn: Callable[..., Artefact], /, *args: Any, **kwargs: A
         "version": MANIFEST_VERSION,
         "stage": name,
         "key": key,
+        "key_body": body,
         "content": content,
         "stamps": _stamps(outputs),
         "result": result.to_json(),

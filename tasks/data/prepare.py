@@ -26,7 +26,7 @@ from tasks.common.io import atomic_dir
 from tasks.common.runlock import RunLockedError, run_lock
 from tasks.data.assets import AssetError
 from tasks.data.datasets import DATASETS, DataError, load_dataset
-from tasks.rlrf4rec.lists import RerankTask, TaskConfig, build_task, task_counts
+from tasks.rlrf4rec.lists import ListsConfig, RerankLists, build_lists, lists_counts
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def prepare(
     dataset: str,
     out: str | Path,
     data_dir: str | Path | None = None,
-    cfg: TaskConfig | None = None,
+    cfg: ListsConfig | None = None,
     min_interactions: int = 5,
     max_users: int | None = None,
 ) -> dict:
@@ -59,12 +59,12 @@ def prepare(
     the full preparation). Nothing is written when loading or building fails; an existing
     ``<out>/data`` is replaced only once the new one is complete.
     """
-    cfg = cfg or TaskConfig()
+    cfg = cfg or ListsConfig()
     data = load_dataset(dataset, data_dir, min_interactions=min_interactions)
-    task = build_task(data, cfg)
+    rerank = build_lists(data, cfg)
     if max_users:
-        task = subset_users(task, max_users, cfg.seed)
-    counts = task_counts(task, data)
+        rerank = subset_users(rerank, max_users, cfg.seed)
+    counts = lists_counts(rerank, data)
     meta = {
         "dataset": dataset,
         "data_dir": str(data_dir) if data_dir else None,
@@ -77,25 +77,25 @@ def prepare(
         data.users.write_parquet(tmp / "users.parquet")
         data.items.write_parquet(tmp / "items.parquet")
         data.ratings.write_parquet(tmp / "ratings.parquet")
-        task.history.write_parquet(tmp / "history.parquet")
-        # task.users carries the split and per-user counts; it supersedes data.users.
-        task.users.write_parquet(tmp / "users.parquet")
-        task.lists.write_parquet(tmp / "lists.parquet")
+        rerank.history.write_parquet(tmp / "history.parquet")
+        # rerank.users carries the split and per-user counts; it supersedes data.users.
+        rerank.users.write_parquet(tmp / "users.parquet")
+        rerank.lists.write_parquet(tmp / "lists.parquet")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return counts
 
 
-def subset_users(task: RerankTask, max_users: int, seed: int) -> RerankTask:
+def subset_users(rerank: RerankLists, max_users: int, seed: int) -> RerankLists:
     """Keep ``max_users`` users drawn at random (seeded), with their histories and lists."""
-    ids = np.sort(task.users["user_id"].to_numpy())
+    ids = np.sort(rerank.users["user_id"].to_numpy())
     if max_users >= len(ids):
-        return task
+        return rerank
     keep = np.sort(np.random.default_rng(seed + 2).choice(ids, max_users, replace=False))
     keep_list = keep.tolist()
-    return RerankTask(
-        users=task.users.filter(pl.col("user_id").is_in(keep_list)),
-        history=task.history.filter(pl.col("user_id").is_in(keep_list)),
-        lists=task.lists.filter(pl.col("user_id").is_in(keep_list)),
+    return RerankLists(
+        users=rerank.users.filter(pl.col("user_id").is_in(keep_list)),
+        history=rerank.history.filter(pl.col("user_id").is_in(keep_list)),
+        lists=rerank.lists.filter(pl.col("user_id").is_in(keep_list)),
     )
 
 
@@ -109,7 +109,7 @@ def load_prepared(run_dir: str | Path) -> PreparedData:
 
 
 def format_counts(counts: dict) -> str:
-    """Human-readable summary of :func:`tasks.rlrf4rec.lists.task_counts`."""
+    """Human-readable summary of :func:`tasks.rlrf4rec.lists.lists_counts`."""
     lines = [
         f"dataset           {counts['dataset']}",
         f"users             {counts['users']:,} ({counts['users_with_lists']:,} with lists)",
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         if not 0.0 <= value < 1.0:
             print(f"error: {name} must be in [0, 1), got {value}", file=sys.stderr)
             return 2
-    cfg = TaskConfig(seed=args.seed, test_frac=args.test_frac, valid_frac=args.valid_frac)
+    cfg = ListsConfig(seed=args.seed, test_frac=args.test_frac, valid_frac=args.valid_frac)
     try:
         # A flow may be writing this run folder: take its lock, as the flows do.
         with run_lock(args.out):

@@ -30,8 +30,8 @@ POSITIVE_ABOVE = 3
 
 
 @dataclass(frozen=True)
-class TaskConfig:
-    """How the reranking task is built."""
+class ListsConfig:
+    """How the reranking lists are built."""
 
     seed: int = 42
     test_frac: float = 0.1
@@ -42,8 +42,8 @@ class TaskConfig:
 
 
 @dataclass
-class RerankTask:
-    """The prepared task.
+class RerankLists:
+    """The prepared lists.
 
     - ``users``: the data set's users with ``split`` in {train, valid, test} and
       ``n_ratings``, ``n_history``, ``n_lists``;
@@ -64,7 +64,7 @@ def history_length(n_ratings: int, cap: int = HISTORY_CAP) -> int:
     return min((n_ratings + 1) // 2, cap)
 
 
-def split_users(user_ids: np.ndarray, cfg: TaskConfig) -> dict[int, str]:
+def split_users(user_ids: np.ndarray, cfg: ListsConfig) -> dict[int, str]:
     """Assign each user id to train / valid / test, by a seeded permutation of sorted ids."""
     rng = np.random.default_rng(cfg.seed)
     ids = np.sort(np.asarray(user_ids))
@@ -78,9 +78,9 @@ def split_users(user_ids: np.ndarray, cfg: TaskConfig) -> dict[int, str]:
     return split
 
 
-def build_task(data: RatingData, cfg: TaskConfig | None = None) -> RerankTask:
+def build_lists(data: RatingData, cfg: ListsConfig | None = None) -> RerankLists:
     """Build histories, lists and the user split from a normalised data set."""
-    cfg = cfg or TaskConfig()
+    cfg = cfg or ListsConfig()
     if data.ratings.height == 0:
         raise DataError(f"{data.name}: no ratings")
     ordered = (
@@ -186,17 +186,17 @@ def build_task(data: RatingData, cfg: TaskConfig | None = None) -> RerankTask:
         .with_columns(pl.col("list_id").cast(pl.Int64))
         .select("list_id", "user_id", "split", "chunk_idx", "item_ids", "labels", "rated")
     )
-    return RerankTask(users=users_out.sort("user_id"), history=history, lists=lists)
+    return RerankLists(users=users_out.sort("user_id"), history=history, lists=lists)
 
 
-def task_counts(task: RerankTask, data: RatingData) -> dict:
+def lists_counts(rerank: RerankLists, data: RatingData) -> dict:
     """Counts worth printing: users, items, ratings, lists per split, share with no positive."""
-    lists = task.lists.with_columns(pl.col("labels").list.sum().alias("_pos"))
+    lists = rerank.lists.with_columns(pl.col("labels").list.sum().alias("_pos"))
     per_split = {}
     for split in ("train", "valid", "test"):
         part = lists.filter(pl.col("split") == split)
         per_split[split] = {
-            "users": int(task.users.filter(pl.col("split") == split).height),
+            "users": int(rerank.users.filter(pl.col("split") == split).height),
             "lists": int(part.height),
             "no_positive_share": float((part["_pos"] == 0).mean()) if part.height else 0.0,
         }
@@ -205,8 +205,8 @@ def task_counts(task: RerankTask, data: RatingData) -> dict:
         "users": int(data.users.height),
         "items": int(data.items.height),
         "ratings": int(data.ratings.height),
-        "users_with_lists": int(task.users.height),
-        "history_ratings": int(task.history.height),
+        "users_with_lists": int(rerank.users.height),
+        "history_ratings": int(rerank.history.height),
         "lists": int(lists.height),
         "no_positive_share": float((lists["_pos"] == 0).mean()),
         "splits": per_split,

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from models.stats import paired_bootstrap_ci, seed_summary
 from tasks.common.io import atomic_path, write_json
 
 ROWS = ("base", "KAR", "RLRF4Rec")
@@ -27,16 +28,12 @@ HEADLINE = ("map@5", "ndcg@5")
 
 
 def summarise(values: list[float]) -> dict:
-    """Mean, std and a t-based 95% CI over seeds (the CI collapses to the mean for one seed)."""
-    from models.metrics import seed_summary
-
+    """Mean, std and the Student-t 95% CI over seeds (:func:`models.stats.seed_summary`)."""
     return seed_summary(values)
 
 
 def paired_ci(base_paths: list[str], new_paths: list[str], metric: str) -> dict | None:
     """Paired bootstrap CI of ``new - base`` on per-list metrics averaged over seeds."""
-    from models.metrics import paired_bootstrap_ci
-
     if not base_paths or not new_paths:
         return None
 

@@ -153,7 +153,7 @@ class TrainConfig:
 
 
 @dataclass
-class Catalogue:
+class ItemIndex:
     """Item vocabulary of a run: sorted ids, first-genre index per item, genre names."""
 
     item_ids: np.ndarray  # [n_items] int64, increasing
@@ -161,14 +161,14 @@ class Catalogue:
     genre_names: list[str]
 
 
-def build_catalogue(items: pl.DataFrame) -> Catalogue:
+def build_item_index(items: pl.DataFrame) -> ItemIndex:
     """The catalogue of ``items.parquet``; an item's genre is the first of its ``genres``."""
     items = items.sort("item_id")
     first = items["genres"].list.first().fill_null("").to_list()
     names = sorted({g for g in first if g})
     index = {g: i + 1 for i, g in enumerate(names)}
     genre = np.array([index.get(g, 0) for g in first], dtype=np.int64)
-    return Catalogue(items["item_id"].to_numpy().astype(np.int64), genre, names)
+    return ItemIndex(items["item_id"].to_numpy().astype(np.int64), genre, names)
 
 
 @dataclass
@@ -274,7 +274,7 @@ class VectorTable:
         return self._order[pos]
 
 
-def _item_matrix(item_vectors: pl.DataFrame, catalogue: Catalogue) -> np.ndarray:
+def _item_matrix(item_vectors: pl.DataFrame, catalogue: ItemIndex) -> np.ndarray:
     table = VectorTable(item_vectors, "item_id", "item_vectors")
     return table.matrix[table.rows(catalogue.item_ids)]
 
@@ -475,7 +475,7 @@ def train_reranker(
         raise ValueError("item_vectors needs user_vectors (item knowledge alone is not a row)")
     started = time.perf_counter()
     data = load_prepared(data_dir)
-    catalogue = build_catalogue(data.items)
+    catalogue = build_item_index(data.items)
     train = list_arrays(training_lists(data, cfg))
     valid = list_arrays(_split_lists(data, "valid"))
     if train.n == 0:
@@ -599,7 +599,7 @@ def load_model_with_items(model_dir: Path, item_vectors: pl.DataFrame | None) ->
         if not model.cfg.item_dim:
             raise ValueError(f"item_vectors given but {model_dir} has no item knowledge")
         vocab = model.item_vocab.numpy()
-        cat = Catalogue(vocab, model.item_genre[1:].numpy(), list(model.cfg.genre_names))
+        cat = ItemIndex(vocab, model.item_genre[1:].numpy(), list(model.cfg.genre_names))
         matrix = _item_matrix(item_vectors, cat)
         if matrix.shape[1] != model.cfg.item_dim:
             raise ValueError(

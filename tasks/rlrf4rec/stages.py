@@ -22,7 +22,7 @@ from tasks.llm.policy import Policy
 if TYPE_CHECKING:
     from tasks.llm.generate import SamplingConfig
     from tasks.pairing import PairingConfig
-    from tasks.rlrf4rec.lists import TaskConfig
+    from tasks.rlrf4rec.lists import ListsConfig
     from tasks.rlrf4rec.reranker import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def prepare_data(
     dataset: str,
     *,
     data_dir: InputRef | None,
-    lists: TaskConfig,
+    lists: ListsConfig,
     max_users: int | None,
     out: Path,
 ) -> Artefact:
@@ -314,13 +314,7 @@ def pair(scored: Artefact, prompts: Artefact, *, cfg: PairingConfig, out: Path) 
     """Chosen/rejected pairs from the scored samples."""
     from tasks.pairing import build_pairs
 
-    pairs, stats = build_pairs(
-        pl.read_parquet(scored.path),
-        pl.read_parquet(prompts.path),
-        cfg.strategy,
-        cfg.min_margin,
-        cfg.reward_col,
-    )
+    pairs, stats = build_pairs(pl.read_parquet(scored.path), pl.read_parquet(prompts.path), cfg)
     write_parquet(pairs, Path(out))
     return Artefact(str(out), stats=stats.as_dict())
 

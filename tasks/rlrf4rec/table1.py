@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from models.metrics import KS, paired_bootstrap_ci, seed_summary
+from models.metrics import KS
+from models.stats import paired_bootstrap_ci, seed_summary
 from tasks.common.io import write_json
 from tasks.data.assets import DEFAULT_ENCODER, AssetError
 from tasks.data.datasets import DataError

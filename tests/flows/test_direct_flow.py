@@ -1,9 +1,14 @@
-"""The second pipeline's stages and flow: pairing, rewards, report, parameters, a CPU run."""
+"""The second pipeline's flow: parameters, typed configs and CPU runs of the stages.
+
+The pure parts have their tests beside their modules: ``tests/tasks/direct/test_scoring.py``,
+``tests/tasks/direct/test_report.py``, ``tests/tasks/test_pairing.py`` and
+``tests/tasks/llm/test_reward_model.py``.
+"""
 
 from __future__ import annotations
 
 import json
-import math
+from dataclasses import replace
 
 import polars as pl
 import pytest
@@ -12,140 +17,7 @@ from pydantic import ValidationError
 import tasks.direct.stages as stages
 from flows.common import RunLockedError, parse_params, run_lock
 from flows.direct import DESCRIPTION, DirectParams, StageConfigs, main
-from tasks.direct.stages import (
-    NDCGReward,
-    preference_pairs,
-    render_report,
-    score_answers,
-    sft_examples,
-    summarise,
-)
-from tasks.direct.title_mapping import Catalogue, parse_answer
-
-ITEMS = pl.DataFrame(
-    {
-        "item_id": [1, 2, 3, 4, 5, 6, 7],
-        "title": [
-            "Jaws (1975)",
-            "Alien (1979)",
-            "Psycho (1960)",
-            "American President, The (1995)",
-            "Heat (1995)",
-            "Fargo (1996)",
-            "Clerks (1994)",
-        ],
-    }
-)
-
-
-PROSE = "I am sorry, but I cannot recommend any movies because I do not know enough about you."
-
-
-def _windows() -> pl.DataFrame:
-    return pl.DataFrame(
-        {
-            "window_id": [0, 1],
-            "user_id": [10, 11],
-            "prompt": ["p0", "p1"],
-            "ground_truth_item_ids": [[1, 4], [5]],
-            "ground_truth_titles": [["Jaws (1975)", "American President, The (1995)"], ["Heat"]],
-            "context_item_ids": [[7], [6]],
-        }
-    )
-
-
-def _scored(texts_scores: dict[int, list[tuple[str, float]]]) -> pl.DataFrame:
-    rows = [
-        {"window_id": w, "sample_idx": i, "text": t, "ndcg": s}
-        for w, answers in texts_scores.items()
-        for i, (t, s) in enumerate(answers)
-    ]
-    return pl.DataFrame(rows)
-
-
-# --------------------------------------------------------------------------- pure stage parts
-
-
-def test_score_answers_and_reward():
-    cat = Catalogue.from_items(ITEMS)
-    samples = pl.DataFrame(
-        {
-            "window_id": [0, 0, 1],
-            "sample_idx": [0, 1, 0],
-            "text": ["['The American President', 'Jaws']", PROSE, "1. Fargo\n2. Heat"],
-        }
-    )
-    scored, summary = score_answers(samples, _windows(), cat)
-    assert scored["ndcg"].to_list() == pytest.approx([1.0, 0.0, 1 / math.log2(3)])
-    assert scored["format"].to_list() == ["list", "failed", "numbered"]
-    assert scored["item_ids"].to_list()[0] == [4, 1]
-    assert summary["parse_failures"] == 1 and summary["titles_parsed"] == 4
-    assert summary["context_hits"] == 1  # Fargo is in user 11's window
-    reward = NDCGReward(cat)
-    extra = {"ground_truth_item_ids": [[1, 4], [1, 4]], "context_item_ids": [[7], [7]]}
-    values = reward(["p", "p"], ["['Jaws', 'Alien']", [{"role": "assistant", "content": "x"}]],
-                    extra)  # fmt: skip
-    assert values[0] == pytest.approx(1 / (1 + 1 / math.log2(3)))
-    assert values[1] == 0.0 or values[1] < 1.0
-
-
-def test_preference_pairs_all_and_best_worst():
-    scored = _scored(
-        {
-            0: [("a", 0.5), ("b", 0.0), ("c", 0.5), ("d", 1.0)],
-            1: [("x", 0.0), ("x", 0.0), ("y", 0.0)],  # all equal: no pair
-        }
-    )
-    all_pairs = preference_pairs(scored, _windows(), "all_pairs")
-    # 6 pairs of 4 answers; (a, c) tie -> 5 pairs; chosen always the higher
-    assert all_pairs.height == 5
-    assert set(zip(all_pairs["chosen"], all_pairs["rejected"], strict=True)) == {
-        ("a", "b"), ("c", "b"), ("d", "a"), ("d", "b"), ("d", "c"),
-    }  # fmt: skip
-    assert (all_pairs["chosen_score"] > all_pairs["rejected_score"]).all()
-    assert all_pairs["prompt"].unique().to_list() == ["p0"]
-    bw = preference_pairs(scored, _windows(), "best_worst")
-    assert bw.select("chosen", "rejected").rows() == [("d", "b")]
-    margin = preference_pairs(scored, _windows(), "all_pairs", min_margin=0.5)
-    assert set(margin["chosen"]) == {"d"} and margin.height == 1  # only d vs b (gap 1.0)
-    capped = preference_pairs(scored, _windows(), "all_pairs", max_pairs_per_prompt=2)
-    assert capped.height == 2 and capped["chosen"].to_list()[0] == "d"
-    with pytest.raises(ValueError, match="pairing"):
-        preference_pairs(scored, _windows(), "random")
-
-
-def test_sft_examples_keep_titles_whole():
-    ex = sft_examples(_windows())
-    assert ex.columns == ["prompt", "completion"]
-    assert parse_answer(ex["completion"][0]).titles == [
-        "Jaws (1975)",
-        "American President, The (1995)",
-    ]
-
-
-def test_report_layout():
-    per_seed = {
-        "base": {
-            0: {
-                "ndcg@5": 0.01,
-                "precision@5": 0.02,
-                "recall@5": 0.02,
-                "mapped_title_rate": 0.5,
-                "parse_failure_rate": 0.1,
-            }
-        },  # fmt: skip
-        "sft": {0: {"ndcg@5": 0.02}, 1: {"ndcg@5": 0.04}},
-        "popular": {0: {"ndcg@5": 0.05, "precision@5": 0.05, "recall@5": 0.05}},
-    }
-    table = summarise(per_seed)
-    assert table["sft"]["ndcg@5"]["mean"] == pytest.approx(0.03)
-    assert table["sft"]["ndcg@5"]["ci95"] == pytest.approx(12.706 * 0.01414214 / math.sqrt(2))
-    text = render_report({"dataset": "ml-100k", "policy": "m", "profile": "quick",
-                          "seeds": [0, 1], "test_windows": 3, "table": table})  # fmt: skip
-    assert "| Base | 1.000 ± 0.000 | 2.000 ± 0.000 | 2.000 ± 0.000 | 50.000" in text
-    assert "| SFT | 3.000 ± 12.706 |" in text and "| 1.687 |" in text
-    assert "| Most popular | 5.000" in text and "n/a" in text
-
+from tasks.pairing import PairingConfig
 
 # --------------------------------------------------------------------------- parameters
 
@@ -191,6 +63,13 @@ def test_profiles_fill_unset_parameters():
     cfg = StageConfigs.of(paper, seed=0)
     assert cfg.sft.lora_r == 256 and cfg.dpo.ref == "previous" and cfg.dpo.epochs == 2.0
     assert StageConfigs.of(quick, seed=3).dpo.max_steps == 4
+    quick_cfg = StageConfigs.of(quick, seed=0)
+    assert quick_cfg.pairing == PairingConfig.direct("all_pairs", 0.0, None)
+    assert quick_cfg.format_bonus == 0.005 and cfg.format_bonus == 0.0
+    capped = DirectParams(pairing="mu_2sigma", min_margin=0.1, max_pairs_per_prompt=2).resolved()
+    assert StageConfigs.of(capped, seed=0).pairing == PairingConfig(
+        "mu_2sigma", 0.1, "reward", "window_id", 2
+    )
     with pytest.raises(ValidationError, match="stage"):
         DirectParams(stages=["sft", "sft"])
 
@@ -201,14 +80,14 @@ def test_profiles_fill_unset_parameters():
 def _always_pairs(real):
     """The tiny random model never hits the ground truth: pair its first two distinct answers."""
 
-    def wrapped(scored, windows, mode="all_pairs", min_margin=0.0, max_pairs_per_prompt=None):
-        pairs = real(scored, windows, mode, min_margin, max_pairs_per_prompt)
+    def wrapped(scored, windows, cfg):
+        pairs, stats = real(scored, windows, cfg)
         if pairs.height:
-            return pairs
+            return pairs, stats
         bumped = scored.with_columns(
             pl.when(pl.col("sample_idx") == 0).then(1.0).otherwise(pl.col("reward")).alias("reward")
         )
-        return real(bumped, windows, "best_worst", 0.0, 1)
+        return real(bumped, windows, replace(cfg, strategy="best_worst", max_pairs_per_prompt=1))
 
     return wrapped
 
@@ -242,7 +121,7 @@ def test_flow_end_to_end_on_cpu(prefect_harness, tiny_llm_path, ml100k_dir, tmp_
     from flows.direct import direct_flow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setattr(stages, "preference_pairs", _always_pairs(stages.preference_pairs))
+    monkeypatch.setattr(stages, "build_pairs", _always_pairs(stages.build_pairs))
     params = _tiny_params(tmp_path, ml100k_dir, tiny_llm_path, ["sft", "dpo", "rl"])
     result = direct_flow(**params)
     run = tmp_path / "runs" / "tiny"
@@ -283,23 +162,6 @@ def test_flow_end_to_end_on_cpu(prefect_harness, tiny_llm_path, ml100k_dir, tmp_
         direct_flow(**params)
 
 
-def test_reward_model_on_tiny_llm(tiny_llm_path, tmp_path):
-    """The RLHF row's reward model: one RewardTrainer step, then it scores answers."""
-    pairs = pl.DataFrame(
-        {
-            "prompt": ["Recommend five movies.", "Five films, please."],
-            "chosen": ["['Jaws (1975)', 'Alien (1979)']", "['Heat (1995)']"],
-            "rejected": ["I cannot.", "no"],
-        }
-    )
-    cfg = stages.RewardModelConfig(max_steps=1)
-    out = stages.train_reward_model(tiny_llm_path, pairs, tmp_path / "rm", cfg)
-    assert out["metrics"]["steps"] == 1 and (tmp_path / "rm" / "adapter").is_dir()
-    score = stages.RewardModelScore(tiny_llm_path, out["adapter_dir"])
-    values = score(["p", "p", "p"], ["['Jaws']", [{"role": "assistant", "content": "x"}], ""], {})
-    assert len(values) == 3 and all(math.isfinite(v) for v in values)
-
-
 @pytest.mark.slow
 def test_flow_all_stages_with_rlhf(
     prefect_harness, tiny_llm_path, ml100k_dir, tmp_path, monkeypatch
@@ -308,7 +170,7 @@ def test_flow_all_stages_with_rlhf(
     from flows.direct import direct_flow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setattr(stages, "preference_pairs", _always_pairs(stages.preference_pairs))
+    monkeypatch.setattr(stages, "build_pairs", _always_pairs(stages.build_pairs))
     params = _tiny_params(tmp_path, ml100k_dir, tiny_llm_path, ["sft", "dpo", "rl", "rlhf"])
     direct_flow(**params)
     run = tmp_path / "runs" / "tiny"

@@ -5,14 +5,7 @@ import torch
 
 from models.adaptor import AdaptorConfig, HybridExpertAdaptor
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one torch thread is faster and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_shapes_and_default_layout() -> None:

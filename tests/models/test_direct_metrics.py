@@ -9,7 +9,6 @@ import pytest
 from models.direct_metrics import (
     dcg,
     hits,
-    mean_ci,
     mean_metrics,
     metrics_at_k,
     ndcg_at_k,
@@ -71,11 +70,3 @@ def test_mean_metrics_and_k():
         hits([1], {1}, k=0)
     with pytest.raises(ValueError, match="2 lists but 1"):
         mean_metrics([[1], [2]], [{1}])
-
-
-def test_mean_ci():
-    mean, half = mean_ci([1.0, 2.0, 3.0])
-    assert mean == pytest.approx(2.0)
-    assert half == pytest.approx(4.303 / math.sqrt(3))  # t(0.975, 2) * sd / sqrt(n)
-    assert mean_ci([0.5]) == (0.5, 0.0)
-    assert all(math.isnan(v) for v in mean_ci([]))

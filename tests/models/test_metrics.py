@@ -12,8 +12,6 @@ from models.metrics import (
     map_at_k_per_list,
     ndcg_at_k,
     ndcg_at_k_per_list,
-    paired_bootstrap_ci,
-    seed_summary,
 )
 
 L2 = math.log2
@@ -102,27 +100,3 @@ def test_bad_arguments() -> None:
         map_at_k([[1, 0]], [[1, 0, 0]], 1)
     with pytest.raises(ValueError, match="k must be"):
         ndcg_at_k([[1, 0]], [[1, 0]], 0)
-
-
-def test_paired_bootstrap_ci() -> None:
-    rng = np.random.default_rng(0)
-    b = rng.random(500)
-    a = b + 0.05 + rng.normal(0, 0.01, 500)
-    res = paired_bootstrap_ci(a, b, n_boot=500, seed=1)
-    assert res["ci_low"] < res["mean_diff"] < res["ci_high"]
-    assert 0.04 < res["ci_low"] and res["ci_high"] < 0.06
-    assert res["p_value"] < 0.01 and res["n"] == 500
-    same = paired_bootstrap_ci(b, b, n_boot=100)
-    assert same["mean_diff"] == 0.0 and same["p_value"] == 1.0
-    assert paired_bootstrap_ci(a, b, n_boot=500, seed=1) == res  # seeded
-    with pytest.raises(ValueError, match="same number"):
-        paired_bootstrap_ci(a, b[:10])
-
-
-def test_seed_summary_t_interval() -> None:
-    s = seed_summary([1.0, 2.0, 3.0])
-    assert s["mean"] == 2.0 and s["std"] == pytest.approx(1.0) and s["n"] == 3
-    half = 4.302652729911275 / math.sqrt(3)  # t(0.975, df=2) * std / sqrt(n)
-    assert s["ci_low"] == pytest.approx(2.0 - half) and s["ci_high"] == pytest.approx(2.0 + half)
-    one = seed_summary([0.5])
-    assert one == {"mean": 0.5, "std": 0.0, "ci_low": 0.5, "ci_high": 0.5, "n": 1}

@@ -9,14 +9,7 @@ import torch
 from models.base import Reranker, RerankerConfig
 from models.rerankers import DLCM, PRM, build_reranker, load_reranker
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one torch thread is faster and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 N_ITEMS, N_GENRES, DIM = 30, 4, 12

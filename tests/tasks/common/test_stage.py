@@ -155,3 +155,25 @@ def test_stage_arguments_must_be_keyable(tmp_path: Path) -> None:
 def test_a_stage_must_return_an_artefact(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="not an Artefact"):
         run_stage("wrong", lambda out: str(out), out=tmp_path / "x")
+
+
+def test_code_version_is_the_same_in_every_process() -> None:
+    """Sets iterate in another order under another hash seed: the version must not."""
+    import subprocess
+    import sys
+
+    code = (
+        "from tasks.common.stage import code_version; from tasks.rlrf4rec import stages; "
+        "print(code_version(stages.sample.stage_fn), code_version(stages.score.stage_fn))"
+    )
+    seen = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+        ).stdout
+        for seed in (1, 2, 3)
+    }
+    assert len(seen) == 1

@@ -7,12 +7,12 @@ import pytest
 
 from tasks.data.datasets import DataError
 from tasks.data.prepare import load_prepared, main, prepare
-from tasks.rlrf4rec.lists import TaskConfig
+from tasks.rlrf4rec.lists import ListsConfig
 
 
 def test_prepare_writes_parquet_and_meta(ml1m_dir: Path, tmp_path: Path) -> None:
     counts = prepare(
-        "ml-1m", tmp_path / "run", ml1m_dir, TaskConfig(seed=1, test_frac=0.34, valid_frac=0.25)
+        "ml-1m", tmp_path / "run", ml1m_dir, ListsConfig(seed=1, test_frac=0.34, valid_frac=0.25)
     )
     data = load_prepared(tmp_path / "run")
     assert data.lists.height == counts["lists"] > 0
@@ -25,11 +25,11 @@ def test_prepare_writes_parquet_and_meta(ml1m_dir: Path, tmp_path: Path) -> None
 
 def test_failed_prepare_keeps_previous_output(ml100k_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    prepare("ml-1m", run, _ml1m_from(ml100k_dir, tmp_path), TaskConfig(test_frac=0.34))
+    prepare("ml-1m", run, _ml1m_from(ml100k_dir, tmp_path), ListsConfig(test_frac=0.34))
     before = {p.name: p.read_bytes() for p in (run / "data").iterdir()}
     bad = _ml1m_from(ml100k_dir, tmp_path, corrupt=True)
     with pytest.raises(DataError, match=r"ratings\.dat:3:"):
-        prepare("ml-1m", run, bad, TaskConfig(test_frac=0.34))
+        prepare("ml-1m", run, bad, ListsConfig(test_frac=0.34))
     after = {p.name: p.read_bytes() for p in (run / "data").iterdir()}
     assert before == after
     assert sorted(p.name for p in run.iterdir()) == ["data"]

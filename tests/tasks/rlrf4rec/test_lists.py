@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 
 from tasks.data.datasets import load_ml100k
-from tasks.rlrf4rec.lists import TaskConfig, build_task, history_length, split_users
+from tasks.rlrf4rec.lists import ListsConfig, build_lists, history_length, split_users
 
 
 @pytest.mark.parametrize(("n", "expected"), [(1, 1), (2, 1), (7, 4), (20, 10), (59, 30), (200, 30)])
@@ -16,15 +16,15 @@ def test_history_length(n: int, expected: int) -> None:
 
 def test_lists_follow_the_rules(ml100k_dir: Path) -> None:
     data = load_ml100k(ml100k_dir)
-    task = build_task(data, TaskConfig(seed=3, test_frac=0.34, valid_frac=0.25))
+    rerank = build_lists(data, ListsConfig(seed=3, test_frac=0.34, valid_frac=0.25))
     ratings = data.ratings.sort(["user_id", "timestamp"])
-    for uid in task.users["user_id"]:
+    for uid in rerank.users["user_id"]:
         seq = ratings.filter(pl.col("user_id") == uid)
         h = history_length(seq.height)
-        hist = task.history.filter(pl.col("user_id") == uid).sort("position")
+        hist = rerank.history.filter(pl.col("user_id") == uid).sort("position")
         # the history is the earliest h ratings, in time order
         assert hist["item_id"].to_list() == seq["item_id"].to_list()[:h]
-        lists = task.lists.filter(pl.col("user_id") == uid).sort("chunk_idx")
+        lists = rerank.lists.filter(pl.col("user_id") == uid).sort("chunk_idx")
         assert lists.height == (seq.height - h) // 4
         rest = seq[h:]
         for row in lists.iter_rows(named=True):
@@ -44,14 +44,16 @@ def test_lists_follow_the_rules(ml100k_dir: Path) -> None:
 
 
 def test_split_is_disjoint_and_covers_users(ml100k_dir: Path) -> None:
-    task = build_task(load_ml100k(ml100k_dir), TaskConfig(seed=1, test_frac=0.34, valid_frac=0.25))
-    splits = task.users.group_by("split").agg(pl.col("user_id"))
+    rerank = build_lists(
+        load_ml100k(ml100k_dir), ListsConfig(seed=1, test_frac=0.34, valid_frac=0.25)
+    )
+    splits = rerank.users.group_by("split").agg(pl.col("user_id"))
     sets = {row[0]: set(row[1]) for row in splits.iter_rows()}
     assert set(sets) == {"train", "valid", "test"}
     assert sets["train"].isdisjoint(sets["test"]) and sets["valid"].isdisjoint(sets["test"])
     assert sets["train"].isdisjoint(sets["valid"])
-    per_list = task.lists.join(
-        task.users.select("user_id", pl.col("split").alias("s")), on="user_id"
+    per_list = rerank.lists.join(
+        rerank.users.select("user_id", pl.col("split").alias("s")), on="user_id"
     )
     assert (per_list["split"] == per_list["s"]).all()
 
@@ -59,15 +61,15 @@ def test_split_is_disjoint_and_covers_users(ml100k_dir: Path) -> None:
 def test_split_fractions() -> None:
     import numpy as np
 
-    split = split_users(np.arange(1, 1001), TaskConfig(seed=0))
+    split = split_users(np.arange(1, 1001), ListsConfig(seed=0))
     counts = {s: sum(v == s for v in split.values()) for s in ("train", "valid", "test")}
     assert counts == {"test": 100, "valid": 90, "train": 810}
 
 
 def test_deterministic_under_seed(ml100k_dir: Path) -> None:
     data = load_ml100k(ml100k_dir)
-    a = build_task(data, TaskConfig(seed=7))
-    b = build_task(data, TaskConfig(seed=7))
-    c = build_task(data, TaskConfig(seed=8))
+    a = build_lists(data, ListsConfig(seed=7))
+    b = build_lists(data, ListsConfig(seed=7))
+    c = build_lists(data, ListsConfig(seed=8))
     assert a.lists.equals(b.lists) and a.users.equals(b.users)
     assert not a.lists["item_ids"].equals(c.lists["item_ids"])

@@ -8,9 +8,7 @@ import polars as pl
 import pytest
 import torch
 
-from tasks.data.prepare import load_prepared, prepare
-from tasks.rlrf4rec.encode import vectors_frame
-from tasks.rlrf4rec.lists import TaskConfig
+from tasks.data.prepare import load_prepared
 from tasks.rlrf4rec.reranker import (
     TrainConfig,
     deterministic_torch,
@@ -21,68 +19,12 @@ from tasks.rlrf4rec.reranker import (
     user_folds,
     write_eval,
 )
+from tests.conftest import DIM, FAST, make_run, random_vectors
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one torch thread is faster and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-N_USERS, N_ITEMS, PER_USER, DIM = 16, 60, 34, 8
 METRIC_KEYS = {f"{m}@{k}" for m in ("map", "ndcg") for k in (1, 3, 5, 7)}
-
-
-def make_run(root: Path) -> Path:
-    """A prepared run: 16 users x 34 ratings, 60 items; 4 lists per user; 9/3/4 users in
-    train/valid/test. Users like items of their own parity (a learnable signal)."""
-    src = root / "ml-100k"
-    src.mkdir(parents=True)
-    (src / "u.user").write_text(
-        "".join(f"{u}|{20 + u}|{'MF'[u % 2]}|writer|0{u:04d}\n" for u in range(1, N_USERS + 1))
-    )
-    flags = ["0"] * 19
-    lines = []
-    for i in range(1, N_ITEMS + 1):
-        f = list(flags)
-        f[1 + i % 5] = "1"
-        lines.append(f"{i}|Film {i} (19{40 + i})|01-Jan-1990||http://x|{'|'.join(f)}\n")
-    (src / "u.item").write_text("".join(lines), encoding="latin-1")
-    rows = []
-    for u in range(1, N_USERS + 1):
-        for k in range(PER_USER):
-            item = (u * 7 + k * 13) % N_ITEMS + 1
-            rating = 5 if item % 2 == u % 2 else 2
-            rows.append(f"{u}\t{item}\t{rating}\t{880000000 + 1000 * u + k}\n")
-    (src / "u.data").write_text("".join(rows))
-    run = root / "run"
-    prepare("ml-100k", run, src, TaskConfig(seed=3, test_frac=0.25, valid_frac=0.25))
-    return run
-
-
-def random_vectors(run: Path, seed: int = 0) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """User vectors that carry the user's parity, and random item vectors."""
-    data = load_prepared(run)
-    rng = np.random.default_rng(seed)
-    uids = data.users["user_id"].to_numpy()
-    user = rng.normal(size=(len(uids), DIM)).astype(np.float32)
-    user[:, 0] = np.where(uids % 2 == 0, 2.0, -2.0)
-    iids = data.items["item_id"].to_numpy()
-    item = rng.normal(size=(len(iids), DIM)).astype(np.float32)
-    return vectors_frame(uids, user), vectors_frame(iids, item, id_col="item_id")
-
-
-FAST = {
-    "epochs": 3,
-    "batch_size": 8,
-    "patience": 2,
-    "expert_hidden": 16,
-    "lr": 5e-3,
-    "num_threads": 1,
-}
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +81,6 @@ def test_same_seed_same_model_with_threads(run: Path, tmp_path: Path) -> None:
 def test_deterministic_torch_fixes_threaded_gather_gradients() -> None:
     """The gradient of a gather (``x[idx]``, as the adaptor reads item vectors) accumulates in
     a thread-dependent order on CPU once the work is large enough; not in the block."""
-    torch.set_num_threads(2)
     gen = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 60, (2000,), generator=gen)
     x = torch.randn(60, 64, generator=gen, requires_grad=True)
@@ -150,9 +91,14 @@ def test_deterministic_torch_fixes_threaded_gather_gradients() -> None:
         (x[idx] * upstream).sum().backward()
         return x.grad.clone()
 
-    with deterministic_torch():
-        assert torch.are_deterministic_algorithms_enabled()
-        grads = [grad() for _ in range(30)]
+    before = torch.get_num_threads()  # the module runs on one thread (one_torch_thread)
+    torch.set_num_threads(2)
+    try:
+        with deterministic_torch():
+            assert torch.are_deterministic_algorithms_enabled()
+            grads = [grad() for _ in range(30)]
+    finally:
+        torch.set_num_threads(before)
     assert not torch.are_deterministic_algorithms_enabled()
     assert all(torch.equal(g, grads[0]) for g in grads)
 

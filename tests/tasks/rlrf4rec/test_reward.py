@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-import torch
 
 from tasks.data.prepare import load_prepared
 from tasks.rlrf4rec.encode import frame_vectors, vectors_frame
@@ -19,16 +18,9 @@ from tasks.rlrf4rec.reward import (
     score_samples_naive,
     train_reward_model,
 )
-from tests.tasks.rlrf4rec.test_reranker import DIM, FAST, make_run, random_vectors
+from tests.conftest import DIM, FAST, make_run, random_vectors
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one torch thread is faster and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 N_SAMPLES = 3

@@ -1,0 +1,189 @@
+"""The LLM reward model of the second pipeline's RLHF row (the paper's PPO row).
+
+The base LLM with a one-output classification head and a LoRA adapter, trained with TRL
+``RewardTrainer`` on preference pairs (:func:`train_llm_reward_model`, the LLM twin of
+:func:`tasks.rlrf4rec.reward.train_reward_model`), then used as the online-RL reward
+(:class:`RewardModelScore`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from tasks.common.io import atomic_dir
+
+
+@dataclass(frozen=True)
+class RewardModelConfig:
+    """Reward-model training (TRL ``RewardTrainer``, LoRA on the LLM); lr 5e-5 is the paper's."""
+
+    lr: float = 5e-5
+    epochs: float = 1.0
+    batch_size: int = 1
+    max_steps: int = -1
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    max_length: int = 1024
+    seed: int = 0
+
+
+def train_llm_reward_model(
+    model: str,
+    pairs: pl.DataFrame,
+    out_dir: str | Path,
+    cfg: RewardModelConfig | None = None,
+) -> dict[str, Any]:
+    """Train a reward model on the preference pairs (TRL ``RewardTrainer``, LoRA on the LLM).
+
+    Writes ``adapter/`` and ``metrics.json`` under ``out_dir``; returns ``{"adapter_dir",
+    "metrics"}`` (pairwise training accuracy included).
+    """
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from tasks.llm.dpo import assistant_messages, require_columns, user_messages
+    from tasks.rlrf4rec.prompts import load_tokenizer
+
+    c = cfg or RewardModelConfig()
+    require_columns(pairs, ("prompt", "chosen", "rejected"), "pairs")
+    out_dir = Path(out_dir)
+    tok = load_tokenizer(model)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    torch.manual_seed(c.seed)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        model, num_labels=1, dtype=torch.float32
+    )
+    base.config.pad_token_id = tok.pad_token_id
+    data = Dataset.from_dict(
+        {
+            "prompt": user_messages(pairs["prompt"].to_list()),
+            "chosen": assistant_messages(pairs["chosen"].to_list()),
+            "rejected": assistant_messages(pairs["rejected"].to_list()),
+        }
+    )
+    lora = LoraConfig(
+        r=c.lora_r,
+        lora_alpha=c.lora_alpha,
+        lora_dropout=c.lora_dropout,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        task_type="SEQ_CLS",
+    )
+    t0 = time.perf_counter()
+    with atomic_dir(out_dir) as tmp:
+        args = RewardConfig(
+            output_dir=str(tmp / "trainer"),
+            per_device_train_batch_size=c.batch_size,
+            learning_rate=c.lr,
+            num_train_epochs=c.epochs,
+            max_steps=c.max_steps,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            seed=c.seed,
+            use_cpu=not torch.cuda.is_available(),
+            bf16=False,
+            max_length=c.max_length,
+            dataloader_num_workers=0,
+        )
+        trainer = RewardTrainer(
+            model=base, args=args, train_dataset=data, processing_class=tok, peft_config=lora
+        )
+        result = trainer.train()
+        history = list(trainer.state.log_history)
+        acc = [h["accuracy"] for h in history if "accuracy" in h]
+        metrics = {
+            "loss": float(result.training_loss),
+            "accuracy": float(np.mean(acc)) if acc else float("nan"),
+            "n_pairs": pairs.height,
+            "steps": int(trainer.state.global_step),
+            "train_seconds": time.perf_counter() - t0,
+        }
+        trainer.model.save_pretrained(str(tmp / "adapter"))
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        (tmp / "metrics.json").write_text(
+            json.dumps({"metrics": metrics, "log_history": history}, indent=2, default=str)
+        )
+    return {"adapter_dir": str(out_dir / "adapter"), "metrics": metrics}
+
+
+class RewardModelScore:
+    """Reward of an answer = the scalar score of a trained reward model (the RLHF row).
+
+    The model is the base LLM with a one-output classification head and a LoRA adapter
+    (:func:`train_llm_reward_model`); it scores the chat-formatted (prompt, answer) conversation.
+    """
+
+    def __init__(self, model: str, adapter_dir: str, batch_size: int = 8) -> None:
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForSequenceClassification
+
+        from tasks.rlrf4rec.prompts import load_tokenizer
+
+        self.tok = load_tokenizer(model)
+        base = AutoModelForSequenceClassification.from_pretrained(
+            model, num_labels=1, dtype=torch.float32
+        )
+        if base.config.pad_token_id is None:
+            base.config.pad_token_id = self.tok.pad_token_id or self.tok.eos_token_id
+        self.model = PeftModel.from_pretrained(base, adapter_dir).eval()
+        self.batch_size = batch_size
+        self.__name__ = "reward_model"
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        import torch
+
+        texts = [
+            self.tok.apply_chat_template(
+                [{"role": "user", "content": p}, {"role": "assistant", "content": c}],
+                tokenize=False,
+            )
+            for p, c in zip(prompts, completions, strict=True)
+        ]
+        out: list[float] = []
+        pad_side = self.tok.padding_side
+        self.tok.padding_side = "right"
+        try:
+            for i in range(0, len(texts), self.batch_size):
+                batch = self.tok(
+                    texts[i : i + self.batch_size],
+                    return_tensors="pt",
+                    padding=True,
+                    add_special_tokens=False,
+                )
+                with torch.inference_mode():
+                    logits = self.model(**batch).logits[:, 0]
+                out.extend(float(x) for x in logits)
+        finally:
+            self.tok.padding_side = pad_side
+        return out
+
+    def __call__(
+        self, prompts: Sequence[str], completions: Sequence[str], extra: dict[str, Sequence]
+    ) -> list[float]:
+        return self.score(
+            [completion_text(p) for p in prompts], [completion_text(c) for c in completions]
+        )
+
+
+def completion_text(completion: Any) -> str:
+    """A completion as text (TRL passes conversational completions as message lists)."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    return str(completion)
