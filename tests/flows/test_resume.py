@@ -136,7 +136,7 @@ def test_a_deleted_artefact_is_recomputed(run) -> None:
     assert "round_01/pairs.parquet" not in changed
 
 
-def test_an_edited_artefact_is_recomputed_with_what_depends_on_it(run) -> None:
+def test_an_edited_artefact_is_recomputed_and_its_readers_stay_valid(run) -> None:
     import polars as pl
 
     vectors = run["dir"] / "round_00" / "vectors.parquet"
