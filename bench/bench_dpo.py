@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import polars as pl  # noqa: E402
 
-from tasks.llm.dpo import DPOConfig, resolve_device, train_dpo  # noqa: E402
+from tasks.llm.dpo import DPOConfig, train_dpo  # noqa: E402
+from tasks.llm.lora import resolve_device  # noqa: E402
 
 log = logging.getLogger("bench_dpo")
 
@@ -48,7 +49,8 @@ def answer(text: str, tokens: int, tokenizer) -> str:
 
 def build_pairs(run: str | None, n: int, answer_tokens: int, model: str) -> pl.DataFrame:
     from tasks.data.prepare import load_prepared, prepare
-    from tasks.rlrf4rec.prompts import load_tokenizer, prompt_table
+    from tasks.llm.chat import load_tokenizer
+    from tasks.rlrf4rec.prompts import prompt_table
 
     if run is None:
         run = tempfile.mkdtemp(prefix="bench-ml100k-")

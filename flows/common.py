@@ -440,7 +440,7 @@ def run_tracked(
     """
     from tasks.common.hardware import cpu_dtype
     from tasks.data.assets import encoder_model, policy_model
-    from tasks.llm.generate import available_gpus
+    from tasks.llm.devices import available_gpus
 
     policy = InputRef.of(policy_model(p.policy_model))
     enc = InputRef.of(encoder_model(encoder)) if encoder else None

@@ -23,12 +23,10 @@ Conventions (shared by :mod:`tasks.llm.sft` and :mod:`tasks.llm.online_rl`):
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,81 +34,27 @@ import polars as pl
 
 from tasks.common.io import atomic_dir
 from tasks.common.memory import releases_memory
+from tasks.llm.chat import assistant_messages, user_messages
+from tasks.llm.lora import (
+    ALL_LINEAR,
+    LoraTrainConfig,
+    load_policy,
+    require_columns,
+    resolve_device,
+    save_outputs,
+    summarize_log,
+    trainer_args,
+)
 
 log = logging.getLogger(__name__)
-
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class LoraTrainConfig:
-    """Settings shared by the LoRA trainers (DPO, SFT, online RL).
-
-    Attributes:
-        lr: learning rate (AdamW, linear decay).
-        epochs: passes over the data.
-        batch_size: examples per device step.
-        grad_accum: gradient accumulation steps (effective batch = batch_size * grad_accum).
-        max_length: token limit of prompt + answer (longer sequences are truncated at the end).
-        lora_r, lora_alpha, lora_dropout, lora_target_modules: the LoRA adapter.
-        seed: seed of the adapter initialisation and the data order.
-        merge: also write a merged checkpoint (base + adapter) for the generator.
-        max_steps: stop after this many optimizer steps (-1: run the epochs).
-        logging_steps: log the metrics every this many optimizer steps.
-        gradient_checkpointing: None: on GPU only. On CPU it trades time for memory: one
-            quick-profile round (SmolLM2-135M, 2 steps of 4 pairs) took 101 s instead of 88 s
-            and peaked at 3.8 GB instead of 5.1 GB.
-        device: ``cpu``, ``cuda``, ``cuda:1``; None: ``cuda`` when available.
-    """
-
-    lr: float = 1e-4
-    epochs: float = 1.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_length: int = 1024
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
-    seed: int = 0
-    merge: bool = False
-    max_steps: int = -1
-    logging_steps: int = 1
-    gradient_checkpointing: bool | None = None
-    device: str | None = None
-
-    def __post_init__(self) -> None:
-        name = type(self).__name__
-        if self.lr <= 0:
-            raise ValueError(f"{name}.lr must be > 0, got {self.lr}")
-        if self.epochs <= 0:
-            raise ValueError(f"{name}.epochs must be > 0, got {self.epochs}")
-        for attr in ("batch_size", "grad_accum", "max_length", "lora_r", "logging_steps"):
-            value = getattr(self, attr)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}.{attr} must be a positive int, got {value!r}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"{name}.lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not self.lora_target_modules:
-            raise ValueError(f"{name}.lora_target_modules must name at least one module")
-        if isinstance(self.lora_target_modules, str):
-            object.__setattr__(self, "lora_target_modules", (self.lora_target_modules,))
-        else:
-            object.__setattr__(self, "lora_target_modules", tuple(self.lora_target_modules))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (JSON, MLflow params)."""
-        d = asdict(self)
-        d["lora_target_modules"] = list(self.lora_target_modules)
-        return d
 
 
 @dataclass(frozen=True)
 class DPOConfig(LoraTrainConfig):
     """DPO settings; the defaults are a fast CPU run (one epoch, lr 1e-4, 1 pair per step x 4
-    accumulated: a pair of ~700-token answers takes about 4 GB of activations in fp32, four at
-    once ran out of memory on a 24 GB machine).
+    accumulated: gradient accumulation instead of a larger batch trades speed for memory, since
+    the activations of a pair of long answers in fp32 are large; the figures are in README.md
+    and ``bench/``).
 
     Attributes:
         beta: DPO temperature (the paper's default 0.01).
@@ -154,158 +98,6 @@ class DPOConfig(LoraTrainConfig):
     def direct_cpu(cls, **overrides: Any) -> DPOConfig:
         """A few CPU steps for the second pipeline (shorter answers than RLRF4Rec's)."""
         return replace(cls(lr=5e-4, batch_size=2, epochs=1.0, max_length=512), **overrides)
-
-
-# --------------------------------------------------------------------------- shared helpers
-
-
-def resolve_device(device: str | None = None) -> Any:
-    """``torch.device``: the one asked for, else ``cuda`` when available, else ``cpu``."""
-    import torch
-
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def require_columns(frame: pl.DataFrame, columns: Sequence[str], name: str) -> None:
-    """Raise a ValueError naming ``name`` when ``frame`` lacks a column, is empty or has nulls."""
-    if not isinstance(frame, pl.DataFrame):
-        raise TypeError(f"{name}: expected a polars DataFrame, got {type(frame).__name__}")
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{name}: missing column(s) {missing}; has {frame.columns}")
-    if frame.height == 0:
-        raise ValueError(f"{name}: empty frame, nothing to train on")
-    nulls = [c for c in columns if frame[c].null_count()]
-    if nulls:
-        raise ValueError(f"{name}: null values in column(s) {nulls}")
-
-
-def user_messages(prompts: Sequence[str]) -> list[list[dict[str, str]]]:
-    """TRL conversational prompts: one user message each."""
-    return [[{"role": "user", "content": p}] for p in prompts]
-
-
-def assistant_messages(texts: Sequence[str]) -> list[list[dict[str, str]]]:
-    """TRL conversational completions: one assistant message each."""
-    return [[{"role": "assistant", "content": t}] for t in texts]
-
-
-def load_policy(
-    model: str, cfg: LoraTrainConfig, init_adapter: str | None, device: Any
-) -> tuple[Any, Any, Any]:
-    """The model to train, its LoRA config (None when ``init_adapter`` is loaded) and tokenizer.
-
-    fp32 on CPU, bf16 on GPU (:func:`tasks.common.hardware.train_dtype`). With ``init_adapter`` the
-    adapter is loaded trainable (training continues from it); otherwise a fresh LoRA is created
-    by the trainer from the config.
-    """
-    from peft import LoraConfig, PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from tasks.common.hardware import train_dtype
-    from tasks.rlrf4rec.prompts import load_tokenizer
-
-    base = AutoModelForCausalLM.from_pretrained(model, dtype=train_dtype(device))
-    tokenizer = load_tokenizer(model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if init_adapter:
-        if not (Path(init_adapter) / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"init_adapter={init_adapter!r}: no adapter_config.json")
-        policy = PeftModel.from_pretrained(base, str(init_adapter), is_trainable=True)
-        loaded = policy.peft_config["default"]
-        if int(loaded.r) != cfg.lora_r or set(loaded.target_modules or ()) != set(
-            cfg.lora_target_modules
-        ):
-            log.warning(
-                "init_adapter has r=%s on %s; training continues with it (config asks r=%s on %s)",
-                loaded.r,
-                sorted(loaded.target_modules or ()),
-                cfg.lora_r,
-                list(cfg.lora_target_modules),
-            )
-        return policy, None, tokenizer
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.lora_target_modules),
-        task_type="CAUSAL_LM",
-    )
-    return base, lora, tokenizer
-
-
-def trainer_args(cfg: LoraTrainConfig, output_dir: Path, device: Any) -> dict[str, Any]:
-    """The TRL / transformers training arguments every wrapper shares."""
-    on_gpu = device.type == "cuda"
-    checkpointing = on_gpu if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
-    return {
-        "output_dir": str(output_dir),
-        "per_device_train_batch_size": cfg.batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "learning_rate": cfg.lr,
-        "num_train_epochs": cfg.epochs,
-        "max_steps": cfg.max_steps,
-        "logging_steps": cfg.logging_steps,
-        "save_strategy": "no",
-        "report_to": "none",
-        "seed": cfg.seed,
-        "data_seed": cfg.seed,
-        "bf16": on_gpu,
-        "fp16": False,
-        "use_cpu": not on_gpu,
-        "gradient_checkpointing": checkpointing,
-        "dataloader_num_workers": 0,
-    }
-
-
-def summarize_log(log_history: list[dict[str, Any]], keys: Sequence[str]) -> dict[str, float]:
-    """Means of ``keys`` over the logged steps of the last epoch (the trained policy's figures)."""
-    steps = [h for h in log_history if any(k in h for k in keys) and "train_runtime" not in h]
-    if not steps:
-        return {}
-    last_epoch = max(float(h.get("epoch", 0.0)) for h in steps)
-    start = max(0.0, float(int(last_epoch - 1e-9)))  # the last (possibly partial) epoch
-    window = [h for h in steps if float(h.get("epoch", 0.0)) > start] or steps
-    out = {}
-    for k in keys:
-        values = [float(h[k]) for h in window if k in h]
-        if values:
-            out[k] = sum(values) / len(values)
-    return out
-
-
-def save_outputs(
-    trainer: Any,
-    tmp: Path,
-    out_dir: Path,
-    model: str,
-    cfg: LoraTrainConfig,
-    metrics: dict[str, Any],
-    kind: str,
-) -> dict[str, Any]:
-    """Save the adapter (and the merged checkpoint) into ``tmp``; return final paths + metrics."""
-    from tasks.llm.generate import merge_lora
-
-    policy = trainer.model
-    adapters = list(getattr(policy, "peft_config", {}).keys())
-    selected = ["default"] if "default" in adapters else None
-    policy.save_pretrained(str(tmp / "adapter"), selected_adapters=selected)
-    shutil.rmtree(tmp / "trainer", ignore_errors=True)
-    merged = None
-    if cfg.merge:
-        merge_lora(model, tmp / "adapter", tmp / "merged")
-        merged = str(out_dir / "merged")
-    history = list(trainer.state.log_history)
-    (tmp / "metrics.json").write_text(
-        json.dumps({"metrics": metrics, "log_history": history}, indent=2, default=str) + "\n"
-    )
-    (tmp / "config.json").write_text(
-        json.dumps({"kind": kind, "model": model, **cfg.to_dict()}, indent=2) + "\n"
-    )
-    return {"adapter_dir": str(out_dir / "adapter"), "merged_dir": merged, "metrics": metrics}
 
 
 # --------------------------------------------------------------------------- DPO
@@ -437,7 +229,7 @@ def completion_logps(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.rlrf4rec.prompts import chat_prompt, load_tokenizer
+    from tasks.llm.chat import chat_prompt, load_tokenizer
 
     if len(prompts) != len(completions):
         raise ValueError(f"prompts ({len(prompts)}) and completions ({len(completions)}) differ")
@@ -488,10 +280,7 @@ def completion_logps(
 
 
 __all__ = [
-    "ALL_LINEAR",
-    "DEFAULT_TARGET_MODULES",
     "DPOConfig",
-    "LoraTrainConfig",
     "completion_logps",
     "dpo_dataset",
     "train_dpo",

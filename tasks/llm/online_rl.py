@@ -29,7 +29,8 @@ import polars as pl
 
 from tasks.common.io import atomic_dir
 from tasks.common.memory import releases_memory
-from tasks.llm.dpo import (
+from tasks.llm.chat import user_messages
+from tasks.llm.lora import (
     LoraTrainConfig,
     load_policy,
     require_columns,
@@ -37,7 +38,6 @@ from tasks.llm.dpo import (
     save_outputs,
     summarize_log,
     trainer_args,
-    user_messages,
 )
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ RL_METRIC_KEYS = (
 
 @dataclass(frozen=True)
 class OnlineRLConfig(LoraTrainConfig):
-    """Online RL settings (see :class:`tasks.llm.dpo.LoraTrainConfig` for the shared ones).
+    """Online RL settings (see :class:`tasks.llm.lora.LoraTrainConfig` for the shared ones).
 
     Attributes:
         algorithm: ``grpo`` or ``rloo``.

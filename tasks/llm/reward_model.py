@@ -54,8 +54,8 @@ def train_llm_reward_model(
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    from tasks.llm.dpo import assistant_messages, require_columns, user_messages
-    from tasks.rlrf4rec.prompts import load_tokenizer
+    from tasks.llm.chat import assistant_messages, load_tokenizer, user_messages
+    from tasks.llm.lora import require_columns
 
     c = cfg or RewardModelConfig()
     require_columns(pairs, ("prompt", "chosen", "rejected"), "pairs")
@@ -132,7 +132,7 @@ class RewardModelScore:
         from peft import PeftModel
         from transformers import AutoModelForSequenceClassification
 
-        from tasks.rlrf4rec.prompts import load_tokenizer
+        from tasks.llm.chat import load_tokenizer
 
         self.tok = load_tokenizer(model)
         base = AutoModelForSequenceClassification.from_pretrained(

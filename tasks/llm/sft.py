@@ -20,17 +20,16 @@ import polars as pl
 
 from tasks.common.io import atomic_dir
 from tasks.common.memory import releases_memory
-from tasks.llm.dpo import (
+from tasks.llm.chat import assistant_messages, user_messages
+from tasks.llm.lora import (
     ALL_LINEAR,
     LoraTrainConfig,
-    assistant_messages,
     load_policy,
     require_columns,
     resolve_device,
     save_outputs,
     summarize_log,
     trainer_args,
-    user_messages,
 )
 
 log = logging.getLogger(__name__)
@@ -40,7 +39,7 @@ SFT_METRIC_KEYS = ("loss", "mean_token_accuracy", "entropy")
 
 @dataclass(frozen=True)
 class SFTConfig(LoraTrainConfig):
-    """SFT settings (see :class:`tasks.llm.dpo.LoraTrainConfig`); defaults: a fast CPU run.
+    """SFT settings (see :class:`tasks.llm.lora.LoraTrainConfig`); defaults: a fast CPU run.
 
     Attributes:
         lr: 2e-4 by default (a common LoRA SFT rate).

@@ -1,9 +1,9 @@
 """The vLLM worker process: ``python -m tasks.llm.vllm_worker``.
 
-One process holds one vLLM engine and serves generation jobs; :mod:`tasks.llm.generate` starts it.
-Running vLLM in its own process isolates its memory (the KV cache is freed when the process
-ends), satisfies vLLM's ``if __name__ == "__main__"`` requirement whoever the caller is, and
-makes one engine per GPU trivial (the parent sets ``CUDA_VISIBLE_DEVICES``).
+One process holds one vLLM engine and serves generation jobs; :mod:`tasks.llm.vllm_engine`
+starts it. Running vLLM in its own process isolates its memory (the KV cache is freed when the
+process ends), satisfies vLLM's ``if __name__ == "__main__"`` requirement whoever the caller
+is, and makes one engine per GPU trivial (the parent sets ``CUDA_VISIBLE_DEVICES``).
 
 The engine runs inside this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and the ``uni``
 executor, unless the environment says otherwise): the torch RNG it samples from is then this
@@ -14,8 +14,8 @@ the CPU worker, see docs/design.md.)
 ``python -m tasks.llm.vllm_worker --engine ENGINE.json``: jobs as JSON lines on stdin, one reply
 line per job on stdout (prefixed with :data:`REPLY_PREFIX`; everything else on stdout is
 vLLM's log), a ``ready`` reply once the engine has started; exits at the end of stdin.
-:class:`tasks.llm.generate.VLLMEngine` drives it (a one-off :func:`tasks.llm.generate.generate` call
-starts one, sends its job and closes it).
+:class:`tasks.llm.vllm_engine.VLLMEngine` drives it (a one-off
+:func:`tasks.llm.generate.generate` call starts one, sends its job and closes it).
 
 ENGINE.json: keyword arguments of ``vllm.LLM`` (``model``, ``seed``, ``dtype``,
 ``max_model_len``, ``gpu_memory_utilization``, ``enforce_eager``, ``enable_lora``,

@@ -23,7 +23,6 @@ into one when there are more than :data:`MAX_PARTS`. The default cache folder is
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import re
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from tasks.common.hashing import text_sha256
 from tasks.common.io import write_json, write_parquet
 from tasks.common.memory import releases_memory
 from tasks.data import assets
@@ -50,14 +50,14 @@ MAX_HF_TOKENS = 512
 
 def text_key(text: str) -> str:
     """sha256 hex digest of the UTF-8 text (the cache key of one text)."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return text_sha256(text)
 
 
 def encoder_key(encoder: str = DEFAULT_ENCODER) -> str:
     """Folder name of an encoder's cache: ``<name>-<12 hex of its resolved folder>``."""
     resolved = encoder_model(encoder)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(resolved.rstrip("/")).name or encoder)[:60]
-    digest = hashlib.sha256(f"{resolved}|mean-windowed".encode()).hexdigest()[:12]
+    digest = text_sha256(f"{resolved}|mean-windowed")[:12]
     return f"{name}-{digest}"
 
 

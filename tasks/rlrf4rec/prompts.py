@@ -6,8 +6,6 @@ followed by the LLM's answer).
 
 Also here:
 
-- :func:`chat_prompt`: the user message wrapped in the model's chat template (the generator and
-  the trainers apply it; prompts are stored as plain user messages).
 - :func:`fit_history`: the history cut from the oldest side, whole entries only, so that the
   chat-formatted prompt fits a token budget (``max_prompt_tokens`` of :func:`prompt_table`).
 - :func:`item_prompt` / :func:`item_prompt_table`: KAR's item factual-knowledge prompt.
@@ -25,6 +23,8 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 import polars as pl
+
+from tasks.llm.chat import chat_prompt, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -190,49 +190,7 @@ def prompt_table(
     )
 
 
-# --------------------------------------------------------------------------- chat template
-
-
-@functools.lru_cache(maxsize=8)
-def _tokenizer_from(name: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(name)
-
-
-def load_tokenizer(tokenizer: Any = None) -> Any:
-    """A tokenizer object from an object, a path or model id (cached), or None (default policy)."""
-    if tokenizer is None:
-        from tasks.data.assets import policy_model
-
-        tokenizer = policy_model()
-    if isinstance(tokenizer, str):
-        return _tokenizer_from(tokenizer)
-    if not hasattr(tokenizer, "apply_chat_template"):
-        raise TypeError(
-            f"tokenizer: expected a tokenizer, a path or a model id, got {type(tokenizer).__name__}"
-        )
-    return tokenizer
-
-
-def chat_prompt(tokenizer: Any, prompt: str, system: str | None = None) -> str:
-    """The user message ``prompt`` in the model's chat template, ready for the assistant's turn.
-
-    Args:
-        tokenizer: a tokenizer with a chat template, or a path / model id to load one from.
-        prompt: the plain user message.
-        system: an optional system message (default: whatever the template adds by itself).
-
-    The text already holds the template's special tokens: tokenize it with
-    ``add_special_tokens=False``.
-    """
-    tok = load_tokenizer(tokenizer)
-    messages = [{"role": "user", "content": prompt}]
-    if system is not None:
-        messages.insert(0, {"role": "system", "content": system})
-    if not getattr(tok, "chat_template", None):
-        raise ValueError(f"tokenizer {getattr(tok, 'name_or_path', tok)!r} has no chat template")
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+# --------------------------------------------------------------------------- token budget
 
 
 def count_prompt_tokens(tokenizer: Any, prompt: str, chat: bool = True) -> int:

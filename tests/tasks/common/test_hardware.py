@@ -16,7 +16,8 @@ from tasks.common.hardware import (
     torch_dtype,
     train_dtype,
 )
-from tasks.llm import generate as gen
+from tasks.llm import hf_backend, lora
+from tasks.llm import vllm_engine as eng
 
 # /proc/cpuinfo of a Sapphire Rapids Xeon (AMX, AVX512-BF16), first core, abridged.
 XEON_AMX = """\
@@ -153,11 +154,11 @@ def test_torch_dtypes(cpu) -> None:
     cpu(EPYC_AVX2)
     assert torch_dtype("cpu") is torch.float32
     assert torch_dtype(torch.device("cuda:1")) is torch.bfloat16
-    assert gen._hf_dtype(torch.device("cpu"), "auto") is torch.float32
-    assert gen._hf_dtype(torch.device("cpu"), "bfloat16") is torch.bfloat16  # asked for
+    assert hf_backend._hf_dtype(torch.device("cpu"), "auto") is torch.float32
+    assert hf_backend._hf_dtype(torch.device("cpu"), "bfloat16") is torch.bfloat16  # asked for
     cpu(XEON_AMX)
     assert torch_dtype(torch.device("cpu")) is torch.bfloat16
-    assert gen._hf_dtype(torch.device("cpu"), "auto") is torch.bfloat16
+    assert hf_backend._hf_dtype(torch.device("cpu"), "auto") is torch.bfloat16
     # training stays fp32 on every CPU, bf16 on CUDA
     assert train_dtype("cpu") is torch.float32
     assert train_dtype(torch.device("cuda")) is torch.bfloat16
@@ -165,31 +166,31 @@ def test_torch_dtypes(cpu) -> None:
 
 def test_cpu_engine_gets_the_cpu_dtype(cpu, tiny_config: str) -> None:
     cpu(EPYC_AVX2)
-    args = gen._engine_args(tiny_config, 0, gpu_visible=False, max_model_len=256)
+    args = eng._engine_args(tiny_config, 0, gpu_visible=False, max_model_len=256)
     assert args["dtype"] == "float32"
-    assert args["kv_cache_memory_bytes"] == gen.cpu_kv_cache_bytes(tiny_config, 256, "float32")
+    assert args["kv_cache_memory_bytes"] == eng.cpu_kv_cache_bytes(tiny_config, 256, "float32")
     cpu(XEON_AMX)
-    assert gen._engine_args(tiny_config, 0, False, 256)["dtype"] == "bfloat16"
+    assert eng._engine_args(tiny_config, 0, False, 256)["dtype"] == "bfloat16"
     # an explicit dtype, and any dtype on a GPU, are passed as given
-    assert gen._engine_args(tiny_config, 0, False, 256, dtype="float32")["dtype"] == "float32"
+    assert eng._engine_args(tiny_config, 0, False, 256, dtype="float32")["dtype"] == "float32"
     cpu(EPYC_AVX2)
-    assert gen._engine_args(tiny_config, 0, True, 256)["dtype"] == "auto"
+    assert eng._engine_args(tiny_config, 0, True, 256)["dtype"] == "auto"
 
 
 def test_kv_cache_doubles_per_token_in_fp32(
     cpu, tiny_config: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(gen, "CPU_KV_MIN_BYTES", 1)  # no floor: see the per-token size
+    monkeypatch.setattr(eng, "CPU_KV_MIN_BYTES", 1)  # no floor: see the per-token size
     per_token_bf16 = 2 * 4 * 2 * 16 * 2  # K and V x layers x KV heads x head_dim x 2 bytes
-    bf16 = gen.cpu_kv_cache_bytes(tiny_config, 256, "bfloat16")
-    assert bf16 == per_token_bf16 * 256 * gen.CPU_KV_SEQUENCES
-    assert gen.cpu_kv_cache_bytes(tiny_config, 256, "float32") == 2 * bf16
+    bf16 = eng.cpu_kv_cache_bytes(tiny_config, 256, "bfloat16")
+    assert bf16 == per_token_bf16 * 256 * eng.CPU_KV_SEQUENCES
+    assert eng.cpu_kv_cache_bytes(tiny_config, 256, "float32") == 2 * bf16
     cpu(EPYC_AVX2)  # default: the CPU's dtype
-    assert gen.cpu_kv_cache_bytes(tiny_config, 256) == 2 * bf16
+    assert eng.cpu_kv_cache_bytes(tiny_config, 256) == 2 * bf16
     cpu(XEON_AMX)
-    assert gen.cpu_kv_cache_bytes(tiny_config, 256) == bf16
+    assert eng.cpu_kv_cache_bytes(tiny_config, 256) == bf16
     with pytest.raises(ValueError, match="fp8"):
-        gen.cpu_kv_cache_bytes(tiny_config, 256, "fp8")
+        eng.cpu_kv_cache_bytes(tiny_config, 256, "fp8")
 
 
 def test_merged_checkpoint_is_saved_in_the_cpu_dtype(
@@ -204,15 +205,15 @@ def test_merged_checkpoint_is_saved_in_the_cpu_dtype(
     get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(
         tmp_path / "adapter"
     )
-    monkeypatch.setattr(gen, "available_gpus", lambda: [])
+    monkeypatch.setattr(lora, "available_gpus", lambda: [])
 
     def saved_dtype(folder: str) -> torch.dtype:
         with safe_open(str(Path(folder) / "model.safetensors"), "pt") as f:
             return f.get_tensor(next(iter(f.keys()))).dtype
 
     cpu(EPYC_AVX2)
-    fp32 = gen.merge_lora(tiny_llm_path, tmp_path / "adapter", tmp_path / "avx2")
+    fp32 = lora.merge_lora(tiny_llm_path, tmp_path / "adapter", tmp_path / "avx2")
     assert saved_dtype(fp32) is torch.float32
     cpu(XEON_AMX)
-    bf16 = gen.merge_lora(tiny_llm_path, tmp_path / "adapter", tmp_path / "amx")
+    bf16 = lora.merge_lora(tiny_llm_path, tmp_path / "adapter", tmp_path / "amx")
     assert saved_dtype(bf16) is torch.bfloat16

@@ -9,7 +9,8 @@ import polars as pl
 import pytest
 from safetensors.torch import load_file
 
-from tasks.llm.dpo import DPOConfig, completion_logps, summarize_log, train_dpo
+from tasks.llm.dpo import DPOConfig, completion_logps, train_dpo
+from tasks.llm.lora import summarize_log
 
 PAIRS = pl.DataFrame(
     {

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from tasks.llm.chat import chat_prompt
 from tasks.rlrf4rec.prompts import (
     HistoryEntry,
-    chat_prompt,
     count_prompt_tokens,
     direct_prompt,
     fit_history,

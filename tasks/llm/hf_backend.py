@@ -1,0 +1,141 @@
+"""The transformers backend of the generator: batched ``generate`` with left padding, in this
+process.
+
+Prompts are sorted longest first and cut into batches (similar lengths waste less padding);
+each batch is sampled with a seed drawn from ``(seed, batch index)``, so the same seed and
+inputs give the same texts. An adapter is merged into the model in memory.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from tasks.common.hardware import torch_dtype
+
+if TYPE_CHECKING:
+    from tasks.llm.generate import SamplingConfig
+
+
+def _seed_for_batch(seed: int, batch: int) -> int:
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, batch]).generate_state(1)[0])
+
+
+def _hf_dtype(device: Any, dtype: str) -> Any:
+    """A torch dtype name as asked; ``auto``: :func:`tasks.common.hardware.torch_dtype` (bf16
+    on GPU; on CPU bf16 only with native bf16 instructions, AVX512-BF16 / AMX, else fp32), the same
+    dtype the vLLM backend runs in."""
+    import torch
+
+    if dtype != "auto":
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype={dtype!r}: not a torch dtype name")
+        return getattr(torch, dtype)
+    return torch_dtype(device)
+
+
+def run_transformers(
+    prompt_ids: list[list[int]],
+    model: str,
+    adapter: str | None,
+    cfg: SamplingConfig,
+    tokenizer: Any,
+    gpu: int | None,
+    batch_size: int | None,
+    dtype: str,
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Batched ``generate`` with left padding; rows keyed by ``idx`` (the prompt's position)."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    if gpu is not None:
+        device = torch.device(f"cuda:{gpu}")
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run_dtype = _hf_dtype(device, dtype)
+    t0 = time.perf_counter()
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=run_dtype)
+    if adapter:
+        from peft import PeftModel
+
+        lm = PeftModel.from_pretrained(lm, adapter).merge_and_unload()
+    lm.to(device).eval()
+    load_seconds = time.perf_counter() - t0
+
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id
+    eos_ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(lm.generation_config, "eos_token_id", None)
+    eos_ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    eos_ids.discard(None)
+    batch_size = batch_size or (32 if device.type == "cuda" else 8)
+    # Longest first: batches of similar lengths waste less padding. The order is fixed by the
+    # inputs, so the batches, their seeds and the texts are too.
+    order = sorted(range(len(prompt_ids)), key=lambda i: (-len(prompt_ids[i]), i))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    rows: dict[str, list] = {k: [] for k in ("idx", "sample_idx", "text", "n_tokens", "finish")}
+    sample = cfg.temperature > 0
+    t1 = time.perf_counter()
+    for b, batch in enumerate(tqdm(batches, desc="generate", unit="batch", leave=False)):
+        width = max(len(prompt_ids[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, i in enumerate(batch):
+            ids = prompt_ids[i]
+            input_ids[r, width - len(ids) :] = torch.tensor(ids)
+            attention[r, width - len(ids) :] = 1
+        torch.manual_seed(_seed_for_batch(cfg.seed, b))
+        kwargs: dict[str, Any] = {"do_sample": sample}
+        if sample:
+            kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+        with torch.inference_mode():
+            out = lm.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                max_new_tokens=cfg.max_new_tokens,
+                num_return_sequences=cfg.n,
+                pad_token_id=pad_id,
+                eos_token_id=sorted(eos_ids),
+                **kwargs,
+            )
+        gen = out[:, width:].cpu()
+        for row in range(gen.shape[0]):
+            idx, j = batch[row // cfg.n], row % cfg.n
+            tokens = gen[row].tolist()
+            stop = next((k for k, t in enumerate(tokens) if t in eos_ids), None)
+            if stop is None:
+                n_tok, finish = len(tokens), "length"
+            else:
+                n_tok, finish = stop + 1, "stop"
+            rows["idx"].append(idx)
+            rows["sample_idx"].append(j)
+            rows["text"].append(tokenizer.decode(tokens[:n_tok], skip_special_tokens=True))
+            rows["n_tokens"].append(n_tok)
+            rows["finish"].append(finish)
+    seconds = time.perf_counter() - t1
+    frame = pl.DataFrame(
+        {
+            "idx": pl.Series(rows["idx"], dtype=pl.Int64),
+            "sample_idx": pl.Series(rows["sample_idx"], dtype=pl.Int32),
+            "text": pl.Series(rows["text"], dtype=pl.Utf8),
+            "n_tokens": pl.Series(rows["n_tokens"], dtype=pl.Int32),
+            "finish_reason": pl.Series(rows["finish"], dtype=pl.Utf8),
+        }
+    )
+    stats = {
+        "generate_seconds": seconds,
+        "generated_tokens": int(sum(rows["n_tokens"])),
+        "prompt_tokens": int(sum(len(p) for p in prompt_ids)),
+        "engine_start_seconds": load_seconds,
+        "device": str(device),
+        "dtype": str(run_dtype).removeprefix("torch."),
+        "batch_size": batch_size,
+    }
+    del lm
+    return frame, stats

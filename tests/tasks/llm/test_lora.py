@@ -1,0 +1,29 @@
+"""LoRA merging: an adapter changes the texts, its merged checkpoint is made once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tasks.llm.generate import SamplingConfig, generate
+from tasks.llm.lora import merged_checkpoint
+from tests.tasks.llm.helpers import PROMPTS, random_adapter
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_adapter_changes_the_texts_and_merges_once(tiny_llm_path: str, tmp_path: Path) -> None:
+    adapter = random_adapter(tiny_llm_path, tmp_path / "round_01" / "adapter")
+    cfg = SamplingConfig(n=2, max_new_tokens=6, seed=3)
+    base, _ = generate(PROMPTS, tiny_llm_path, cfg, "transformers")
+    tuned, stats = generate(PROMPTS, tiny_llm_path, cfg, "transformers", adapter=adapter)
+    assert tuned["text"].to_list() != base["text"].to_list()
+    assert stats["lora_mode"] == "merged-in-memory"
+    merged = merged_checkpoint(tiny_llm_path, adapter)
+    assert merged == str(tmp_path / "round_01" / "merged")
+    stamp = (Path(merged) / "model.safetensors").stat().st_mtime_ns
+    assert merged_checkpoint(tiny_llm_path, adapter) == merged  # reused, not merged again
+    assert (Path(merged) / "model.safetensors").stat().st_mtime_ns == stamp
+    from_merged, _ = generate(PROMPTS, merged, cfg, "transformers")
+    assert from_merged["text"].to_list() == tuned["text"].to_list()
