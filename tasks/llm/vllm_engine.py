@@ -15,7 +15,9 @@ load, no engine restart; it generates more slowly than a merged checkpoint serve
 model (:func:`tasks.llm.lora.merged_checkpoint`, which costs a merge and an engine start
 instead). The figures are in README.md and ``bench/bench_generation.py --transition``.
 
-CPU: the KV cache is sized to the work (:func:`cpu_kv_cache_bytes`) and ``dtype="auto"`` is the
+CPU: the KV cache is sized to the job (:func:`cpu_kv_cache_bytes`): every sequence decoded at
+once fits, so none is preempted; top-p runs without sorting the vocabulary
+(:mod:`tasks.llm.top_p`); and ``dtype="auto"`` is the
 CPU's dtype (:func:`tasks.common.hardware.cpu_dtype`). vLLM binds one thread to each core by
 default; on a CPU shared with other jobs ``OMP_NUM_THREADS=1 VLLM_CPU_OMP_THREADS_BIND=nobind``
 (inherited by the worker) is steadier.
@@ -33,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +79,7 @@ def _engine_args(
     gpu_memory_utilization: float | None = None,
     enforce_eager: bool | None = None,
     extra: dict[str, Any] | None = None,
+    kv_demand: CacheDemand | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments of ``vllm.LLM``. On CPU ``dtype="auto"`` becomes the CPU's dtype
     (:func:`tasks.common.hardware.cpu_dtype`), not the checkpoint's, and the KV cache is sized
@@ -91,7 +95,7 @@ def _engine_args(
         "enforce_eager": (not gpu_visible) if enforce_eager is None else enforce_eager,
     }
     if not gpu_visible and gpu_memory_utilization is None:
-        args["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(model, max_model_len, dtype)
+        args["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(model, max_model_len, dtype, kv_demand)
     if max_model_len:
         args["max_model_len"] = int(max_model_len)
     if enable_lora:
@@ -101,20 +105,53 @@ def _engine_args(
 
 
 CPU_KV_SEQUENCES = 64
-"""Full-length sequences the CPU KV cache holds at once (answers are batched up to this)."""
+"""Full-length sequences the CPU KV cache holds when the work is not known in advance."""
 CPU_KV_MIN_BYTES = 2**30
+CPU_BLOCK_TOKENS = 128
+"""vLLM-CPU's KV block (tokens); a prompt's full blocks are shared by its ``n`` samples."""
+CPU_MAX_SEQS = 256
+"""vLLM-CPU's default ``max_num_seqs`` for offline use: sequences decoded together."""
 
 
-def cpu_kv_cache_bytes(model: str, max_model_len: int | None, dtype: str | None = None) -> int:
-    """KV cache size for a CPU engine: room for :data:`CPU_KV_SEQUENCES` sequences of
-    ``max_model_len`` tokens, at least 1 GiB, at most a quarter of RAM.
+@dataclass(frozen=True)
+class CacheDemand:
+    """The KV cache a sampling job needs: ``prompts`` prompts of at most ``longest_prompt``
+    tokens, ``n`` samples of at most ``max_new_tokens`` tokens each."""
+
+    prompts: int
+    longest_prompt: int
+    n: int
+    max_new_tokens: int
+
+    def tokens(self, block: int = CPU_BLOCK_TOKENS, max_seqs: int = CPU_MAX_SEQS) -> int:
+        """KV slots (tokens) to decode every sequence the engine runs at once, none preempted.
+
+        A prompt's full blocks are computed once and shared by its samples (prefix caching);
+        each sample holds its own blocks for the prompt's tail and its answer.
+        """
+        shared, tail = divmod(self.longest_prompt, block)
+        per_prompt = shared + self.n * math.ceil((tail + self.max_new_tokens) / block)
+        at_once = min(self.prompts, max(1, math.ceil(max_seqs / self.n)))
+        return at_once * per_prompt * block
+
+
+def cpu_kv_cache_bytes(
+    model: str,
+    max_model_len: int | None,
+    dtype: str | None = None,
+    demand: CacheDemand | None = None,
+) -> int:
+    """KV cache size for a CPU engine, at most a quarter of RAM.
+
+    With ``demand`` (a one-off job's shape): room for every sequence the engine decodes at once
+    (:meth:`CacheDemand.tokens`), so that none is preempted and recomputed, and at least one
+    ``max_model_len`` sequence. Without: :data:`CPU_KV_SEQUENCES` sequences of ``max_model_len``
+    tokens, at least 1 GiB.
 
     The cache holds K and V in the engine's ``dtype`` (a torch dtype name; default the CPU's,
     :func:`tasks.common.hardware.cpu_dtype`): 2 bytes an element in bf16, 4 in fp32.
-
     vLLM's CPU default (a quarter of RAM whatever the model) reserves far more than a small
-    model's rounds need; sized to the work, the engine's resident memory follows the model.
-    ``VLLM_CPU_KVCACHE_SPACE`` (GiB) still wins.
+    model's rounds need. ``VLLM_CPU_KVCACHE_SPACE`` (GiB) still wins.
     """
     import torch
     from transformers import AutoConfig
@@ -124,6 +161,7 @@ def cpu_kv_cache_bytes(model: str, max_model_len: int | None, dtype: str | None 
     if not isinstance(getattr(torch, name, None), torch.dtype):
         raise ValueError(f"dtype={name!r}: not a torch dtype name")
     element = getattr(torch, name).itemsize
+    floor = CPU_KV_MIN_BYTES
     try:
         c = AutoConfig.from_pretrained(model)
         c = getattr(c, "text_config", None) or c
@@ -133,10 +171,14 @@ def cpu_kv_cache_bytes(model: str, max_model_len: int | None, dtype: str | None 
         # K and V, every layer, in the model's dtype (the CPU engine's cache dtype is "auto")
         per_token = 2 * int(c.num_hidden_layers) * kv_heads * head_dim * element
         length = max_model_len or int(getattr(c, "max_position_embeddings", 4096) or 4096)
-        want = per_token * length * CPU_KV_SEQUENCES
+        if demand is None:
+            want = per_token * length * CPU_KV_SEQUENCES
+        else:
+            floor = per_token * length
+            want = per_token * demand.tokens()
     except (OSError, ValueError, AttributeError, TypeError):
         want = 2 * CPU_KV_MIN_BYTES
-    return int(min(max(want, CPU_KV_MIN_BYTES), ram // 4))
+    return int(min(max(want, floor), ram // 4))
 
 
 def _worker_env(gpu: int | None) -> dict[str, str]:
@@ -172,6 +214,8 @@ class VLLMEngine:
         seed: the engine's seed (each call reseeds its sampler with ``cfg.seed`` anyway).
         dtype, gpu_memory_utilization, enforce_eager: passed to ``vllm.LLM`` (on CPU
             ``dtype="auto"`` is :func:`tasks.common.hardware.cpu_dtype`).
+        kv_demand: the one job this engine will run, to size its CPU KV cache to
+            (:func:`cpu_kv_cache_bytes`); None for an engine that serves many.
     """
 
     def __init__(
@@ -185,6 +229,7 @@ class VLLMEngine:
         dtype: str = "auto",
         gpu_memory_utilization: float | None = None,
         enforce_eager: bool | None = None,
+        kv_demand: CacheDemand | None = None,
     ) -> None:
         self.model = str(model)
         self.gpu = gpu
@@ -203,6 +248,7 @@ class VLLMEngine:
             dtype,
             gpu_memory_utilization,
             enforce_eager,
+            kv_demand=kv_demand,
         )
         self.engine_start_seconds: float | None = None
         self._proc: subprocess.Popen | None = None
@@ -361,6 +407,7 @@ def run_vllm(
                 max_lora_rank=lora_rank(Path(lora["path"])) if lora else 16,
                 max_model_len=max_len,
                 seed=cfg.seed,
+                kv_demand=CacheDemand(len(prompt_ids), longest, cfg.n, cfg.max_new_tokens),
                 **engine_opts,
             )
             with fresh:

@@ -56,6 +56,10 @@ def start_engine(engine_args: dict[str, Any]) -> Any:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
 
+    from tasks.llm.top_p import install
+
+    install()  # exact top-p without a full-vocabulary sort (CPU sampler only)
+
     args = dict(engine_args)
     if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0":
         args.setdefault("distributed_executor_backend", "uni")
