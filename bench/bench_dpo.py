@@ -1,11 +1,20 @@
-"""DPO training cost: seconds per (prompt, chosen, rejected) pair, LoRA, fp32 on CPU.
+"""DPO training cost: seconds per (prompt, chosen, rejected) pair, LoRA, on CPU.
 
 Real MovieLens-100K KAR prompts (about 400-500 tokens in the chat template) with synthetic
 answers of ``--answer-tokens`` tokens each (the length of the policy's preference texts), the
 default policy (SmolLM2-135M-Instruct) unless ``--model``, the fast default
 :class:`tasks.llm.dpo.DPOConfig` (or ``--paper``), one pass over ``--pairs`` pairs.
 
+``--levers`` runs each lever in its own process on the same pairs (so each has its own peak
+memory) and prints them side by side with their share of the DPO roofline (:mod:`ceiling`):
+
+- ``full-head``: TRL's LM head scores every position (prompt included) on CPU (before);
+- ``compact-head``: it scores only the answer's positions (:mod:`tasks.llm.trl_cpu`, the default);
+- ``bf16-autocast``: and the matmuls in bf16 (``cpu_bf16_autocast``; native-bf16 CPUs only);
+- ``checkpointing``: compact head with gradient checkpointing (less memory, more time).
+
     python bench/bench_dpo.py --pairs 16 --answer-tokens 200
+    python bench/bench_dpo.py --pairs 8 --answer-tokens 96 --levers full-head,compact-head
 """
 
 from __future__ import annotations
@@ -15,8 +24,10 @@ import json
 import logging
 import os
 import resource
+import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,10 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import polars as pl  # noqa: E402
 
+from tasks.llm import trl_cpu  # noqa: E402
 from tasks.llm.dpo import DPOConfig, train_dpo  # noqa: E402
 from tasks.llm.lora import resolve_device  # noqa: E402
 
 log = logging.getLogger("bench_dpo")
+
+LEVERS = ("full-head", "compact-head", "bf16-autocast", "checkpointing")
 
 GOOD = (
     "This user enjoys thoughtful dramas and classic science fiction with strong characters. "
@@ -77,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paper", action="store_true", help="DPOConfig.paper() (one epoch)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
+    parser.add_argument("--levers", default=None, help=f"compare levers, any of {LEVERS}")
+    parser.add_argument("--lever", default="compact-head", choices=LEVERS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.levers:
+        return compare(args, argv or sys.argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         import torch
@@ -90,6 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or policy_model()
     pairs = build_pairs(args.run, args.pairs, args.answer_tokens, model)
     cfg = DPOConfig.paper(epochs=1.0) if args.paper else DPOConfig()
+    cfg = replace(
+        cfg,
+        cpu_bf16_autocast=args.lever == "bf16-autocast",
+        gradient_checkpointing=True
+        if args.lever == "checkpointing"
+        else cfg.gradient_checkpointing,
+    )
+    if args.lever == "full-head":
+        os.environ[trl_cpu.ENV] = "full"
     prompt_tokens = [count_prompt_tokens(model, p) for p in pairs["prompt"]]
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
         out = train_dpo(model, pairs, Path(tmp) / "dpo", cfg)
@@ -106,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         "train_seconds": m["train_seconds"],
         "seconds_per_pair": m["seconds_per_pair"],
         "steps": m["steps"],
+        "lever": args.lever,
         "loss": m["loss"],
+        "logps/chosen": m.get("logps/chosen"),
         "rewards/margins": m.get("rewards/margins"),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
@@ -122,6 +151,66 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return 0
+
+
+def compare(args: argparse.Namespace, argv: list[str]) -> int:
+    """Each lever in a fresh process on the same pairs; the table with roofline shares."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from ceiling import ModelShape, dpo_pair_bound, measure_ceilings, print_ceilings
+
+    from tasks.data.assets import policy_model
+
+    levers = [x.strip() for x in args.levers.split(",") if x.strip()]
+    unknown = set(levers) - set(LEVERS)
+    if unknown:
+        raise SystemExit(f"--levers: unknown {sorted(unknown)}; choose from {LEVERS}")
+    rest, skip = [], False
+    for a in argv:  # the same arguments, less --levers / --out
+        if skip:
+            skip = False
+            continue
+        if a in ("--levers", "--out"):
+            skip = True
+            continue
+        if not a.startswith(("--levers=", "--out=")):
+            rest.append(a)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-dpo-levers-") as tmp:
+        for lever in levers:
+            out = Path(tmp) / f"{lever}.json"
+            cmd = [sys.executable, __file__, *rest, "--lever", lever, "--out", str(out)]
+            subprocess.run(cmd, check=True)
+            rows.append(json.loads(out.read_text()))
+    c = measure_ceilings()
+    shape = ModelShape.of(args.model or policy_model())
+    print("\n=== ceilings ===")
+    print_ceilings(c)
+    first = rows[0]
+    print(
+        f"\n=== DPO levers: {first['pairs']} pairs, prompts {first['mean_prompt_tokens']:.0f} "
+        f"tokens, answers {first['answer_tokens']} tokens ==="
+    )
+    print(
+        f"{'lever':<16}{'s/pair':>8}{'vs first':>10}{'roofline':>10}{'share':>8}{'loss':>9}"
+        f"{'margins':>10}{'logps/ch':>10}{'peak GB':>9}"
+    )
+    for r in rows:
+        tokens = r["mean_prompt_tokens"] + r["answer_tokens"]
+        dtype = "bfloat16" if r["lever"] == "bf16-autocast" else "float32"
+        bound = dpo_pair_bound(c, shape, tokens=tokens, dtype=dtype, reference_forward=True)
+        rate = 1 / r["seconds_per_pair"]
+        r["roofline_pairs_per_s"] = bound["pairs_per_s"]
+        r["share"] = rate / bound["pairs_per_s"]
+        print(
+            f"{r['lever']:<16}{r['seconds_per_pair']:>8.2f}"
+            f"{first['seconds_per_pair'] / r['seconds_per_pair']:>9.2f}x"
+            f"{1 / bound['pairs_per_s']:>9.2f}s{r['share']:>8.1%}{r['loss']:>9.4f}"
+            f"{r['rewards/margins'] or 0:>10.4f}{r['logps/chosen'] or 0:>10.2f}"
+            f"{r['peak_rss_gb']:>9.2f}"
+        )
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2, default=str) + "\n")
     return 0
 
 

@@ -9,7 +9,12 @@
    the round's samples are written), then started again with the same parameters; the files
    written before the kill must be untouched and the run must finish.
 
-    .venv/bin/python bench/bench_flow.py [--profile quick] [--skip-kill] [extra flow flags]
+``--before`` runs the same with the code's settings before the sampling and DPO levers of
+``bench/bench_sampling.py`` and ``bench/bench_dpo.py``: vLLM's sorting top-p, a KV cache of 64
+full-length sequences, TRL's LM head over every position (the switches of
+:data:`tasks.common.stage.RESULT_ENV`).
+
+    .venv/bin/python bench/bench_flow.py [--before] [--skip-kill] [extra flow flags]
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ def _flow_cmd(run_name: str, runs_dir: Path, extra: list[str]) -> list[str]:
 
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+BEFORE = {"RLRF4REC_VLLM_TOP_P": "sort", "RLRF4REC_VLLM_KV": "fixed", "RLRF4REC_TRL_HEAD": "full"}
 
 
 def _tree_rss(root: int) -> tuple[int, int]:
@@ -76,11 +82,15 @@ class MemorySampler(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.every = pid, every
         self.peak_total = self.peak_single = 0
+        self.peak_at = 0.0  # seconds after the start, when the summed peak was seen
         self.done = threading.Event()
 
     def run(self) -> None:
+        t0 = time.perf_counter()
         while not self.done.is_set():
             total, single = _tree_rss(self.pid)
+            if total > self.peak_total:
+                self.peak_at = time.perf_counter() - t0
             self.peak_total = max(self.peak_total, total)
             self.peak_single = max(self.peak_single, single)
             self.done.wait(self.every)
@@ -120,6 +130,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--skip-kill", action="store_true", help="skip the SIGKILL resume check")
     ap.add_argument("--workdir", default=None, help="where runs and the MLflow store go")
+    ap.add_argument("--before", action="store_true", help="the settings before the levers")
     args, extra = ap.parse_known_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-flow-"))
     runs = work / "runs"
@@ -127,7 +138,10 @@ def main() -> None:
         os.environ,
         MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}",
         RLRF4REC_CACHE=str(_cold_embedding_cache(work)),
+        **(BEFORE if args.before else {}),
     )
+    if args.before:
+        print(f"# before the levers: {BEFORE}")
 
     # 1. from scratch
     first, mem = _run(_flow_cmd("bench", runs, extra), env)
@@ -136,7 +150,10 @@ def main() -> None:
     print(f"flow wall {results['wall_seconds']:.1f} s, stages {results['stage_seconds']:.1f} s")
     overhead = 1 - results["stage_seconds"] / results["wall_seconds"]
     print(f"overhead outside the stages (Prefect, MLflow, glue): {overhead:.1%} of flow wall")
-    print(f"peak memory of the whole process tree (summed RSS): {mem.peak_total / 2**20:.0f} MiB")
+    print(
+        f"peak memory of the whole process tree (summed RSS): {mem.peak_total / 2**20:.0f} MiB, "
+        f"{mem.peak_at:.0f} s after the start"
+    )
     single = mem.peak_single / 2**20
     print(f"peak RSS of its largest process (flow or vLLM engine): {single:.0f} MiB")
     print("\n| stage | seconds |\n|---|---|")

@@ -28,6 +28,7 @@ import importlib.util
 import inspect
 import json
 import logging
+import os
 import textwrap
 import time
 import types
@@ -237,15 +238,29 @@ def key_value(obj: Any) -> Any:
     raise TypeError(f"stage argument of type {type(obj).__name__} cannot enter a cache key")
 
 
+RESULT_ENV = (
+    "RLRF4REC_CPU_DTYPE",  # tasks.common.hardware.DTYPE_ENV
+    "RLRF4REC_VLLM_TOP_P",  # tasks.llm.top_p.ENV
+    "RLRF4REC_VLLM_KV",  # tasks.llm.vllm_engine.KV_ENV
+    "RLRF4REC_TRL_HEAD",  # tasks.llm.trl_cpu.ENV
+)
+"""Environment switches that change what a stage computes: the ones set are part of every key."""
+
+
 def key_body(name: str, fn: Callable[..., Any], arguments: dict[str, Any]) -> dict[str, Any]:
-    """What a stage's key hashes: its name, arguments (:func:`key_value`) and code version.
-    Kept in the manifest, so that ``diff`` tells why a stage ran again."""
-    return {
+    """What a stage's key hashes: its name, arguments (:func:`key_value`), code version and
+    the :data:`RESULT_ENV` switches that are set. Kept in the manifest, so that ``diff`` tells
+    why a stage ran again."""
+    body = {
         "stage": name,
         "version": MANIFEST_VERSION,
         "code": code_version(fn),
         "arguments": {k: key_value(v) for k, v in arguments.items()},
     }
+    switches = {k: os.environ[k] for k in RESULT_ENV if os.environ.get(k)}
+    if switches:
+        body["environment"] = switches
+    return body
 
 
 def stage_key(name: str, fn: Callable[..., Any], arguments: dict[str, Any]) -> str:

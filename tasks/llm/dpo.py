@@ -154,6 +154,9 @@ def train_dpo(
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
+    from tasks.llm import trl_cpu
+
+    trl_cpu.install()
     cfg = cfg or DPOConfig()
     if not isinstance(cfg, DPOConfig):
         raise TypeError(f"cfg: expected a tasks.llm.dpo.DPOConfig, got {type(cfg).__name__}")

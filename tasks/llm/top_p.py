@@ -14,18 +14,21 @@ on the boundary.
 
 :func:`install` puts it in place of vLLM's ``apply_top_k_top_p`` in the CPU sampler; the vLLM
 worker calls it at start (``tasks.llm.vllm_worker``). Requests with a top-k, or a vLLM whose
-sampler module has another shape, keep vLLM's own function.
+sampler module has another shape, keep vLLM's own function; so does every request when
+``RLRF4REC_VLLM_TOP_P=sort`` (the benchmark's "before").
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 
 import torch
 
 log = logging.getLogger(__name__)
 
+ENV = "RLRF4REC_VLLM_TOP_P"
 WIDTHS = (256, 4096)
 """Candidate counts tried in turn before a row falls back to a full sort."""
 
@@ -78,6 +81,8 @@ def patched(original: Callable) -> Callable:
 
 def install() -> bool:
     """Use :func:`top_p_filter` in vLLM's CPU sampler. Returns whether it is in place."""
+    if os.environ.get(ENV) == "sort":
+        return False
     try:
         from vllm.v1.sample.ops import topk_topp_sampler as sampler
     except ImportError:

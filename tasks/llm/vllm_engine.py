@@ -111,28 +111,32 @@ CPU_BLOCK_TOKENS = 128
 """vLLM-CPU's KV block (tokens); a prompt's full blocks are shared by its ``n`` samples."""
 CPU_MAX_SEQS = 256
 """vLLM-CPU's default ``max_num_seqs`` for offline use: sequences decoded together."""
+KV_ENV = "RLRF4REC_VLLM_KV"
+"""``fixed``: size every CPU KV cache for :data:`CPU_KV_SEQUENCES` (the benchmark's "before")."""
 
 
 @dataclass(frozen=True)
 class CacheDemand:
-    """The KV cache a sampling job needs: ``prompts`` prompts of at most ``longest_prompt``
-    tokens, ``n`` samples of at most ``max_new_tokens`` tokens each."""
+    """The KV cache a sampling job needs: its prompts' token counts, ``n`` samples of at most
+    ``max_new_tokens`` tokens each."""
 
-    prompts: int
-    longest_prompt: int
+    prompt_tokens: tuple[int, ...]
     n: int
     max_new_tokens: int
 
     def tokens(self, block: int = CPU_BLOCK_TOKENS, max_seqs: int = CPU_MAX_SEQS) -> int:
-        """KV slots (tokens) to decode every sequence the engine runs at once, none preempted.
+        """KV slots (tokens) to decode every sequence the engine runs at once, none preempted:
+        the ``max_seqs / n`` longest prompts.
 
         A prompt's full blocks are computed once and shared by its samples (prefix caching);
         each sample holds its own blocks for the prompt's tail and its answer.
         """
-        shared, tail = divmod(self.longest_prompt, block)
-        per_prompt = shared + self.n * math.ceil((tail + self.max_new_tokens) / block)
-        at_once = min(self.prompts, max(1, math.ceil(max_seqs / self.n)))
-        return at_once * per_prompt * block
+        at_once = max(1, math.ceil(max_seqs / self.n))
+        blocks = 0
+        for length in sorted(self.prompt_tokens, reverse=True)[:at_once]:
+            shared, tail = divmod(length, block)
+            blocks += shared + self.n * math.ceil((tail + self.max_new_tokens) / block)
+        return blocks * block
 
 
 def cpu_kv_cache_bytes(
@@ -162,6 +166,8 @@ def cpu_kv_cache_bytes(
         raise ValueError(f"dtype={name!r}: not a torch dtype name")
     element = getattr(torch, name).itemsize
     floor = CPU_KV_MIN_BYTES
+    if os.environ.get(KV_ENV) == "fixed":
+        demand = None
     try:
         c = AutoConfig.from_pretrained(model)
         c = getattr(c, "text_config", None) or c
@@ -407,7 +413,7 @@ def run_vllm(
                 max_lora_rank=lora_rank(Path(lora["path"])) if lora else 16,
                 max_model_len=max_len,
                 seed=cfg.seed,
-                kv_demand=CacheDemand(len(prompt_ids), longest, cfg.n, cfg.max_new_tokens),
+                kv_demand=CacheDemand(tuple(map(len, prompt_ids)), cfg.n, cfg.max_new_tokens),
                 **engine_opts,
             )
             with fresh:

@@ -177,3 +177,21 @@ def test_code_version_is_the_same_in_every_process() -> None:
         for seed in (1, 2, 3)
     }
     assert len(seen) == 1
+
+
+def test_a_result_switch_in_the_environment_runs_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.common.hardware import DTYPE_ENV
+    from tasks.llm import top_p, trl_cpu, vllm_engine
+
+    # every module's switch is one the keys follow
+    assert {DTYPE_ENV, top_p.ENV, trl_cpu.ENV, vllm_engine.KV_ENV} == set(stage_mod.RESULT_ENV)
+    for var in stage_mod.RESULT_ENV:
+        monkeypatch.delenv(var, raising=False)
+    run_stage("numbers", write_numbers, out=tmp_path / "a.txt", cfg=Cfg())
+    monkeypatch.setenv(top_p.ENV, "sort")
+    switched = run_stage("numbers", write_numbers, out=tmp_path / "a.txt", cfg=Cfg())
+    monkeypatch.setenv("UNRELATED_VARIABLE", "1")
+    again = run_stage("numbers", write_numbers, out=tmp_path / "a.txt", cfg=Cfg())
+    assert CALLS == ["write", "write"] and not switched.cached and again.cached

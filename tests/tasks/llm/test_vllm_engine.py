@@ -127,18 +127,20 @@ def test_worker_finds_the_package_from_any_folder(tmp_path, monkeypatch) -> None
 
 
 def test_the_kv_cache_of_a_job_holds_its_sequences(default_policy_path: str) -> None:
-    # 540-token prompts: 4 shared blocks of 128; each of 4 samples holds one block for the
-    # prompt's last 28 tokens and its 96-token answer: 8 blocks (1,024 slots) a prompt
-    demand = CacheDemand(prompts=87, longest_prompt=540, n=4, max_new_tokens=96)
-    at_once = 64  # vLLM decodes 256 sequences at once: 64 prompts of 4
-    assert demand.tokens() == at_once * 8 * 128
-    assert CacheDemand(10, 540, 4, 96).tokens() == 10 * 8 * 128
-    assert CacheDemand(10, 512, 1, 200).tokens() == 10 * (4 + 2) * 128
+    # a 540-token prompt: 4 shared blocks of 128; each of 4 samples holds one block for the
+    # prompt's last 28 tokens and its 96-token answer: 8 blocks (1,024 slots)
+    assert CacheDemand((540,), n=4, max_new_tokens=96).tokens() == 8 * 128
+    # a 600-token prompt's tail (88) and answer need 2 blocks a sample: 4 + 8 blocks
+    assert CacheDemand((600, 540), 4, 96).tokens() == (12 + 8) * 128
+    # vLLM decodes 256 sequences at once: the 64 longest prompts of 4 samples count
+    demand = CacheDemand((300,) * 20 + (600,) * 70, 4, 96)
+    assert demand.tokens() == 64 * 12 * 128
+    assert CacheDemand((512,), 1, 200).tokens() == (4 + 2) * 128
     per_token = 2 * 30 * 3 * 64 * 2
     sized = cpu_kv_cache_bytes(default_policy_path, 768, "bfloat16", demand)
     assert sized == per_token * demand.tokens()
     # at least one full-length sequence, whatever the job
-    tiny = CacheDemand(1, 10, 1, 5)
+    tiny = CacheDemand((10,), 1, 5)
     assert cpu_kv_cache_bytes(default_policy_path, 768, "bfloat16", tiny) == per_token * 768
     args = _engine_args(default_policy_path, 0, False, 768, dtype="bfloat16", kv_demand=demand)
     assert args["kv_cache_memory_bytes"] == sized
