@@ -67,15 +67,41 @@ def prepare_data(
 
 
 @stage("build-prompts")
-def build_prompts(data: Artefact, dataset: str, out: Path) -> Artefact:
-    """One KAR preference prompt per user: ``user_id, split, prefix, prompt``."""
+def build_prompts(
+    data: Artefact,
+    dataset: str,
+    *,
+    max_prompt_tokens: int | None = None,
+    tokenizer: InputRef | None = None,
+    out: Path,
+) -> Artefact:
+    """One KAR preference prompt per user: ``user_id, split, prefix, prompt``.
+
+    With ``max_prompt_tokens`` the policy's ``prompt`` keeps the most recent history entries
+    that fit in that many tokens (counted with ``tokenizer``, the policy's, in its chat
+    template); ``prefix``, the head of every knowledge text, keeps the whole history.
+    """
     from tasks.data.prepare import load_prepared
     from tasks.rlrf4rec.prompts import prompt_table
 
     prepared = load_prepared(run_folder(data))
-    table = prompt_table(prepared.users, prepared.history, prepared.items, dataset)
+    frames = (prepared.users, prepared.history, prepared.items, dataset)
+    table = prompt_table(*frames)
+    if max_prompt_tokens is not None:
+        if tokenizer is None:
+            raise ValueError("build_prompts: max_prompt_tokens needs the policy's tokenizer")
+        capped = prompt_table(
+            *frames, max_prompt_tokens=max_prompt_tokens, tokenizer=tokenizer.path
+        )
+        table = table.with_columns(capped["prompt"])  # both in user-id order
     write_parquet(table, Path(out))
-    return Artefact(str(out), stats={"users": table.height})
+    return Artefact(
+        str(out),
+        stats={
+            "users": table.height,
+            "mean_prompt_chars": float(table["prompt"].str.len_chars().mean()),
+        },
+    )
 
 
 # --------------------------------------------------------------------------- sampling

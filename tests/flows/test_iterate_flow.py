@@ -71,6 +71,17 @@ def test_artefacts(tiny_run) -> None:
         trained = any((run / f"round_0{r}" / "dpo").rglob("adapter_config.json"))
         assert trained == (n_pairs > 0), r
     assert pairs.height > 0
+    # the quick profile's 300-token prompts: the oldest history left out of the policy's
+    # prompt, kept whole in the knowledge texts' prefix
+    from tasks.rlrf4rec.prompts import count_prompt_tokens, instruction
+
+    prompts = pl.read_parquet(run / "prompts.parquet")
+    tokens = [count_prompt_tokens(tiny_run["params"]["policy_model"], p) for p in prompts["prompt"]]
+    assert max(tokens) <= 300
+    cut = prompts.filter(~pl.col("prompt").str.starts_with(pl.col("prefix")))
+    assert cut.height > 0.5 * prompts.height
+    full = cut["prefix"].str.len_chars() + len(". " + instruction("ml-100k"))
+    assert (full > cut["prompt"].str.len_chars()).all()
     results = json.loads((run / "results.json").read_text())
     table = results["tables"]["table1"]["dlcm"]
     assert set(table) == {"base", "KAR", "RLRF4Rec"}
