@@ -27,3 +27,26 @@ def test_adapter_changes_the_texts_and_merges_once(tiny_llm_path: str, tmp_path:
     assert (Path(merged) / "model.safetensors").stat().st_mtime_ns == stamp
     from_merged, _ = generate(PROMPTS, merged, cfg, "transformers")
     assert from_merged["text"].to_list() == tuned["text"].to_list()
+
+
+def test_trainer_precision_and_checkpointing(monkeypatch) -> None:
+    """fp32 on CPU unless bf16 autocast is asked for, and then only on a native-bf16 CPU;
+    gradient checkpointing on unless switched off."""
+    import torch
+
+    from tasks.common import hardware
+    from tasks.llm.dpo import DPOConfig
+    from tasks.llm.lora import trainer_args
+
+    cpu, out = torch.device("cpu"), Path("unused")
+    args = trainer_args(DPOConfig(), out, cpu)
+    assert args["bf16"] is False and args["gradient_checkpointing"] is True
+    assert (
+        trainer_args(DPOConfig(gradient_checkpointing=False), out, cpu)["gradient_checkpointing"]
+        is False
+    )
+    monkeypatch.setattr(hardware, "cpu_flags", lambda *_: frozenset({"avx2", "amx_bf16"}))
+    assert trainer_args(DPOConfig(cpu_bf16_autocast=True), out, cpu)["bf16"] is True
+    monkeypatch.setattr(hardware, "cpu_flags", lambda *_: frozenset({"avx2", "fma"}))
+    with pytest.raises(ValueError, match="cpu_bf16_autocast=True: this CPU has no native bf16"):
+        trainer_args(DPOConfig(cpu_bf16_autocast=True), out, cpu)
