@@ -2,7 +2,7 @@
 
 vLLM's CPU sampler applies top-p by sorting every row of the logits: for a batch of 128
 sequences over SmolLM2's 49,152-token vocabulary that sort is about 340 ms a decoding step on
-two cores, more than the model's forward pass (``bench/bench_generation.py --levers`` prints
+two cores, more than the model's forward pass (``bench/bench_sampling.py`` prints
 the figures). The nucleus is almost always a few hundred tokens, so :func:`top_p_filter` finds
 it among the ``k`` largest logits (``torch.topk``, ~20 ms for ``k = 256``), widens ``k`` for the
 rows whose top-``k`` mass is still under ``p``, and sorts only the rows that no ``k`` covers.

@@ -94,7 +94,7 @@ def _engine_args(
         "gpu_memory_utilization": gpu_memory_utilization or (0.85 if gpu_visible else 0.25),
         "enforce_eager": (not gpu_visible) if enforce_eager is None else enforce_eager,
     }
-    if not gpu_visible:
+    if not gpu_visible and os.environ.get(KV_ENV) != "fixed":
         args["max_num_seqs"] = CPU_MAX_SEQS
     if not gpu_visible and gpu_memory_utilization is None:
         args["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(model, max_model_len, dtype, kv_demand)
@@ -115,7 +115,8 @@ CPU_MAX_SEQS = 128
 """``max_num_seqs`` of a CPU engine: sequences decoded together. vLLM's CPU default, 256, was no
 faster on a quick round (369 against 403 tokens/s) and needs twice the KV cache."""
 KV_ENV = "RLRF4REC_VLLM_KV"
-"""``fixed``: size every CPU KV cache for :data:`CPU_KV_SEQUENCES` (the benchmark's "before")."""
+"""``fixed``: every CPU engine sized as before the job-sized cache (the benchmark's "before"):
+a KV cache of :data:`CPU_KV_SEQUENCES` full-length sequences, vLLM's ``max_num_seqs``."""
 
 
 @dataclass(frozen=True)
