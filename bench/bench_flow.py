@@ -9,10 +9,11 @@
    the round's samples are written), then started again with the same parameters; the files
    written before the kill must be untouched and the run must finish.
 
-``--before`` runs the same with the code's settings before the sampling and DPO levers of
+``--before`` runs the same with the settings before the sampling and DPO levers of
 ``bench/bench_sampling.py`` and ``bench/bench_dpo.py``: vLLM's sorting top-p, a KV cache of 64
-full-length sequences, TRL's LM head over every position (the switches of
-:data:`tasks.common.stage.RESULT_ENV`).
+full-length sequences and vLLM's 256 sequences at once, TRL's LM head over every position (the
+switches of :data:`tasks.common.stage.RESULT_ENV`), the whole history in the policy's prompt
+and no gradient checkpointing on CPU (flow flags).
 
     .venv/bin/python bench/bench_flow.py [--before] [--skip-kill] [extra flow flags]
 """
@@ -48,6 +49,7 @@ def _flow_cmd(run_name: str, runs_dir: Path, extra: list[str]) -> list[str]:
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 BEFORE = {"RLRF4REC_VLLM_TOP_P": "sort", "RLRF4REC_VLLM_KV": "fixed", "RLRF4REC_TRL_HEAD": "full"}
+BEFORE_FLAGS = ["--max-prompt-tokens", "0", "--no-dpo-gradient-checkpointing"]
 
 
 def _tree_rss(root: int) -> tuple[int, int]:
@@ -141,7 +143,8 @@ def main() -> None:
         **(BEFORE if args.before else {}),
     )
     if args.before:
-        print(f"# before the levers: {BEFORE}")
+        extra = [*BEFORE_FLAGS, *extra]
+        print(f"# before the levers: {BEFORE} {' '.join(BEFORE_FLAGS)}")
 
     # 1. from scratch
     first, mem = _run(_flow_cmd("bench", runs, extra), env)

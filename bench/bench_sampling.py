@@ -8,7 +8,8 @@ a fresh engine, as in the flow; engine start is reported apart from generation. 
   64 full-length sequences (the code before this benchmark);
 - ``top-p``: exact top-p among the top candidates (:mod:`tasks.llm.top_p`);
 - ``top-p + kv``: and the KV cache sized to the job (:class:`tasks.llm.vllm_engine.CacheDemand`),
-  so that no sequence is preempted (the flow's setting);
+  so that no sequence is preempted, for 128 sequences at once instead of vLLM's 256 (the flow's
+  setting);
 - ``busy-bound``, ``busy-nobind``: the same next to a process that keeps half a core busy,
   with vLLM's default binding (one thread bound to each core) and with ``nobind`` threads;
 - ``prompt``: histories cut to ``--short-prompt`` tokens (``max_prompt_tokens``).
@@ -42,7 +43,7 @@ from ceiling import ModelShape, decode_bound, measure_ceilings, print_ceilings  
 from tasks.llm.chat import chat_prompt, load_tokenizer  # noqa: E402
 from tasks.llm.generate import SamplingConfig, generate  # noqa: E402
 from tasks.llm.top_p import ENV as TOP_P_ENV  # noqa: E402
-from tasks.llm.vllm_engine import CacheDemand, VLLMEngine  # noqa: E402
+from tasks.llm.vllm_engine import KV_ENV, CacheDemand, VLLMEngine  # noqa: E402
 
 log = logging.getLogger("bench_sampling")
 
@@ -79,6 +80,8 @@ def run_lever(name: str, model: str, prompts, cfg: SamplingConfig, max_len: int)
     sized = name != "before" and name != "top-p"
     if name == "before":
         os.environ[TOP_P_ENV] = "sort"
+    if not sized:  # the engine sized as before: 64 full-length sequences, vLLM's max_num_seqs
+        os.environ[KV_ENV] = "fixed"
     if name == "busy-nobind":
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     busy = subprocess.Popen([sys.executable, "-c", BUSY]) if name.startswith("busy") else None
