@@ -57,8 +57,8 @@ class LoraTrainConfig:
             a little time for much memory: measured on CPU for DPO, 6% slower for a 36% lower
             peak (``bench/bench_dpo.py --levers``).
         cpu_bf16_autocast: on a CPU with native bf16, run the matmuls in bf16 (autocast; the
-            weights and the LoRA stay fp32). Off by default: measured on DPO it is only about
-            1.2x faster and changes the loss after one step (``bench/bench_dpo.py --levers``).
+            weights and the LoRA stay fp32). Off by default: measured on DPO it is about
+            1.5x faster but changes the loss after one step (``bench/bench_dpo.py --levers``).
         device: ``cpu``, ``cuda``, ``cuda:1``; None: ``cuda`` when available.
     """
 
