@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lever", default="compact-head", choices=LEVERS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.levers:
-        return compare(args, argv or sys.argv[1:])
+        return compare(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         import torch
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def compare(args: argparse.Namespace, argv: list[str]) -> int:
+def compare(args: argparse.Namespace) -> int:
     """Each lever in a fresh process on the same pairs; the table with roofline shares."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from ceiling import ModelShape, dpo_pair_bound, measure_ceilings, print_ceilings
@@ -165,16 +165,11 @@ def compare(args: argparse.Namespace, argv: list[str]) -> int:
     unknown = set(levers) - set(LEVERS)
     if unknown:
         raise SystemExit(f"--levers: unknown {sorted(unknown)}; choose from {LEVERS}")
-    rest, skip = [], False
-    for a in argv:  # the same arguments, less --levers / --out
-        if skip:
-            skip = False
-            continue
-        if a in ("--levers", "--out"):
-            skip = True
-            continue
-        if not a.startswith(("--levers=", "--out=")):
-            rest.append(a)
+    rest = [f"--pairs={args.pairs}", f"--answer-tokens={args.answer_tokens}"]
+    rest += [f"--run={args.run}"] if args.run else []
+    rest += [f"--model={args.model}"] if args.model else []
+    rest += [f"--threads={args.threads}"] if args.threads else []
+    rest += ["--paper"] if args.paper else []
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-dpo-levers-") as tmp:
         for lever in levers:

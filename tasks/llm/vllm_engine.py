@@ -94,7 +94,7 @@ def _engine_args(
         "gpu_memory_utilization": gpu_memory_utilization or (0.85 if gpu_visible else 0.25),
         "enforce_eager": (not gpu_visible) if enforce_eager is None else enforce_eager,
     }
-    if not gpu_visible and os.environ.get(KV_ENV) != "fixed":
+    if not gpu_visible and not _sized_as_before():
         args["max_num_seqs"] = CPU_MAX_SEQS
     if not gpu_visible and gpu_memory_utilization is None:
         args["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(model, max_model_len, dtype, kv_demand)
@@ -117,6 +117,10 @@ faster on a quick round (369 against 403 tokens/s) and needs twice the KV cache.
 KV_ENV = "RLRF4REC_VLLM_KV"
 """``fixed``: every CPU engine sized as before the job-sized cache (the benchmark's "before"):
 a KV cache of :data:`CPU_KV_SEQUENCES` full-length sequences, vLLM's ``max_num_seqs``."""
+
+
+def _sized_as_before() -> bool:
+    return os.environ.get(KV_ENV) == "fixed"
 
 
 @dataclass(frozen=True)
@@ -170,7 +174,7 @@ def cpu_kv_cache_bytes(
         raise ValueError(f"dtype={name!r}: not a torch dtype name")
     element = getattr(torch, name).itemsize
     floor = CPU_KV_MIN_BYTES
-    if os.environ.get(KV_ENV) == "fixed":
+    if _sized_as_before():
         demand = None
     try:
         c = AutoConfig.from_pretrained(model)
