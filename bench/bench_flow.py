@@ -149,7 +149,8 @@ def main() -> None:
     # 1. from scratch
     first, mem = _run(_flow_cmd("bench", runs, extra), env)
     results = json.loads((runs / "bench" / "results.json").read_text())["results"]
-    print(f"# quick profile, from scratch: {first:.1f} s wall (process, incl. start-up)")
+    profile = json.loads((runs / "bench" / "results.json").read_text())["params"]["profile"]
+    print(f"# {profile} profile, from scratch: {first:.1f} s wall (process, incl. start-up)")
     print(f"flow wall {results['wall_seconds']:.1f} s, stages {results['stage_seconds']:.1f} s")
     overhead = 1 - results["stage_seconds"] / results["wall_seconds"]
     print(f"overhead outside the stages (Prefect, MLflow, glue): {overhead:.1%} of flow wall")

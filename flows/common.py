@@ -327,10 +327,11 @@ class RunParams(BaseModel):
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {}
     RUN_PREFIX: ClassVar[str] = ""
 
-    profile: Literal["quick", "paper"] = Field(
+    profile: Literal["quick", "study", "paper"] = Field(
         "quick",
-        description="quick: CPU, a subset of users, minutes; paper: all users, the paper's "
-        "settings. Fills every parameter left unset.",
+        description="quick: CPU, a subset of users, minutes; study (flows.iterate): every user "
+        "at CPU settings, about two hours; paper: all users, the paper's settings. Fills every "
+        "parameter left unset.",
     )
     run_name: str | None = Field(
         None,
@@ -358,6 +359,13 @@ class RunParams(BaseModel):
     @classmethod
     def _existing_path(cls, v: str | None) -> str | None:
         return existing_path(v)
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, v: str) -> str:
+        if cls.PROFILES and v not in cls.PROFILES:
+            raise ValueError(f"this flow has the profiles {', '.join(cls.PROFILES)}, not {v!r}")
+        return v
 
     def resolved(self) -> typing.Self:
         """A copy with every unset parameter filled from the profile, and a run name."""

@@ -29,6 +29,7 @@ from tasks.pairing import PairingConfig
 from tasks.rlrf4rec import stages
 from tasks.rlrf4rec.lists import ListsConfig
 from tasks.rlrf4rec.reranker import TrainConfig
+from tasks.rlrf4rec.reward import REWARD_COLUMNS
 from tasks.rlrf4rec.stages import Shard
 
 Backbone = Literal["dlcm", "prm"]
@@ -50,6 +51,21 @@ class IterateParams(RunParams):
             "dpo_max_steps": 2,
             "backbones": ["dlcm", "prm"],
             "seeds": [1],
+            "reranker_settings": "fast",
+            "dpo_settings": "fast",
+            "eval_each_round": False,
+        },
+        "study": {
+            "max_users": 0,
+            "rounds": 2,
+            "n_samples": 4,
+            "max_new_tokens": 96,
+            "max_prompt_tokens": 300,
+            "knowledge_encoding": "answer",
+            "reward_metric": "ndcg@5+auc",
+            "round_users": 300,
+            "backbones": ["dlcm", "prm"],
+            "seeds": [1, 2, 3],
             "reranker_settings": "fast",
             "dpo_settings": "fast",
             "eval_each_round": False,
@@ -97,8 +113,29 @@ class IterateParams(RunParams):
         0, ge=0, description="sampling shards, one engine each; 0 = one per GPU (1 on CPU)"
     )
     reward_backbone: Backbone = Field("dlcm", description="backbone of the reward reranker")
-    reward_metric: Literal["ndcg@5", "map@5"] = Field(
-        "ndcg@5", description="per-sample reward used for pairing"
+    reward_metric: Literal["ndcg@5", "map@5", "soft_auc", "ndcg@5+auc"] | None = Field(
+        None,
+        description="per-sample reward used for pairing: the paper's ndcg@5 (or map@5), the "
+        "continuous soft_auc, or ndcg@5+auc (NDCG@5 with soft-AUC breaking its ties) (profile; "
+        "default ndcg@5, study: ndcg@5+auc)",
+    )
+    knowledge_encoding: Literal["kar", "answer", "split"] | None = Field(
+        None,
+        description="what the encoder reads: kar = profile, history and answer as one text (KAR, "
+        "the paper), answer = the answer alone, split = history and answer encoded apart and "
+        "averaged (profile; default kar, study: answer)",
+    )
+    round_users: int | None = Field(
+        None,
+        ge=0,
+        description="seeded subset of train users sampled and paired each round (the final "
+        "evaluation keeps every user); 0 = all",
+    )
+    diagnostic_users: int = Field(
+        32,
+        ge=0,
+        description="validation users whose texts measure each policy's KL to the reference "
+        "and DPO's held-out pair accuracy (0 = skip)",
     )
     pairing: Literal["best_worst", "all_pairs", "mu_2sigma"] = Field(
         "best_worst",
@@ -180,6 +217,9 @@ class LoopConfig:
     backbones: tuple[str, ...]
     seeds: tuple[int, ...]
     eval_each_round: bool
+    encoding: str = "kar"
+    round_users: int = 0
+    diagnostic_users: int = 32
 
     @classmethod
     def of(cls, p: IterateParams) -> LoopConfig:
@@ -202,13 +242,18 @@ class LoopConfig:
                 seed=p.seed,
             ),
             reward=replace(base, backbone=p.reward_backbone, seed=p.seed),
-            pairing=PairingConfig(p.pairing, p.min_margin, p.reward_metric.replace("@", "_at_")),
+            pairing=PairingConfig(
+                p.pairing, p.min_margin, REWARD_COLUMNS[p.reward_metric or "ndcg@5"]
+            ),
             dpo=dpo,
             reranker=base,
             rounds=_given(p.rounds, "rounds"),
             backbones=tuple(_given(p.backbones, "backbones")),
             seeds=tuple(_given(p.seeds, "seeds")),
             eval_each_round=bool(p.eval_each_round),
+            encoding=p.knowledge_encoding or "kar",
+            round_users=p.round_users or 0,
+            diagnostic_users=p.diagnostic_users,
         )
 
     def sampling_for(self, round_idx: int, n: int) -> SamplingConfig:
@@ -274,6 +319,7 @@ class Round:
         return {
             "round": self.index,
             "generation": self.knowledge.samples.stats,
+            "tied_users": self.scored.stats.get("tied_users"),
             "reward": self.scored.stats,
             "pairs": self.pairs.stats,
             "dpo": {
@@ -299,6 +345,7 @@ class Loop:
     cfg: LoopConfig
     ctx: RunContext
     inputs: Inputs
+    train_users: tuple[int, ...] | None = None  # the rounds' train users; None = all
 
 
 # --------------------------------------------------------------------------- the flow
@@ -320,22 +367,26 @@ iterate = params_flow(
 
 @flow(name="rlrf4rec-loop", validate_parameters=False)
 def rlrf4rec_loop(p: IterateParams, ctx: RunContext) -> dict:
-    """Algorithm 1: round zero, R rounds, the final evaluation, the report."""
+    """Algorithm 1: round zero, R rounds, the held-out measures, the final evaluation, the
+    report."""
     t_start = time.perf_counter()
     cfg = LoopConfig.of(p)
-    loop = Loop(p, cfg, ctx, prepare_inputs(p, cfg, ctx))
-    policy = Policy(ctx.policy)
-    knowledge0 = write_knowledge(loop, policy, 0, out_dir=ctx.run_dir / "round_00")
+    inputs = prepare_inputs(p, cfg, ctx)
+    loop = Loop(p, cfg, ctx, inputs, round_train_users(inputs.prompts, cfg.round_users, p.seed))
+    policies = [Policy(ctx.policy)]
+    knowledge0 = write_knowledge(loop, policies[0], 0, out_dir=ctx.run_dir / "round_00")
     reward_model = train_reward_model(loop, knowledge0)
     rounds: list[Round] = []
     for r in range(1, cfg.rounds + 1):
-        this = run_round(loop, r, policy, reward_model)
-        policy = policy.after(this.dpo)
+        this = run_round(loop, r, policies[-1], reward_model)
+        policies.append(policies[-1].after(this.dpo))
         if cfg.eval_each_round or r == cfg.rounds:
             out_dir = ctx.run_dir / this.tag / "knowledge"
-            this = replace(this, final_knowledge=write_knowledge(loop, policy, r, out_dir=out_dir))
+            final = write_knowledge(loop, policies[-1], r, out_dir=out_dir)
+            this = replace(this, final_knowledge=final)
         track_round(loop, this)
         rounds.append(this)
+    learning = measure_learning(loop, policies, rounds, reward_model)
     evaluation = evaluate_table1(loop, knowledge0, rounds)
     timings = {
         "prepare": loop.inputs.data.seconds,
@@ -344,9 +395,24 @@ def rlrf4rec_loop(p: IterateParams, ctx: RunContext) -> dict:
         **knowledge0.seconds("round_00"),
         "round_00.train_reward_model": reward_model.seconds,
         **{k: v for this in rounds for k, v in this.seconds().items()},
+        **learning.timings,
         **evaluation.timings,
     }
-    return report(loop, knowledge0, rounds, evaluation, timings=timings, t_start=t_start)
+    return report(loop, knowledge0, rounds, evaluation, learning, timings=timings, t_start=t_start)
+
+
+def round_train_users(prompts: Artefact, count: int, seed: int) -> tuple[int, ...] | None:
+    """A seeded subset of ``count`` train users for the rounds (None: every train user)."""
+    import numpy as np
+    import polars as pl
+
+    if count <= 0:
+        return None
+    train = pl.read_parquet(prompts.path).filter(pl.col("split") == "train")["user_id"].sort()
+    if count >= train.len():
+        return None
+    picked = np.random.default_rng(seed).choice(train.to_numpy(), size=count, replace=False)
+    return tuple(sorted(int(u) for u in picked))
 
 
 def prepare_inputs(p: IterateParams, cfg: LoopConfig, ctx: RunContext) -> Inputs:
@@ -379,8 +445,10 @@ def sample_users(
     *,
     out_dir: Path,
     round_idx: int,
+    train_users: tuple[int, ...] | None = None,
 ) -> Artefact:
-    """Fan the prompts of ``splits`` out over the shards (one engine per GPU), then merge."""
+    """Fan the prompts of ``splits`` out over the shards (one engine per GPU), then merge;
+    of the train users only ``train_users`` when given."""
     ctx = loop.ctx
     with _ray_gpu_options(loop):
         futures = [
@@ -392,6 +460,7 @@ def sample_users(
                 backend=loop.p.backend,
                 shard=Shard(k, ctx.n_shards, _shard_gpu(loop, k)),
                 round_idx=round_idx,
+                train_users=train_users,
                 out=out_dir / "samples" / f"shard{k:02d}.parquet",
             )
             for k in range(ctx.n_shards)
@@ -404,10 +473,29 @@ def write_knowledge(loop: Loop, policy: Policy, round_idx: int, *, out_dir: Path
     """One knowledge text per user (every split) with ``policy``, and its vector."""
     sampling = loop.cfg.sampling_for(round_idx, 1)
     samples = sample_users(loop, policy, ALL_SPLITS, sampling, out_dir=out_dir, round_idx=round_idx)
-    vectors = stages.encode_knowledge(
-        samples, loop.inputs.prompts, encoder=loop.ctx.encoder, out=out_dir / "vectors.parquet"
-    )
+    vectors = encode(loop, samples, out=out_dir / "vectors.parquet")
     return Knowledge(samples, vectors)
+
+
+def encode(loop: Loop, samples: Artefact, *, out: Path) -> Artefact:
+    """The samples' knowledge vectors, in the run's encoding."""
+    return stages.encode_knowledge(
+        samples, loop.inputs.prompts, encoder=loop.ctx.encoder, encoding=loop.cfg.encoding, out=out
+    )
+
+
+def score(loop: Loop, reward_model: Artefact, knowledge: Knowledge, *, out: Path) -> Artefact:
+    """The frozen reward model's scores of ``knowledge``'s samples (train and valid users)."""
+    inputs = loop.inputs
+    return stages.score(
+        reward_model,
+        inputs.data,
+        vectors=knowledge.vectors,
+        samples=knowledge.samples,
+        items=inputs.items,
+        prompts=inputs.prompts,
+        out=out,
+    )
 
 
 def train_reward_model(loop: Loop, knowledge0: Knowledge) -> Artefact:
@@ -433,24 +521,24 @@ def train_reward_model(loop: Loop, knowledge0: Knowledge) -> Artefact:
 
 
 def run_round(loop: Loop, r: int, policy: Policy, reward_model: Artefact) -> Round:
-    """Sample N texts per train user, score them, pair best and worst, train with DPO."""
-    rd, cfg, inputs = loop.ctx.run_dir / f"round_{r:02d}", loop.cfg, loop.inputs
+    """Sample N texts per train user (and per validation user, who never enter a pair), score
+    them, pair best and worst of each train user, train with DPO."""
+    rd, cfg = loop.ctx.run_dir / f"round_{r:02d}", loop.cfg
     sampling = cfg.sampling_for(r, cfg.sampling.n)
-    samples = sample_users(loop, policy, ("train",), sampling, out_dir=rd, round_idx=r)
-    vectors = stages.encode_knowledge(
-        samples, inputs.prompts, encoder=loop.ctx.encoder, out=rd / "vectors.parquet"
+    samples = sample_users(
+        loop,
+        policy,
+        ("train", "valid"),
+        sampling,
+        out_dir=rd,
+        round_idx=r,
+        train_users=loop.train_users,
     )
-    scored = stages.score(
-        reward_model,
-        inputs.data,
-        vectors=vectors,
-        samples=samples,
-        items=inputs.items,
-        out=rd / "scored.parquet",
-    )
-    pairs = stages.pair(scored, inputs.prompts, cfg=cfg.pairing, out=rd / "pairs.parquet")
+    knowledge = Knowledge(samples, encode(loop, samples, out=rd / "vectors.parquet"))
+    scored = score(loop, reward_model, knowledge, out=rd / "scored.parquet")
+    pairs = stages.pair(scored, loop.inputs.prompts, cfg=cfg.pairing, out=rd / "pairs.parquet")
     dpo = llm_stages.dpo(policy, pairs, cfg=cfg.dpo_for(r), out=rd / "dpo")
-    return Round(r, Knowledge(samples, vectors), scored, pairs, dpo)
+    return Round(r, knowledge, scored, pairs, dpo)
 
 
 def track_round(loop: Loop, this: Round) -> None:
@@ -467,6 +555,99 @@ def track_round(loop: Loop, this: Round) -> None:
     if this.dpo.skipped is None:
         tracker.artifact(child, this.dpo.path, "adapter")
     tracker.end(child)
+
+
+# --------------------------------------------------------------------------- learning
+
+
+@dataclass
+class Learning:
+    """Per policy r = 0..R: held-out and train reward (with the paired difference to policy
+    0), text figures, KL and held-out pair accuracy (r >= 1), two example texts."""
+
+    policies: list[dict[str, Any]]
+    timings: dict[str, float]
+
+
+def measure_learning(
+    loop: Loop, policies: list[Policy], rounds: list[Round], reward_model: Artefact
+) -> Learning:
+    """Score what each policy wrote: policy r < R wrote round r+1's samples; the last policy
+    writes N more texts per validation user here, and its train reward is that of its
+    knowledge texts (one per train user)."""
+    import polars as pl
+
+    from tasks.data.prepare import load_prepared
+    from tasks.rlrf4rec import learning
+
+    rd, cfg, timings = loop.ctx.run_dir / "heldout", loop.cfg, {}
+    heldout, final = write_heldout(loop, policies[-1], reward_model, out_dir=rd)
+    last = rounds[-1].final_knowledge
+    assert last is not None, "the last round always writes its knowledge"
+    final_train = score(loop, reward_model, last, out=rd / "final_knowledge_scored.parquet")
+    own = [this.scored for this in rounds] + [final]  # own[r]: what policy r wrote
+    timings.update(heldout.seconds("heldout"))
+    timings["heldout.score"] = final.seconds + final_train.seconds
+    data = load_prepared(stages.run_folder(loop.inputs.data))
+    titles = learning.history_titles(data.history, data.items)
+    frames = [pl.read_parquet(a.path) for a in own]
+    reward_col = cfg.pairing.reward_col
+    records = []
+    for r, frame in enumerate(frames):
+        is_last = r == len(frames) - 1
+        record = learning.policy_record(
+            r,
+            frame,
+            frames[0],
+            reward_col=reward_col,
+            titles=titles,
+            train_scored=pl.read_parquet(final_train.path) if is_last else None,
+        )
+        valid = frame.filter(pl.col("split") == "valid")
+        examples = sorted(frames[0].filter(pl.col("split") == "valid")["user_id"].unique())[:2]
+        record["examples"] = learning.example_texts(valid, examples, reward_col)
+        if r >= 1 and cfg.diagnostic_users:
+            drift = policy_drift(loop, policies[r], own[r], own[r - 1], r)
+            timings[f"heldout.drift_{r}"] = drift.seconds
+            record["drift"] = learning.drift_figures(pl.read_parquet(drift.path), cfg.dpo.beta)
+        records.append(record)
+    track_learning(loop, records)
+    return Learning(records, timings)
+
+
+def write_heldout(
+    loop: Loop, policy: Policy, reward_model: Artefact, *, out_dir: Path
+) -> tuple[Knowledge, Artefact]:
+    """N texts per validation user from the final policy, and their scores by the frozen
+    reward model."""
+    r = loop.cfg.rounds + 1
+    sampling = loop.cfg.sampling_for(r, loop.cfg.sampling.n)
+    samples = sample_users(loop, policy, ("valid",), sampling, out_dir=out_dir, round_idx=r)
+    knowledge = Knowledge(samples, encode(loop, samples, out=out_dir / "vectors.parquet"))
+    return knowledge, score(loop, reward_model, knowledge, out=out_dir / "scored.parquet")
+
+
+def policy_drift(loop: Loop, policy: Policy, own: Artefact, previous: Artefact, r: int) -> Artefact:
+    """Log-probabilities under policy r and its base model of its own validation texts and of
+    the held-out pairs built from policy r-1's validation texts."""
+    out = loop.ctx.run_dir / "heldout" / f"policy_{r:02d}"
+    texts = stages.diagnostic_texts(
+        own,
+        previous,
+        loop.inputs.prompts,
+        users=loop.cfg.diagnostic_users,
+        reward_col=loop.cfg.pairing.reward_col,
+        out=out / "texts.parquet",
+    )
+    return llm_stages.log_ratios(policy, texts, out=out / "log_ratios.parquet")
+
+
+def track_learning(loop: Loop, records: list[dict[str, Any]]) -> None:
+    """Each policy's learning figures on the MLflow parent run, step = policy index."""
+    tracker, parent = loop.ctx.tracker, loop.ctx.parent_run_id
+    for record in records:
+        flat = {k: v for k, v in record.items() if k not in ("policy", "examples")}
+        tracker.metrics(parent, {"learning": flat}, step=record["policy"])
 
 
 # --------------------------------------------------------------------------- Table I
@@ -539,6 +720,7 @@ def report(
     knowledge0: Knowledge,
     rounds: list[Round],
     evaluation: Evaluation,
+    learning: Learning,
     *,
     timings: dict[str, float],
     t_start: float,
@@ -557,6 +739,13 @@ def report(
         "table1": evaluation.table1,
         "per_list": evaluation.per_list,
         "rounds": history,
+        "learning": learning.policies,
+        "settings": {
+            "reward": loop.p.reward_metric or "ndcg@5",
+            "knowledge_encoding": loop.cfg.encoding,
+            "round_train_users": len(loop.train_users) if loop.train_users else "all",
+            "diagnostic_users": loop.cfg.diagnostic_users,
+        },
         "timings": timings,
         "wall_seconds": wall,
         "stage_seconds": stage_seconds,
@@ -583,7 +772,7 @@ def track_report(loop: Loop, written: dict, *, wall: float, stage_seconds: float
     tracker.metrics(
         parent, {"wall_seconds": wall, "stage_seconds": stage_seconds, "overhead_share": overhead}
     )
-    for path in (written["report"], written["results"], written["plot"]):
+    for path in (written["report"], written["results"], written["plot"], written["learning_plot"]):
         if path:
             tracker.artifact(parent, path)
 

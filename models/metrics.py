@@ -13,6 +13,11 @@ With ``rel`` the label of the item at rank ``i`` (1-based) and only the top ``K`
   0 when the top ``K`` holds no hit. The denominator is the number of hits in the top ``K``
   (KAR's code), not ``min(K, positives)``.
 
+``soft-AUC`` is a continuous companion of these (not one of KAR's metrics): the mean, over the
+list's (positive, negative) item pairs, of ``sigmoid(score_pos - score_neg)``; 0.5 for a list
+without a positive or without a negative. Unlike NDCG@K it moves with every change of the
+scores, not only when the top K changes order.
+
 The ``*_per_list`` variants return one value per list (shape ``[lists]``, vectorised, no Python
 loop over lists); :func:`map_at_k` and :func:`ndcg_at_k` are their means.
 """
@@ -76,6 +81,25 @@ def ndcg_at_k_per_list(labels: Any, scores: Any, k: int) -> np.ndarray:
     ideal = -np.sort(-lab, axis=1)[:, :kk]
     idcg = ((np.power(2.0, ideal) - 1.0) * discount).sum(axis=1)
     return np.divide(dcg, idcg, out=np.zeros_like(dcg), where=idcg > 0)
+
+
+def soft_auc_per_list(labels: Any, scores: Any) -> np.ndarray:
+    """Soft-AUC of each list: shape ``[lists]``, float64 in (0, 1).
+
+    ``mean over pairs (i pos, j neg) of sigmoid(s_i - s_j)``; 0.5 where a list has no positive
+    or no negative (no pair to order).
+    """
+    lab = _as_2d("labels", labels)
+    sco = _as_2d("scores", scores)
+    if lab.shape != sco.shape:
+        raise ValueError(f"labels {lab.shape} and scores {sco.shape} must have the same shape")
+    pos, neg = lab > 0, lab <= 0
+    diff = sco[:, :, None] - sco[:, None, :]  # [lists, items, items]: s_i - s_j
+    sig = 0.5 * (1.0 + np.tanh(0.5 * diff))  # sigmoid without overflow
+    both = pos[:, :, None] & neg[:, None, :]
+    n_pairs = both.sum(axis=(1, 2))
+    total = np.where(both, sig, 0.0).sum(axis=(1, 2))
+    return np.divide(total, n_pairs, out=np.full(len(lab), 0.5), where=n_pairs > 0)
 
 
 def map_at_k(labels: Any, scores: Any, k: int) -> float:

@@ -229,6 +229,18 @@ def completion_logps(
     The completion is scored as the chat template writes it (the answer and its end-of-turn
     token), like the DPO trainer does; ``adapter`` applies a PEFT LoRA on ``model``.
     """
+    return completion_token_logps(model, prompts, completions, adapter, batch_size, device)[0]
+
+
+def completion_token_logps(
+    model: str,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    adapter: str | None = None,
+    batch_size: int = 4,
+    device: str | None = None,
+) -> tuple[list[float], list[int]]:
+    """:func:`completion_logps` and the number of completion tokens each sum runs over."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -246,6 +258,7 @@ def completion_logps(
     lm.to(dev).eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out: list[float] = []
+    counts: list[int] = []
     for start in range(0, len(prompts), batch_size):
         seqs, masks = [], []
         for p, c in zip(
@@ -279,12 +292,14 @@ def completion_logps(
         token_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
         keep = lab[:, 1:].to(dev)
         out.extend((token_logp * keep).sum(-1).tolist())
-    return out
+        counts.extend(keep.sum(-1).tolist())
+    return out, counts
 
 
 __all__ = [
     "DPOConfig",
     "completion_logps",
+    "completion_token_logps",
     "dpo_dataset",
     "train_dpo",
 ]

@@ -60,3 +60,25 @@ def trained_artefact(
         stats=json.loads(json.dumps(stats, default=str)),
         extra=(*files, *extra),
     )
+
+
+@stage("log-ratios")
+def log_ratios(policy: Policy, texts: Artefact, *, out: Path) -> Artefact:
+    """Each text's summed log-probability under ``policy`` and under its base model (the
+    reference of DPO's default), and its token count: ``texts`` (``prompt``, ``text`` and any
+    id columns) with ``logp_policy``, ``logp_ref`` and ``n_tokens`` added (fp32)."""
+    from tasks.common.io import write_parquet
+    from tasks.llm.dpo import completion_token_logps
+
+    frame = pl.read_parquet(texts.path)
+    prompts, answers = frame["prompt"].to_list(), frame["text"].to_list()
+    base = policy.base.path
+    mine, n_tokens = completion_token_logps(base, prompts, answers, adapter=policy.adapter)
+    ref = completion_token_logps(base, prompts, answers)[0] if policy.adapter else mine
+    frame = frame.with_columns(
+        pl.Series("logp_policy", mine, dtype=pl.Float64),
+        pl.Series("logp_ref", ref, dtype=pl.Float64),
+        pl.Series("n_tokens", n_tokens, dtype=pl.Int64),
+    )
+    write_parquet(frame, Path(out))
+    return Artefact(str(out), stats={"texts": frame.height})

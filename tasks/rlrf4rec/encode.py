@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 MAX_PARTS = 32
 MAX_HF_TOKENS = 512
+KNOWLEDGE_ENCODINGS = ("kar", "answer", "split")
 
 
 # --------------------------------------------------------------------------- keys
@@ -256,6 +257,49 @@ def encode_texts(
     return np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
 
 
+def encode_knowledge(
+    prefixes: Sequence[str],
+    answers: Sequence[str],
+    encoder: str = DEFAULT_ENCODER,
+    encoding: str = "kar",
+) -> np.ndarray:
+    """Knowledge vectors of (profile-and-history prefix, LLM answer) pairs: ``[n, dim]`` float32.
+
+    ``encoding`` says what the encoder reads:
+
+    - ``kar`` (KAR and the paper): one text, ``prefix + ". " + answer``, mean-pooled over all
+      its tokens; the answer is a small share of them (a 96-token answer after a ~315-token
+      prefix), so different answers of one user give nearly the same vector;
+    - ``answer``: the answer alone (the history reaches the reranker only through its items);
+    - ``split``: the prefix and the answer encoded apart, L2-normalised, averaged and
+      normalised again: the answer weighs as much as the whole history.
+    """
+    from tasks.rlrf4rec.prompts import knowledge_text
+
+    if encoding not in KNOWLEDGE_ENCODINGS:
+        raise ValueError(
+            f"encoding must be one of {', '.join(KNOWLEDGE_ENCODINGS)}, got {encoding!r}"
+        )
+    if len(prefixes) != len(answers):
+        raise ValueError(
+            f"prefixes ({len(prefixes)}) and answers ({len(answers)}) differ in length"
+        )
+    if encoding == "kar":
+        return encode_texts(
+            [knowledge_text(p, a) for p, a in zip(prefixes, answers, strict=True)], encoder
+        )
+    answer_vecs = encode_texts([a.strip() for a in answers], encoder)
+    if encoding == "answer":
+        return answer_vecs
+    both = _unit(encode_texts(list(prefixes), encoder)) + _unit(answer_vecs)
+    return _unit(both).astype(np.float32)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norm, 1e-12)
+
+
 # --------------------------------------------------------------------------- frames
 
 
@@ -336,7 +380,9 @@ def encode_frame(
 
 
 __all__ = [
+    "KNOWLEDGE_ENCODINGS",
     "encode_frame",
+    "encode_knowledge",
     "encode_texts",
     "encoder_dim",
     "encoder_key",

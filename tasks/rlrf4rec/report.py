@@ -141,12 +141,102 @@ def markdown(results: dict, tables: dict, params: dict | None = None) -> str:
                 f" {_num(ev.get('ndcg@5'))} | {_num(ev.get('map@5'))} |"
             )
         lines += ["", "![per-round curve](fig4_rounds.png)"]
+    lines += learning_section(results)
     timings = results.get("timings")
     if timings:
         lines += ["", "## Wall time per stage (s)", "", "| stage | seconds |", "|---|---|"]
         for name, sec in timings.items():
             lines.append(f"| {name} | {sec:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _diff(d: dict | None) -> str:
+    if not d or not math.isfinite(d.get("diff", math.nan)):
+        return ""
+    return f"{d['diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
+
+
+def learning_section(results: dict) -> list[str]:
+    """The held-out reward per policy, with what the policy writes and how far it moved."""
+    records = results.get("learning") or []
+    if not records:
+        return []
+    settings = results.get("settings", {})
+    first = records[0]
+    lines = [
+        "",
+        "## Learning: what each round's policy writes, scored by the frozen reward model",
+        "",
+        f"Reward `{settings.get('reward', 'ndcg@5')}`, knowledge encoding "
+        f"`{settings.get('knowledge_encoding', 'kar')}`, round train users: "
+        f"{settings.get('round_train_users', 'all')}. Policy r wrote round r+1's samples (the "
+        "last policy: N more texts per validation user, and its knowledge text per train user). "
+        f"Held-out: {first['heldout']['users']} validation users, who never enter a DPO pair; "
+        "differences to policy 0 are paired by user, with the Student-t 95% CI. KL: mean "
+        "per-token log-ratio of the policy to the base model on its own validation texts "
+        "(nats); pair accuracy: DPO's implicit reward on the best/worst pairs of the previous "
+        "policy's validation texts.",
+        "",
+        "| policy | held-out reward | vs policy 0 | train reward | vs policy 0 | KL/token | "
+        "pair acc. | pair margin | words | distinct-2 | names a history title |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for rec in records:
+        held, train, text = rec["heldout"], rec["train"], rec["text"]
+        drift = rec.get("drift", {})
+        later = bool(rec["policy"])
+        lines.append(
+            f"| {rec['policy']} | {_num(held['reward'])} |"
+            f" {_diff(held['vs_policy_0']) if later else ''} |"
+            f" {_num(train['reward'])} | {_diff(train['vs_policy_0']) if later else ''} |"
+            f" {_num(drift.get('kl_per_token'), 5)} |"
+            f" {_num(drift.get('heldout_pair_accuracy'), 3)} |"
+            f" {_num(drift.get('heldout_pair_margin'), 5)} | {_num(text['mean_words'], 1)} |"
+            f" {_num(text['distinct_2'], 3)} | {_num(text['history_title_share'], 3)} |"
+        )
+    lines += ["", "Example texts (the same two validation users every round):", ""]
+    for rec in records:
+        for ex in rec.get("examples", []):
+            text = " ".join(ex["text"].split())
+            lines.append(
+                f"- policy {rec['policy']}, user {ex['user_id']}, reward {ex['reward']:.4f}: "
+                f"{text[:400]}{'…' if len(text) > 400 else ''}"
+            )
+    lines += ["", "![held-out reward](learning.png)"]
+    return lines
+
+
+def plot_learning(results: dict, path: Path) -> Path | None:
+    """Held-out and train reward per policy, with the paired 95% CI of the difference to
+    policy 0 drawn around policy 0's level."""
+    records = results.get("learning") or []
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for name, color in (("heldout", "tab:blue"), ("train", "tab:orange")):
+        xs = [r["policy"] for r in records]
+        ys = [r[name]["reward"] for r in records]
+        base = ys[0]
+        lo = [base + r[name]["vs_policy_0"]["ci_low"] if r["policy"] else base for r in records]
+        hi = [base + r[name]["vs_policy_0"]["ci_high"] if r["policy"] else base for r in records]
+        ax.plot(xs, ys, marker="o", color=color, label=f"{name} users")
+        ax.fill_between(xs, lo, hi, color=color, alpha=0.15)
+    ax.set_xlabel("policy (round)")
+    ax.set_ylabel(f"reward ({results.get('settings', {}).get('reward', 'ndcg@5')})")
+    ax.legend()
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _num(v: object, digits: int = 4) -> str:
@@ -195,6 +285,7 @@ def write_report(results: dict, out_dir: Path, params: dict | None = None) -> di
     out_dir = Path(out_dir)
     tables = build_tables(results)
     plot = plot_rounds(results, out_dir / "fig4_rounds.png")
+    learning_plot = plot_learning(results, out_dir / "learning.png")
     text = markdown(results, tables, params)
     with atomic_path(out_dir / "report.md") as tmp:
         tmp.write_text(text)
@@ -203,5 +294,6 @@ def write_report(results: dict, out_dir: Path, params: dict | None = None) -> di
         "report": str(out_dir / "report.md"),
         "results": str(out_dir / "results.json"),
         "plot": str(plot) if plot else None,
+        "learning_plot": str(learning_plot) if learning_plot else None,
         "tables": tables,
     }

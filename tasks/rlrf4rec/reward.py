@@ -47,7 +47,7 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from models.metrics import map_at_k_per_list, ndcg_at_k_per_list
+from models.metrics import map_at_k_per_list, ndcg_at_k_per_list, soft_auc_per_list
 from models.rerankers import Reranker
 from tasks.common.io import write_json
 from tasks.data.prepare import PreparedData, load_prepared
@@ -63,6 +63,16 @@ from tasks.rlrf4rec.reranker import (
 log = logging.getLogger(__name__)
 
 REWARD_FILE = "reward.json"
+TIE_BREAK_WEIGHT = 0.01
+# The per-sample rewards pairing can read: the paper's NDCG@5 (and MAP@5), soft-AUC (continuous,
+# see models.metrics), and NDCG@5 + TIE_BREAK_WEIGHT x soft-AUC: NDCG@5 decides unless two
+# samples are within about TIE_BREAK_WEIGHT / 2 of each other, soft-AUC breaks its ties.
+REWARD_COLUMNS = {
+    "ndcg@5": "ndcg_at_5",
+    "map@5": "map_at_5",
+    "soft_auc": "soft_auc",
+    "ndcg@5+auc": "ndcg_at_5_auc",
+}
 REWARD_SPLITS = ("train", "valid")
 REWARD_K = 5
 OUT_SCHEMA = {
@@ -70,6 +80,8 @@ OUT_SCHEMA = {
     "sample_idx": pl.Int64,
     "map_at_5": pl.Float64,
     "ndcg_at_5": pl.Float64,
+    "soft_auc": pl.Float64,
+    "ndcg_at_5_auc": pl.Float64,
     "n_lists": pl.Int64,
 }
 
@@ -210,6 +222,9 @@ def _finish(samples: pl.DataFrame, per_sample: pl.DataFrame) -> pl.DataFrame:
         .sort("_s")
         .drop("_s")
     )
+    out = out.with_columns(
+        (pl.col("ndcg_at_5") + TIE_BREAK_WEIGHT * pl.col("soft_auc")).alias("ndcg_at_5_auc")
+    )
     none = out.filter(pl.col("n_lists") == 0)
     if none.height:
         log.warning(
@@ -254,7 +269,7 @@ def score_samples(
     splits: Sequence[str] = REWARD_SPLITS,
     show_progress: bool = False,
 ) -> pl.DataFrame:
-    """Per-(user, sample) MAP@5 and NDCG@5 on the user's reward lists, batched.
+    """Per-(user, sample) MAP@5, NDCG@5 and soft-AUC on the user's reward lists, batched.
 
     Args:
         model_dir: a reward model from :func:`train_reward_model` (or a plain reranker folder).
@@ -268,8 +283,9 @@ def score_samples(
         show_progress: progress bar over chunks.
 
     Returns:
-        ``user_id``, ``sample_idx``, ``map_at_5``, ``ndcg_at_5`` (means over the user's reward
-        lists), ``n_lists``, in the order of ``samples``.
+        ``user_id``, ``sample_idx``, ``map_at_5``, ``ndcg_at_5``, ``soft_auc`` (means over the
+        user's reward lists; :mod:`models.metrics`), ``ndcg_at_5_auc`` (:data:`REWARD_COLUMNS`),
+        ``n_lists``, in the order of ``samples``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -294,7 +310,7 @@ def score_samples(
     n_all = table["_n"].to_numpy().astype(np.int64)
     s_flat = table["_s"].explode().to_numpy().astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(n_all)])
-    sums = np.zeros((2, samples.height), dtype=np.float64)  # map@5, ndcg@5 sums per sample
+    sums = np.zeros((3, samples.height), dtype=np.float64)  # map@5, ndcg@5, soft-AUC sums
     counts = np.zeros(samples.height, dtype=np.int64)
     bounds = np.searchsorted(fold, np.arange(len(models) + 1))
     bar = tqdm(total=int(n_all.sum()), desc="reward", unit="pair", disable=not show_progress)
@@ -326,6 +342,9 @@ def score_samples(
                 sums[1] += np.bincount(
                     who, ndcg_at_k_per_list(labels, scores[valid], REWARD_K), samples.height
                 )
+                sums[2] += np.bincount(
+                    who, soft_auc_per_list(labels, scores[valid]), samples.height
+                )
                 counts += np.bincount(who, minlength=samples.height)
                 bar.update(int(valid.sum()))
                 start = end
@@ -336,6 +355,7 @@ def score_samples(
             "_s": pl.Series(seen, dtype=pl.UInt32),
             "map_at_5": sums[0, seen] / counts[seen],
             "ndcg_at_5": sums[1, seen] / counts[seen],
+            "soft_auc": sums[2, seen] / counts[seen],
             "n_lists": counts[seen],
         }
     )
@@ -380,6 +400,7 @@ def score_samples_naive(
                     s,
                     float(map_at_k_per_list(labels, scores, REWARD_K).mean()),
                     float(ndcg_at_k_per_list(labels, scores, REWARD_K).mean()),
+                    float(soft_auc_per_list(labels, scores).mean()),
                     len(idx),
                 )
             )
@@ -389,6 +410,7 @@ def score_samples_naive(
             "_s": pl.UInt32,
             "map_at_5": pl.Float64,
             "ndcg_at_5": pl.Float64,
+            "soft_auc": pl.Float64,
             "n_lists": pl.Int64,
         },
         orient="row",

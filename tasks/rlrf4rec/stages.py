@@ -117,12 +117,18 @@ def sample(
     backend: str,
     shard: Shard,
     round_idx: int,
+    train_users: tuple[int, ...] | None = None,
     out: Path,
 ) -> Artefact:
-    """``sampling.n`` texts per user of ``splits`` in this shard."""
+    """``sampling.n`` texts per user of ``splits`` in this shard (of the train users, only
+    ``train_users`` when given)."""
     from tasks.llm.generate import generate, shard_users
 
     table = pl.read_parquet(prompts.path).filter(pl.col("split").is_in(list(splits)))
+    if train_users is not None:
+        table = table.filter(
+            (pl.col("split") != "train") | pl.col("user_id").is_in(list(train_users))
+        )
     users = shard_users(table["user_id"].to_list(), shard.count)[shard.index]
     model, adapter = policy.serving()
     samples, stats = generate(
@@ -165,22 +171,24 @@ def merge_samples(shards: list[Artefact], out: Path) -> Artefact:
 
 @stage("encode-knowledge")
 def encode_knowledge(
-    samples: Artefact, prompts: Artefact, *, encoder: InputRef, out: Path
+    samples: Artefact,
+    prompts: Artefact,
+    *,
+    encoder: InputRef,
+    encoding: str = "kar",
+    out: Path,
 ) -> Artefact:
-    """Each sample's knowledge text (profile and history, ". ", answer) as a vector:
-    ``user_id, sample_idx, vector`` (List[Float32])."""
-    from tasks.rlrf4rec.encode import encode_texts
-    from tasks.rlrf4rec.prompts import knowledge_text
+    """Each sample's knowledge text as a vector: ``user_id, sample_idx, vector``
+    (List[Float32]); ``encoding`` as in :func:`tasks.rlrf4rec.encode.encode_knowledge` (``kar``:
+    profile and history, ". ", answer, as one text)."""
+    from tasks.rlrf4rec.encode import encode_knowledge as encode
 
     frame = pl.read_parquet(samples.path)
     prefix = dict(pl.read_parquet(prompts.path).select("user_id", "prefix").iter_rows())
-    texts = [
-        knowledge_text(prefix[u], t)
-        for u, t in zip(frame["user_id"].to_list(), frame["text"].to_list(), strict=True)
-    ]
-    vectors = encode_texts(texts, encoder.path)
+    prefixes = [prefix[u] for u in frame["user_id"].to_list()]
+    vectors = encode(prefixes, frame["text"].to_list(), encoder.path, encoding)
     write_parquet(frame.select("user_id", "sample_idx").with_columns(_vector_column(vectors)), out)
-    return Artefact(str(out), stats={"texts": len(texts)})
+    return Artefact(str(out), stats={"texts": frame.height, "encoding": encoding})
 
 
 @stage("encode-items")
@@ -307,10 +315,14 @@ def score(
     vectors: Artefact,
     samples: Artefact,
     items: Artefact | None,
+    prompts: Artefact,
     out: Path,
 ) -> Artefact:
-    """Reward of every (user, sample): MAP@5 and NDCG@5 on the user's lists."""
-    from tasks.rlrf4rec.reward import score_samples
+    """Reward of every (user, sample) on the user's lists (:func:`tasks.rlrf4rec.reward.
+    score_samples`), with the user's ``split``. Stats: per reward column its mean, min, max and
+    mean within-user spread over the train users, the same means prefixed ``valid.`` for the
+    validation users, and ``tied_users`` (train users whose samples all got one NDCG@5)."""
+    from tasks.rlrf4rec.reward import REWARD_COLUMNS, score_samples
 
     vec = pl.read_parquet(vectors.path).with_columns(pl.col("sample_idx").cast(pl.Int64))
     scores = score_samples(
@@ -321,28 +333,89 @@ def score(
     )
     texts = pl.read_parquet(samples.path).with_columns(pl.col("sample_idx").cast(pl.Int64))
     scores = scores.with_columns(pl.col("sample_idx").cast(pl.Int64)).drop_nulls("ndcg_at_5")
-    scored = texts.join(scores, on=["user_id", "sample_idx"], how="inner").sort(
-        ["user_id", "sample_idx"]
+    split = pl.read_parquet(prompts.path).select("user_id", "split")
+    scored = (
+        texts.join(scores, on=["user_id", "sample_idx"], how="inner")
+        .join(split, on="user_id", how="left")
+        .sort(["user_id", "sample_idx"])
     )  # a join's row order is not fixed: sorted, the same inputs give the same bytes
     write_parquet(scored, Path(out))
-    stats = {}
-    for col in ("map_at_5", "ndcg_at_5"):
-        stats[f"{col}_mean"] = float(scored[col].mean())
-        stats[f"{col}_min"] = float(scored[col].min())
-        stats[f"{col}_max"] = float(scored[col].max())
-        spread = scored.group_by("user_id").agg(pl.col(col).max() - pl.col(col).min())
-        stats[f"{col}_user_spread"] = float(spread[col].mean())
+    stats: dict[str, float] = {}
+    for name, part in (
+        ("", scored.filter(pl.col("split") == "train")),
+        ("valid.", scored.filter(pl.col("split") == "valid")),
+    ):
+        if not part.height:
+            continue
+        for col in REWARD_COLUMNS.values():
+            stats[f"{name}{col}_mean"] = float(part[col].mean())
+            if name:
+                continue
+            stats[f"{col}_min"] = float(part[col].min())
+            stats[f"{col}_max"] = float(part[col].max())
+            spread = part.group_by("user_id").agg(pl.col(col).max() - pl.col(col).min())
+            stats[f"{col}_user_spread"] = float(spread[col].mean())
+            if col == "ndcg_at_5":
+                stats["tied_users"] = int((spread[col] <= 0).sum())
+                stats["users"] = spread.height
     return Artefact(str(out), stats=stats)
 
 
 @stage("pair")
-def pair(scored: Artefact, prompts: Artefact, *, cfg: PairingConfig, out: Path) -> Artefact:
-    """Chosen/rejected pairs from the scored samples."""
+def pair(
+    scored: Artefact,
+    prompts: Artefact,
+    *,
+    cfg: PairingConfig,
+    splits: tuple[str, ...] = ("train",),
+    out: Path,
+) -> Artefact:
+    """Chosen/rejected pairs from the scored samples of the users of ``splits``."""
     from tasks.pairing import build_pairs
 
-    pairs, stats = build_pairs(pl.read_parquet(scored.path), pl.read_parquet(prompts.path), cfg)
+    frame = pl.read_parquet(scored.path)
+    if "split" in frame.columns:
+        frame = frame.filter(pl.col("split").is_in(list(splits)))
+    pairs, stats = build_pairs(frame, pl.read_parquet(prompts.path), cfg)
     write_parquet(pairs, Path(out))
     return Artefact(str(out), stats=stats.as_dict())
+
+
+@stage("diagnostic-texts")
+def diagnostic_texts(
+    own: Artefact, previous: Artefact, prompts: Artefact, *, users: int, reward_col: str, out: Path
+) -> Artefact:
+    """The texts a policy's log-ratios are measured on, for the first ``users`` validation
+    users: ``kind`` = ``own`` (the policy's first sample of each user, ``own`` scored samples)
+    and ``chosen`` / ``rejected`` (the best/worst pair of the previous policy's samples,
+    ``previous``, as DPO would have built it); with ``user_id``, ``prompt``, ``text``."""
+    from tasks.rlrf4rec.learning import heldout_pairs
+
+    table = pl.read_parquet(prompts.path)
+    valid = table.filter(pl.col("split") == "valid")["user_id"].sort().head(users)
+    policy_prompt = table.select("user_id", "prompt")
+
+    def valid_rows(artefact: Artefact) -> pl.DataFrame:
+        return pl.read_parquet(artefact.path).filter(pl.col("user_id").is_in(valid.implode()))
+
+    mine = (
+        valid_rows(own)
+        .sort("user_id", "sample_idx")
+        .unique("user_id", keep="first", maintain_order=True)
+        .join(policy_prompt, on="user_id")
+        .select(pl.lit("own").alias("kind"), "user_id", "prompt", "text")
+    )
+    pairs = heldout_pairs(valid_rows(previous), policy_prompt, reward_col)
+    frames = [mine]
+    for kind in ("chosen", "rejected"):
+        frames.append(
+            pairs.select(
+                pl.lit(kind).alias("kind"), "user_id", "prompt", pl.col(kind).alias("text")
+            )
+        )
+    texts = pl.concat(frames)
+    write_parquet(texts, Path(out))
+    return Artefact(str(out), stats={"own": mine.height, "pairs": pairs.height})
 
 
 # --------------------------------------------------------------------------- helpers

@@ -61,8 +61,8 @@ def test_artefacts(tiny_run) -> None:
         assert (run / rel).exists(), rel
     samples = pl.read_parquet(run / "round_01" / "samples.parquet")
     data_users = pl.read_parquet(run / "data" / "users.parquet")
-    n_train = data_users.filter(pl.col("split") == "train").height
-    assert samples.height == 3 * n_train
+    n_sampled = data_users.filter(pl.col("split").is_in(["train", "valid"])).height
+    assert samples.height == 3 * n_sampled  # validation users too: the held-out reward
     assert set(samples["sample_idx"]) == {0, 1, 2}
     pairs = pl.read_parquet(run / "round_01" / "pairs.parquet")
     assert (pairs["chosen_reward"] > pairs["rejected_reward"]).all()

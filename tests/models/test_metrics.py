@@ -100,3 +100,18 @@ def test_bad_arguments() -> None:
         map_at_k([[1, 0]], [[1, 0, 0]], 1)
     with pytest.raises(ValueError, match="k must be"):
         ndcg_at_k([[1, 0]], [[1, 0]], 0)
+
+
+def test_soft_auc_hand_worked() -> None:
+    from models.metrics import soft_auc_per_list
+
+    # one positive (score 2) against negatives scored 0 and 2:
+    # (sigmoid(2 - 0) + sigmoid(2 - 2)) / 2 = (0.880797 + 0.5) / 2 = 0.690399
+    labels = [[1, 0, 0], [0, 0, 0], [1, 1, 1]]
+    scores = [[2.0, 0.0, 2.0], [1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]
+    got = soft_auc_per_list(labels, scores)
+    assert np.allclose(got, [(1 / (1 + np.exp(-2.0)) + 0.5) / 2, 0.5, 0.5])
+    # a small change of a score moves it, though the top-K order stays the same
+    nudged = soft_auc_per_list([[1, 0, 0]], [[2.0, 0.0, 1.9]])
+    assert nudged[0] > got[0]
+    assert soft_auc_per_list([[1, 0]], [[1000.0, -1000.0]])[0] == 1.0  # no overflow

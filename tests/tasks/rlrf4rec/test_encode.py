@@ -127,3 +127,37 @@ def test_long_text_keeps_its_tail(encoder_path: str, tmp_path) -> None:
     assert not np.allclose(vecs[0], vecs[1], atol=1e-4)
     reference = SentenceTransformer(encoder_path, device="cpu").encode(["short"])
     np.testing.assert_allclose(vecs[2], reference[0], atol=1e-5)
+
+
+def test_knowledge_encodings(encoder_path: str, tmp_path: Path, monkeypatch) -> None:
+    from tasks.data import assets
+    from tasks.rlrf4rec.encode import encode_knowledge
+    from tasks.rlrf4rec.prompts import knowledge_text
+
+    monkeypatch.setattr(assets, "cache_dir", lambda: tmp_path)
+    prefix = "User 7 is 34, an engineer, and rated: " + "; ".join(
+        f"Film {i} (199{i % 10}), {i % 5 + 1} stars" for i in range(30)
+    )
+    answers = ["Loves fast action and car chases.", "Prefers slow romantic dramas."]
+    prefixes = [prefix, prefix]
+    kar = encode_knowledge(prefixes, answers, encoder_path, "kar")
+    assert np.allclose(
+        kar, encode_texts([knowledge_text(prefix, a) for a in answers], encoder_path)
+    )
+    alone = encode_knowledge(prefixes, answers, encoder_path, "answer")
+    assert np.allclose(alone, encode_texts(answers, encoder_path))
+    split = encode_knowledge(prefixes, answers, encoder_path, "split")
+    p_vec = encode_texts([prefix], encoder_path)[0]
+    expected = p_vec / np.linalg.norm(p_vec) + alone[0] / np.linalg.norm(alone[0])
+    assert np.allclose(split[0], expected / np.linalg.norm(expected), atol=1e-6)
+    assert split.shape == kar.shape == (2, 384)
+
+    def cos(v: np.ndarray) -> float:
+        return float(v[0] @ v[1] / np.linalg.norm(v[0]) / np.linalg.norm(v[1]))
+
+    # the long prefix drowns the answers in KAR's text; apart, they stay apart
+    assert cos(alone) < cos(split) < cos(kar)
+    with pytest.raises(ValueError, match="encoding must be one of"):
+        encode_knowledge(prefixes, answers, encoder_path, "concat")
+    with pytest.raises(ValueError, match="differ in length"):
+        encode_knowledge(prefixes[:1], answers, encoder_path)

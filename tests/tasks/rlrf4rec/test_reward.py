@@ -76,12 +76,20 @@ def test_batched_equals_loop(run: Path, reward_model: Path) -> None:
     samples = make_samples(run)
     batched = score_samples(reward_model, run, samples, batch_size=7)  # many small chunks
     naive = score_samples_naive(reward_model, run, samples)
-    assert batched.columns == ["user_id", "sample_idx", "map_at_5", "ndcg_at_5", "n_lists"]
+    assert batched.columns == [
+        "user_id", "sample_idx", "map_at_5", "ndcg_at_5", "soft_auc", "ndcg_at_5_auc", "n_lists"
+    ]  # fmt: skip
     assert batched.select("user_id", "sample_idx").equals(samples.select("user_id", "sample_idx"))
     assert batched["n_lists"].to_list() == naive["n_lists"].to_list()
     scored = batched.filter(pl.col("n_lists") > 0)
     assert np.allclose(scored["map_at_5"], naive.filter(pl.col("n_lists") > 0)["map_at_5"])
     assert np.allclose(scored["ndcg_at_5"], naive.filter(pl.col("n_lists") > 0)["ndcg_at_5"])
+    assert np.allclose(scored["soft_auc"], naive.filter(pl.col("n_lists") > 0)["soft_auc"])
+    # the tie-break reward: NDCG@5 + 0.01 x soft-AUC
+    assert np.allclose(scored["ndcg_at_5_auc"], scored["ndcg_at_5"] + 0.01 * scored["soft_auc"])
+    # soft-AUC is continuous: a user's samples never tie on it, even where NDCG@5 ties
+    auc_spread = scored.group_by("user_id").agg(pl.col("soft_auc").n_unique().alias("n"))
+    assert (auc_spread["n"] == scored.group_by("user_id").len().sort("user_id")["len"].max()).all()
     # the sample's vector matters: samples of one user do not all get the same reward
     spread = scored.group_by("user_id").agg(pl.col("ndcg_at_5").n_unique().alias("n"))
     assert spread["n"].max() > 1
