@@ -241,21 +241,57 @@ def completion_token_logps(
     device: str | None = None,
 ) -> tuple[list[float], list[int]]:
     """:func:`completion_logps` and the number of completion tokens each sum runs over."""
+    lm, tok, dev = _scoring_model(model, adapter, device)
+    return _completion_logps(lm, tok, prompts, completions, batch_size, dev)
+
+
+def policy_and_reference_logps(
+    model: str,
+    adapter: str,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    batch_size: int = 4,
+    device: str | None = None,
+) -> tuple[list[float], list[float], list[int]]:
+    """Summed completion log-probabilities under ``model + adapter`` and under ``model`` alone
+    (the adapter disabled, one model load), and the completions' token counts."""
+    lm, tok, dev = _scoring_model(model, adapter, device)
+    mine, counts = _completion_logps(lm, tok, prompts, completions, batch_size, dev)
+    with lm.disable_adapter():
+        ref, _ = _completion_logps(lm, tok, prompts, completions, batch_size, dev)
+    return mine, ref, counts
+
+
+def _scoring_model(model: str, adapter: str | None, device: str | None) -> tuple[Any, Any, Any]:
+    """(model in fp32 and eval mode, with ``adapter`` applied, its tokenizer, its device)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.llm.chat import chat_prompt, load_tokenizer
+    from tasks.llm.chat import load_tokenizer
 
-    if len(prompts) != len(completions):
-        raise ValueError(f"prompts ({len(prompts)}) and completions ({len(completions)}) differ")
     dev = resolve_device(device)
-    tok = load_tokenizer(model)
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     if adapter:
         from peft import PeftModel
 
         lm = PeftModel.from_pretrained(lm, adapter)
-    lm.to(dev).eval()
+    return lm.to(dev).eval(), load_tokenizer(model), dev
+
+
+def _completion_logps(
+    lm: Any,
+    tok: Any,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    batch_size: int,
+    dev: Any,
+) -> tuple[list[float], list[int]]:
+    import torch
+
+    from tasks.llm.chat import chat_prompt
+
+    if len(prompts) != len(completions):
+        raise ValueError(f"prompts ({len(prompts)}) and completions ({len(completions)}) differ")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out: list[float] = []
     counts: list[int] = []
@@ -301,5 +337,6 @@ __all__ = [
     "completion_logps",
     "completion_token_logps",
     "dpo_dataset",
+    "policy_and_reference_logps",
     "train_dpo",
 ]

@@ -68,13 +68,16 @@ def log_ratios(policy: Policy, texts: Artefact, *, out: Path) -> Artefact:
     reference of DPO's default), and its token count: ``texts`` (``prompt``, ``text`` and any
     id columns) with ``logp_policy``, ``logp_ref`` and ``n_tokens`` added (fp32)."""
     from tasks.common.io import write_parquet
-    from tasks.llm.dpo import completion_token_logps
+    from tasks.llm.dpo import completion_token_logps, policy_and_reference_logps
 
     frame = pl.read_parquet(texts.path)
     prompts, answers = frame["prompt"].to_list(), frame["text"].to_list()
     base = policy.base.path
-    mine, n_tokens = completion_token_logps(base, prompts, answers, adapter=policy.adapter)
-    ref = completion_token_logps(base, prompts, answers)[0] if policy.adapter else mine
+    if policy.adapter:
+        mine, ref, n_tokens = policy_and_reference_logps(base, policy.adapter, prompts, answers)
+    else:  # an untrained policy is its own reference
+        mine, n_tokens = completion_token_logps(base, prompts, answers)
+        ref = mine
     frame = frame.with_columns(
         pl.Series("logp_policy", mine, dtype=pl.Float64),
         pl.Series("logp_ref", ref, dtype=pl.Float64),

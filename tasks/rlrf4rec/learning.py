@@ -211,7 +211,8 @@ def policy_record(
 ) -> dict:
     """Policy ``index``'s figures from the scored samples it wrote (``scored``: ``user_id``,
     ``split``, ``text``, ``n_tokens`` and the reward columns) against policy 0's (``round0``):
-    ``heldout`` (validation users) and ``train`` reward with the paired difference to policy 0,
+    ``heldout`` (validation users) and ``train`` reward with, from policy 1 on, the paired
+    difference to policy 0 (``vs_policy_0``),
     and the text figures of its validation samples. ``train_scored`` replaces the train rows of
     ``scored`` when given."""
 
@@ -232,8 +233,11 @@ def policy_record(
             "reward": float(np.mean(list(mine.values()))) if mine else float("nan"),
             "users": len(mine),
             "samples": now.height,
-            "vs_policy_0": paired_user_difference(mine, user_rewards(then, reward_col)),
         }
+        if index > 0:
+            record[name]["vs_policy_0"] = paired_user_difference(
+                mine, user_rewards(then, reward_col)
+            )
     record["text"] = text_figures(split(scored, "valid"), titles)
     return record
 

@@ -62,6 +62,7 @@ def test_artefacts(tiny_run) -> None:
     samples = pl.read_parquet(run / "round_01" / "samples.parquet")
     data_users = pl.read_parquet(run / "data" / "users.parquet")
     n_sampled = data_users.filter(pl.col("split").is_in(["train", "valid"])).height
+    n_train = data_users.filter(pl.col("split") == "train").height
     assert samples.height == 3 * n_sampled  # validation users too: the held-out reward
     assert set(samples["sample_idx"]) == {0, 1, 2}
     pairs = pl.read_parquet(run / "round_01" / "pairs.parquet")
@@ -88,6 +89,22 @@ def test_artefacts(tiny_run) -> None:
     assert 0.0 <= table["RLRF4Rec"]["ndcg@5"]["mean"] <= 1.0
     report = (run / "report.md").read_text()
     assert "Table I" in report and "| DLCM | RLRF4Rec |" in report
+    # the held-out measures: validation users are sampled every round, never paired
+    split = dict(data_users.select("user_id", "split").iter_rows())
+    assert {split[u] for u in pairs["user_id"]} == {"train"}
+    assert {split[u] for u in samples["user_id"]} == {"train", "valid"}
+    heldout = pl.read_parquet(run / "heldout" / "scored.parquet")
+    assert set(heldout["split"]) == {"valid"} and heldout.height == 3 * (n_sampled - n_train)
+    learning = results["results"]["learning"]
+    assert [r["policy"] for r in learning] == [0, 1, 2]
+    n_valid = n_sampled - n_train
+    assert all(r["heldout"]["users"] == n_valid for r in learning)
+    for r in learning[1:]:
+        assert r["heldout"]["vs_policy_0"]["n"] == n_valid
+        assert r["drift"]["kl_texts"] == n_valid  # one own text per validation user
+        if not (run / f"round_0{r['policy']}" / "dpo" / "adapter").exists():
+            assert r["drift"]["kl_per_token"] == 0.0  # an untrained policy is its reference
+    assert "## Learning" in report and (run / "learning.png").exists()
 
 
 def test_mlflow_metrics_per_round(tiny_run) -> None:
@@ -110,6 +127,11 @@ def test_mlflow_metrics_per_round(tiny_run) -> None:
         assert any(k.startswith("seconds.") for k in metrics), name
     parent = client.get_run(parent_id)
     assert "dlcm.RLRF4Rec.ndcg_at_5" in parent.data.metrics
+    # the learning figures, one step per policy
+    for key in ("learning.heldout.reward", "learning.train.reward", "learning.text.distinct_2"):
+        assert sorted(m.step for m in client.get_metric_history(parent_id, key)) == [0, 1, 2]
+    for key in ("learning.drift.kl_per_token", "learning.heldout.vs_policy_0.diff"):
+        assert sorted(m.step for m in client.get_metric_history(parent_id, key)) == [1, 2]
     assert parent.data.params["rounds"] == "2"
 
 
@@ -214,3 +236,35 @@ def test_configs_are_built_at_parse_time(capsys, monkeypatch, tmp_path) -> None:
     assert exc.value.code == 2
     assert "SamplingConfig.max_new_tokens" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_round_train_users_is_a_seeded_subset(tmp_path: Path) -> None:
+    from flows.iterate import round_train_users
+    from tasks.common.stage import Artefact
+
+    prompts = pl.DataFrame(
+        {"user_id": list(range(1, 21)), "split": ["train"] * 15 + ["valid"] * 3 + ["test"] * 2}
+    )
+    prompts.write_parquet(tmp_path / "prompts.parquet")
+    art = Artefact(str(tmp_path / "prompts.parquet"))
+    picked = round_train_users(art, 5, seed=42)
+    assert picked is not None and len(picked) == 5 and set(picked) <= set(range(1, 16))
+    assert list(picked) == sorted(picked) and round_train_users(art, 5, seed=42) == picked
+    assert round_train_users(art, 5, seed=1) != picked
+    assert round_train_users(art, 0, seed=42) is None  # 0 = every train user
+    assert round_train_users(art, 15, seed=42) is None
+
+
+def test_profiles_belong_to_their_flow() -> None:
+    from pydantic import ValidationError
+
+    from flows.direct import DirectParams
+    from flows.iterate import IterateParams
+
+    study = IterateParams(profile="study").resolved()
+    assert (study.knowledge_encoding, study.reward_metric, study.max_users) == (
+        "answer", "ndcg@5+auc", 0
+    )  # fmt: skip
+    assert IterateParams().resolved().knowledge_encoding is None  # quick: KAR's text (default)
+    with pytest.raises(ValidationError, match="profiles quick, paper"):
+        DirectParams(profile="study")

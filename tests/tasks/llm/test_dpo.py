@@ -117,3 +117,16 @@ def test_summarize_log_uses_the_last_epoch() -> None:
     assert summarize_log(history, ["loss", "rewards/margins"]) == pytest.approx(
         {"loss": 0.4, "rewards/margins": 0.5}
     )
+
+
+def test_policy_and_reference_logps_in_one_load(tiny_llm_path: str, first_round: dict) -> None:
+    from tasks.llm.dpo import completion_token_logps, policy_and_reference_logps
+
+    prompts, texts = PAIRS["prompt"].to_list()[:3], PAIRS["chosen"].to_list()[:3]
+    adapter = first_round["adapter_dir"]
+    mine, ref, counts = policy_and_reference_logps(tiny_llm_path, adapter, prompts, texts)
+    alone, alone_counts = completion_token_logps(tiny_llm_path, prompts, texts, adapter=adapter)
+    base, _ = completion_token_logps(tiny_llm_path, prompts, texts)
+    assert mine == pytest.approx(alone, abs=1e-4) and ref == pytest.approx(base, abs=1e-4)
+    assert counts == alone_counts and min(counts) > 5  # the answer and its end-of-turn tokens
+    assert mine[0] > ref[0]  # DPO raised the chosen answer's probability

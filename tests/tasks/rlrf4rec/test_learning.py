@@ -112,6 +112,10 @@ def _scored(rewards: dict[tuple[int, str], list[float]]) -> pl.DataFrame:
 def test_policy_record_pairs_users_with_policy_0() -> None:
     before = _scored({(1, "valid"): [0.2, 0.4], (2, "valid"): [0.5, 0.5], (3, "train"): [0.1]})
     after = _scored({(1, "valid"): [0.4, 0.6], (2, "valid"): [0.6, 0.6], (3, "train"): [0.3]})
+    assert (
+        "vs_policy_0"
+        not in policy_record(0, before, before, reward_col="reward", titles={})["heldout"]
+    )
     got = policy_record(1, after, before, reward_col="reward", titles={})
     held = got["heldout"]
     assert held["users"] == 2 and held["samples"] == 4
