@@ -107,7 +107,10 @@ def main() -> None:
     round0 = round0.filter(
         pl.col("user_id").is_in(prompts.filter(pl.col("split") != "test")["user_id"].implode())
     )
-    first = pl.read_parquet(run / "round_01" / "samples.parquet")
+    train = prompts.filter(pl.col("split") == "train")["user_id"].implode()
+    first = pl.read_parquet(run / "round_01" / "samples.parquet").filter(
+        pl.col("user_id").is_in(train)
+    )
     sets = {f"round_01 T=1.0 N={first.group_by('user_id').len()['len'].max()}": first}
     for spec in filter(None, args.sample.split(",")):
         t, n = spec.split(":")

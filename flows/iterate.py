@@ -319,7 +319,6 @@ class Round:
         return {
             "round": self.index,
             "generation": self.knowledge.samples.stats,
-            "tied_users": self.scored.stats.get("tied_users"),
             "reward": self.scored.stats,
             "pairs": self.pairs.stats,
             "dpo": {
@@ -592,6 +591,7 @@ def measure_learning(
     titles = learning.history_titles(data.history, data.items)
     frames = [pl.read_parquet(a.path) for a in own]
     reward_col = cfg.pairing.reward_col
+    shown = sorted(frames[0].filter(pl.col("split") == "valid")["user_id"].unique())[:2]
     records = []
     for r, frame in enumerate(frames):
         is_last = r == len(frames) - 1
@@ -604,8 +604,7 @@ def measure_learning(
             train_scored=pl.read_parquet(final_train.path) if is_last else None,
         )
         valid = frame.filter(pl.col("split") == "valid")
-        examples = sorted(frames[0].filter(pl.col("split") == "valid")["user_id"].unique())[:2]
-        record["examples"] = learning.example_texts(valid, examples, reward_col)
+        record["examples"] = learning.example_texts(valid, shown, reward_col)
         if r >= 1 and cfg.diagnostic_users:
             drift = policy_drift(loop, policies[r], own[r], own[r - 1], r)
             timings[f"heldout.drift_{r}"] = drift.seconds

@@ -122,10 +122,11 @@ def markdown(results: dict, tables: dict, params: dict | None = None) -> str:
     if rounds:
         lines += ["", "## Per round (Fig. 4)", ""]
         lines.append(
-            "| round | reward NDCG@5 mean | pairs kept | dropped | chosen-rejected margin | "
-            "DPO loss | reward acc. | mean tokens | tokens/s | test NDCG@5 | test MAP@5 |"
+            "| round | reward NDCG@5 mean | users tied on NDCG@5 | pairs kept | dropped | "
+            "chosen-rejected margin | DPO loss | reward acc. | mean tokens | tokens/s | "
+            "test NDCG@5 | test MAP@5 |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rounds:
             rew = r.get("reward", {})
             pairs = r.get("pairs", {})
@@ -134,7 +135,8 @@ def markdown(results: dict, tables: dict, params: dict | None = None) -> str:
             ev = next(iter(r.get("eval", {}).values()), {})
             dropped = sum(pairs.get(k, 0) for k in ("dropped_tie", "dropped_margin"))
             lines.append(
-                f"| {r['round']} | {_num(rew.get('ndcg_at_5_mean'))} | {pairs.get('pairs', '')} |"
+                f"| {r['round']} | {_num(rew.get('ndcg_at_5_mean'))} |"
+                f" {_tied(rew)} | {pairs.get('pairs', '')} |"
                 f" {dropped if pairs else ''} | {_num(pairs.get('margin_mean'))} |"
                 f" {_num(dpo.get('loss'))} | {_num(dpo.get('rewards/accuracies'))} |"
                 f" {_num(gen.get('mean_tokens'), 1)} | {_num(gen.get('tokens_per_s'), 1)} |"
@@ -148,6 +150,12 @@ def markdown(results: dict, tables: dict, params: dict | None = None) -> str:
         for name, sec in timings.items():
             lines.append(f"| {name} | {sec:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _tied(reward: dict) -> str:
+    if "tied_users" not in reward or not reward.get("users"):
+        return ""
+    return f"{reward['tied_users']} of {reward['users']}"
 
 
 def _diff(d: dict | None) -> str:

@@ -30,10 +30,26 @@ def test_tables_and_files(tmp_path: Path) -> None:
         }},
         "rounds": [
             {"round": 0},
-            {"round": 1, "reward": {"ndcg_at_5_mean": 0.4}, "pairs": {"pairs": 5, "dropped_tie": 1},
+            {"round": 1, "reward": {"ndcg_at_5_mean": 0.4, "tied_users": 3, "users": 10},
+             "pairs": {"pairs": 5, "dropped_tie": 1},
              "eval": {"dlcm": {"map@5": 0.6, "ndcg@5": 0.7}}},
         ],
         "timings": {"prepare": 1.5},
+        "settings": {"reward": "ndcg@5+auc", "knowledge_encoding": "answer"},
+        "learning": [
+            {"policy": 0, "heldout": {"reward": 0.40, "users": 9}, "train": {"reward": 0.41},
+             "text": {"mean_words": 60.0, "distinct_2": 0.8, "history_title_share": 0.3},
+             "examples": [{"user_id": 7, "text": "Likes  noir.", "reward": 0.5}]},
+            {"policy": 1,
+             "heldout": {"reward": 0.42, "users": 9,
+                         "vs_policy_0": {"diff": 0.02, "ci_low": 0.01, "ci_high": 0.03}},
+             "train": {"reward": 0.41,
+                       "vs_policy_0": {"diff": 0.0, "ci_low": -0.01, "ci_high": 0.01}},
+             "text": {"mean_words": 50.0, "distinct_2": 0.7, "history_title_share": 0.5},
+             "drift": {"kl_per_token": 0.012, "heldout_pair_accuracy": 0.75,
+                       "heldout_pair_margin": 0.001},
+             "examples": [{"user_id": 7, "text": "Likes noir.", "reward": 0.6}]},
+        ],
     }  # fmt: skip
     tables = build_tables(results)
     rl = tables["table1"]["dlcm"]["RLRF4Rec"]["map@5"]
@@ -45,7 +61,15 @@ def test_tables_and_files(tmp_path: Path) -> None:
     text = Path(out["report"]).read_text()
     assert "| DLCM | RLRF4Rec | " in text and "0.6100 ± " in text
     assert "RLRF4Rec-KAR:map@5 | +0.1000" in text
-    assert "Table II" in text and "| 1 | 0.4000 | 5 | 1 |" in text
+    assert "Table II" in text and "| 1 | 0.4000 | 3 of 10 | 5 | 1 |" in text
+    # the learning section: held-out reward with its paired CI, drift, texts and examples
+    assert "Reward `ndcg@5+auc`, knowledge encoding `answer`" in text
+    assert (
+        "| 1 | 0.4200 | +0.0200 [+0.0100, +0.0300] | 0.4100 | +0.0000 [-0.0100, +0.0100] |" in text
+    )
+    assert "| 0.01200 | 0.750 |" in text
+    assert "- policy 0, user 7, reward 0.5000: Likes noir." in text
+    assert Path(out["learning_plot"]).read_bytes()[:4] == b"\x89PNG"
     assert Path(out["plot"]).read_bytes()[:4] == b"\x89PNG"
     saved = json.loads(Path(out["results"]).read_text())
     assert saved["params"]["profile"] == "quick"
