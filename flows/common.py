@@ -176,6 +176,8 @@ def build_parser(model: type[BaseModel], prog: str, description: str) -> argpars
     for name, field in model.model_fields.items():
         flag = "--" + name.replace("_", "-")
         conv, choices, is_bool = _arg_type(field.annotation)
+        if name == "profile" and getattr(model, "PROFILES", None):
+            choices = list(model.PROFILES)  # the flow's own profiles, not every flow's
         help_text = (field.description or "").replace("%", "%%")
         default = field.default if field.default is not None else None
         if is_bool:
