@@ -601,7 +601,7 @@ def measure_learning(
             frames[0],
             reward_col=reward_col,
             titles=titles,
-            train_scored=pl.read_parquet(final_train.path) if is_last else None,
+            train_scored=_round_users(pl.read_parquet(final_train.path), loop) if is_last else None,
         )
         valid = frame.filter(pl.col("split") == "valid")
         record["examples"] = learning.example_texts(valid, shown, reward_col)
@@ -612,6 +612,17 @@ def measure_learning(
         records.append(record)
     track_learning(loop, records)
     return Learning(records, timings)
+
+
+def _round_users(scored: Any, loop: Loop) -> Any:
+    """The rows of the rounds' train users (every row without ``--round-users``), so that
+    every policy's train reward is over the same users."""
+    import polars as pl
+
+    if loop.train_users is None:
+        return scored
+    keep = (pl.col("split") != "train") | pl.col("user_id").is_in(list(loop.train_users))
+    return scored.filter(keep)
 
 
 def write_heldout(

@@ -122,14 +122,18 @@ def sample(
 ) -> Artefact:
     """``sampling.n`` texts per user of ``splits`` in this shard (of the train users, only
     ``train_users`` when given)."""
-    from tasks.llm.generate import generate, shard_users
+    from tasks.llm.generate import SAMPLES_SCHEMA, generate, shard_users
 
     table = pl.read_parquet(prompts.path).filter(pl.col("split").is_in(list(splits)))
     if train_users is not None:
         table = table.filter(
             (pl.col("split") != "train") | pl.col("user_id").is_in(list(train_users))
         )
-    users = shard_users(table["user_id"].to_list(), shard.count)[shard.index]
+    shards = shard_users(table["user_id"].to_list(), shard.count)
+    if shard.index >= len(shards):  # fewer users than shards (a small split): nothing to do
+        write_parquet(pl.DataFrame(schema=SAMPLES_SCHEMA), Path(out))
+        return Artefact(str(out), stats={"generated_tokens": 0, "seconds": 0.0})
+    users = shards[shard.index]
     model, adapter = policy.serving()
     samples, stats = generate(
         table.filter(pl.col("user_id").is_in(users)).select("user_id", "prompt"),
@@ -160,7 +164,7 @@ def merge_samples(shards: list[Artefact], out: Path) -> Artefact:
         "mean_tokens": float(samples["n_tokens"].mean()) if n else 0.0,
         "mean_chars": float(samples["text"].str.len_chars().mean()) if n else 0.0,
         "degenerate_share": float(samples["degenerate"].mean()) if n else 0.0,
-        "backend": shards[0].stats.get("backend") if shards else None,
+        "backend": next((s.stats["backend"] for s in shards if "backend" in s.stats), None),
         "sample_seconds": sum(s.seconds for s in shards),
     }
     return Artefact(str(out), stats=stats)
