@@ -237,14 +237,7 @@ def plot_learning(results: dict, path: Path) -> Path | None:
     ax.set_xlabel("policy (round)")
     ax.set_ylabel(f"reward ({results.get('settings', {}).get('reward', 'ndcg@5')})")
     ax.legend()
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, [ax], path)
 
 
 def _num(v: object, digits: int = 4) -> str:
@@ -277,6 +270,12 @@ def plot_rounds(results: dict, path: Path) -> Path | None:
     axes[2].plot(xs, ys, marker="o", color="tab:green")
     axes[2].set_title("mean sample reward (NDCG@5)")
     axes[2].set_xlabel("round")
+    return _save(fig, axes, path)
+
+
+def _save(fig, axes, path: Path) -> Path:
+    """Integer round ticks on ``axes``, then ``fig`` as a PNG at ``path`` (atomically)."""
+    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     for ax in axes:
