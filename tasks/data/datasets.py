@@ -10,17 +10,24 @@ Every loader returns a :class:`RatingData` with three polars frames:
 - ``ratings``: ``user_id``, ``item_id`` (Int64), ``rating`` (Int8, 1..5), ``timestamp``
   (Int64, seconds), in file order.
 
+Every loader keeps one rating per (user, item): the latest by timestamp, a tie going to the
+later line; how many were merged is in ``RatingData.cleaning`` (with anything else dropped on
+the way, see :data:`CLEANING`), which the prepare summary prints and ``meta.json`` records.
+GroupLens text is read line by line as UTF-8 where valid, else latin-1, so titles come out
+right from the original latin-1 files and from UTF-8 copies alike. Files may be gzip-compressed.
+
 Bad input raises :class:`DataError` whose message names the file and the line.
 """
 
 from __future__ import annotations
 
 import gzip
-import io
 import json
+import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import polars as pl
 
@@ -63,6 +70,14 @@ RATING_SCHEMA = {
 }
 
 
+# What a loader may merge or drop on the way, and how the summary describes each count.
+CLEANING = {
+    "duplicate_ratings_merged": "duplicate (user, item) ratings merged, keeping the latest",
+    "null_reviewer_dropped": "reviews with a null or empty reviewerID dropped",
+    "reviews_without_metadata": "reviews of items with no title in the metadata dropped",
+}
+
+
 class DataError(ValueError):
     """Malformed or inconsistent input data; the message names the file and line."""
 
@@ -75,17 +90,44 @@ class RatingData:
     users: pl.DataFrame
     items: pl.DataFrame
     ratings: pl.DataFrame
+    # What the loader merged or dropped on the way: counts keyed as in CLEANING.
+    cleaning: dict[str, int] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- line readers
 
 
-def _open_text(path: Path, encoding: str) -> io.TextIOBase:
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _open_binary(path: Path) -> BinaryIO:
+    """Open ``path`` for reading bytes, through gzip when it is gzip-compressed.
+
+    A file is read as gzip when it starts with the gzip magic bytes, whatever its name; a file
+    named ``.gz`` that does not is refused.
+    """
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    if head == GZIP_MAGIC:
+        return gzip.open(path, "rb")  # type: ignore[return-value]
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding=encoding, errors="strict")  # type: ignore[return-value]
-    return open(path, encoding=encoding, errors="strict")  # noqa: SIM115
+        what = "it is empty" if not head else f"it starts with {head!r}"
+        raise DataError(f"{path}: named .gz but is not a gzip file ({what})")
+    return open(path, "rb")  # noqa: SIM115
+
+
+def _decode(path: Path, lineno: int, raw: bytes, encoding: str) -> str:
+    if encoding == "auto":
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return raw.decode("latin-1")
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}:{lineno}: not valid {encoding} text ({exc.reason})") from None
 
 
 def _lines(
@@ -93,21 +135,30 @@ def _lines(
 ) -> Iterator[tuple[int, str]]:
     """Yield (1-based line number, line without newline), skipping blank lines.
 
-    Raises DataError for a missing or empty file.
+    ``encoding="auto"`` decodes each line as UTF-8 when it is valid UTF-8 and as latin-1
+    otherwise: the GroupLens files are latin-1, re-saved copies are often UTF-8, and either
+    reads correctly (accented latin-1 text is practically never valid UTF-8). Raises DataError for a
+    missing or empty file, bad text and a truncated or corrupt gzip file.
     """
     seen = False
-    with _open_text(path, encoding) as fh:
+    lineno = 0
+    with _open_binary(path) as fh:
         try:
-            for lineno, line in enumerate(fh, start=1):
+            for lineno, raw in enumerate(fh, start=1):
                 if skip_header and lineno == 1:
                     continue
-                line = line.rstrip("\r\n")
+                line = _decode(path, lineno, raw, encoding).rstrip("\r\n")
                 if not line.strip():
                     continue
                 seen = True
                 yield lineno, line
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}: not valid {encoding} text ({exc.reason})") from exc
+        except EOFError:
+            raise DataError(
+                f"{path}:{lineno + 1}: gzip file is truncated (it ends inside line "
+                f"{lineno + 1}); download or copy it again"
+            ) from None
+        except (gzip.BadGzipFile, zlib.error) as exc:
+            raise DataError(f"{path}:{lineno + 1}: corrupt gzip data ({exc})") from None
     if not seen:
         raise DataError(f"{path}: file is empty (no data lines)")
 
@@ -156,12 +207,33 @@ def _check_ids(
             raise DataError(f"{path}:{lineno}: unknown item id {item} (not in the items file)")
 
 
+def _keep_latest(
+    ratings: list[tuple[int, int, int, int, int]],
+) -> tuple[list[tuple[int, int, int, int, int]], int]:
+    """One rating per (user, item): the latest timestamp, a tie going to the later line.
+
+    Returns the kept ratings, in file order, and how many were merged away.
+    """
+    best: dict[tuple[int, int], int] = {}
+    for idx, r in enumerate(ratings):
+        key = (r[0], r[1])
+        seen = best.get(key)
+        if seen is None or r[3] >= ratings[seen][3]:
+            best[key] = idx
+    if len(best) == len(ratings):
+        return ratings, 0
+    keep = sorted(best.values())
+    return [ratings[i] for i in keep], len(ratings) - len(keep)
+
+
 def _frames(
     name: str,
     users: list[dict],
     items: list[dict],
     ratings: list[tuple[int, int, int, int, int]],
 ) -> RatingData:
+    """The normalised frames; duplicate (user, item) ratings keep the latest (counted)."""
+    ratings, merged = _keep_latest(ratings)
     ratings_df = pl.DataFrame(
         {
             "user_id": [r[0] for r in ratings],
@@ -176,6 +248,7 @@ def _frames(
         users=pl.DataFrame(users, schema=USER_SCHEMA).sort("user_id"),
         items=pl.DataFrame(items, schema=ITEM_SCHEMA).sort("item_id"),
         ratings=ratings_df,
+        cleaning={"duplicate_ratings_merged": merged},
     )
 
 
@@ -199,7 +272,7 @@ def load_ml100k(folder: str | Path) -> RatingData:
 def _load_ml100k_grouplens(folder: Path) -> RatingData:
     users, user_ids = [], set()
     path = folder / "u.user"
-    for lineno, line in _lines(path, "latin-1"):
+    for lineno, line in _lines(path, "auto"):
         uid, age, gender, occupation, zipcode = _fields(path, lineno, line, "|", 5)
         user = _int(path, lineno, uid, "user id")
         _unique(path, lineno, user, user_ids, "user")
@@ -215,7 +288,7 @@ def _load_ml100k_grouplens(folder: Path) -> RatingData:
         )
     items, item_ids = [], set()
     path = folder / "u.item"
-    for lineno, line in _lines(path, "latin-1"):
+    for lineno, line in _lines(path, "auto"):
         parts = _fields(path, lineno, line, "|", 5 + len(ML100K_GENRES))
         item = _int(path, lineno, parts[0], "item id")
         _unique(path, lineno, item, item_ids, "item")
@@ -228,7 +301,7 @@ def _load_ml100k_grouplens(folder: Path) -> RatingData:
         )
     ratings = []
     path = folder / "u.data"
-    for lineno, line in _lines(path, "latin-1"):
+    for lineno, line in _lines(path, "auto"):
         uid, iid, rating, ts = _fields(path, lineno, line, "\t", 4)
         ratings.append(
             (
@@ -246,7 +319,7 @@ def _load_ml100k_grouplens(folder: Path) -> RatingData:
 def _load_ml100k_recbole(folder: Path) -> RatingData:
     users, user_ids = [], set()
     path = folder / "ml-100k.user"
-    for lineno, line in _lines(path, "utf-8", skip_header=True):
+    for lineno, line in _lines(path, "auto", skip_header=True):
         uid, age, gender, occupation, zipcode = _fields(path, lineno, line, "\t", 5)
         user = _int(path, lineno, uid, "user id")
         _unique(path, lineno, user, user_ids, "user")
@@ -262,7 +335,7 @@ def _load_ml100k_recbole(folder: Path) -> RatingData:
         )
     items, item_ids = [], set()
     path = folder / "ml-100k.item"
-    for lineno, line in _lines(path, "utf-8", skip_header=True):
+    for lineno, line in _lines(path, "auto", skip_header=True):
         iid, title, year, genres = _fields(path, lineno, line, "\t", 4)
         item = _int(path, lineno, iid, "item id")
         _unique(path, lineno, item, item_ids, "item")
@@ -272,7 +345,7 @@ def _load_ml100k_recbole(folder: Path) -> RatingData:
         items.append({"item_id": item, "title": title, "genres": genres.split(), "source_id": iid})
     ratings = []
     path = folder / "ml-100k.inter"
-    for lineno, line in _lines(path, "utf-8", skip_header=True):
+    for lineno, line in _lines(path, "auto", skip_header=True):
         uid, iid, rating, ts = _fields(path, lineno, line, "\t", 4)
         ratings.append(
             (
@@ -295,7 +368,7 @@ def load_ml1m(folder: str | Path) -> RatingData:
     folder = Path(folder)
     users, user_ids = [], set()
     path = folder / "users.dat"
-    for lineno, line in _lines(path, "latin-1"):
+    for lineno, line in _lines(path, "auto"):
         uid, gender, age, occupation, zipcode = _fields(path, lineno, line, "::", 5)
         user = _int(path, lineno, uid, "user id")
         _unique(path, lineno, user, user_ids, "user")
@@ -314,7 +387,7 @@ def load_ml1m(folder: str | Path) -> RatingData:
         )
     items, item_ids = [], set()
     path = folder / "movies.dat"
-    for lineno, line in _lines(path, "latin-1"):
+    for lineno, line in _lines(path, "auto"):
         iid, title, genres = _fields(path, lineno, line, "::", 3)
         item = _int(path, lineno, iid, "item id")
         _unique(path, lineno, item, item_ids, "item")
@@ -328,7 +401,7 @@ def load_ml1m(folder: str | Path) -> RatingData:
         )
     ratings = []
     path = folder / "ratings.dat"
-    for lineno, line in _lines(path, "latin-1"):
+    for lineno, line in _lines(path, "auto"):
         uid, iid, rating, ts = _fields(path, lineno, line, "::", 4)
         ratings.append(
             (
@@ -364,14 +437,45 @@ def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
         yield lineno, obj
 
 
+def _categories(path: Path, lineno: int, value: object) -> list[str]:
+    """The genres of one metadata record: its ``category`` strings, less "Books".
+
+    ``category`` is a list of strings in the 2018 release; a single string is one category,
+    null or missing is none; anything else is refused.
+    """
+    if value is None:
+        return []
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(c, str) for c in values):
+        raise DataError(
+            f"{path}:{lineno}: 'category' must be a list of strings, got {json.dumps(value)[:60]}"
+        )
+    genres = [" ".join(c.split()) for c in values]
+    return [c for c in genres if c and c != "Books"]
+
+
+def _review_str(path: Path, lineno: int, obj: dict, key: str) -> str | None:
+    value = obj[key]
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise DataError(
+            f"{path}:{lineno}: {key!r} must be a string, got {type(value).__name__} "
+            f"{json.dumps(value)[:40]}"
+        )
+    return value
+
+
 def load_amazon_books(folder: str | Path, min_interactions: int = 5) -> RatingData:
     """Load the 2018 Amazon "Books" reviews and metadata (JSON lines, optionally .gz).
 
     Reviews: ``Books.json`` (``reviewerID``, ``asin``, ``overall``, ``unixReviewTime``).
-    Metadata: ``meta_Books.json`` (``asin``, ``title``, ``category``). Users and items are
-    filtered to at least ``min_interactions`` ratings each, repeatedly until both hold
-    (a k-core); only items with metadata are kept. Duplicate (user, item) reviews keep the
-    first. There are no user features.
+    Metadata: ``meta_Books.json`` (``asin``, ``title``, ``category``: a list of strings, or
+    one string). Users and items are filtered to at least ``min_interactions`` ratings each,
+    repeatedly until both hold (a k-core); only items with a title in the metadata are kept.
+    Duplicate (user, item) reviews keep the latest (a tie: the later line). A review whose
+    ``reviewerID`` is null or empty is dropped; the drops are counted in ``cleaning``. There
+    are no user features.
     """
     folder = Path(folder)
     meta_path = _find(folder, ("meta_Books.json", "meta_Books.json.gz", "meta_Books.jsonl"))
@@ -380,24 +484,35 @@ def load_amazon_books(folder: str | Path, min_interactions: int = 5) -> RatingDa
         asin = obj.get("asin")
         if not isinstance(asin, str) or not asin:
             raise DataError(f"{meta_path}:{lineno}: missing 'asin'")
+        genres = _categories(meta_path, lineno, obj.get("category"))
         title = obj.get("title")
         if not isinstance(title, str) or not title.strip():
             continue
-        category = obj.get("category") or []
-        genres = [c for c in category if isinstance(c, str) and c and c != "Books"]
         titles.setdefault(asin, (" ".join(title.split()), genres))
     reviews_path = _find(folder, ("Books.json", "Books.json.gz", "Books.jsonl"))
     rows: dict[tuple[str, str], tuple[int, int]] = {}
+    cleaning = dict.fromkeys(CLEANING, 0)
     for lineno, obj in _json_lines(reviews_path):
         try:
-            user, asin = obj["reviewerID"], obj["asin"]
+            user = _review_str(reviews_path, lineno, obj, "reviewerID")
+            asin = _review_str(reviews_path, lineno, obj, "asin")
             rating_raw, ts_raw = obj["overall"], obj["unixReviewTime"]
         except KeyError as exc:
             raise DataError(f"{reviews_path}:{lineno}: missing field {exc.args[0]!r}") from None
+        if asin is None:
+            raise DataError(f"{reviews_path}:{lineno}: 'asin' is null or empty")
         rating = _rating(reviews_path, lineno, str(rating_raw))
         ts = _int(reviews_path, lineno, str(ts_raw), "unixReviewTime")
-        if asin in titles:
-            rows.setdefault((user, asin), (rating, ts))
+        if user is None:
+            cleaning["null_reviewer_dropped"] += 1
+        elif asin not in titles:
+            cleaning["reviews_without_metadata"] += 1
+        else:
+            seen = rows.get((user, asin))
+            if seen is not None:
+                cleaning["duplicate_ratings_merged"] += 1
+            if seen is None or ts >= seen[1]:
+                rows[(user, asin)] = (rating, ts)
     frame = pl.DataFrame(
         {
             "user": [k[0] for k in rows],
@@ -441,7 +556,7 @@ def load_amazon_books(folder: str | Path, min_interactions: int = 5) -> RatingDa
         .alias("genres"),
         pl.col("asin").alias("source_id"),
     )
-    return RatingData("amazon-books", users, items, ratings)
+    return RatingData("amazon-books", users, items, ratings, cleaning)
 
 
 def k_core(frame: pl.DataFrame, user_col: str, item_col: str, k: int) -> pl.DataFrame:
