@@ -3,7 +3,13 @@
 Artefacts, under ``<run>/data/`` (written to a temporary folder, then renamed into place):
 ``users.parquet``, ``items.parquet``, ``ratings.parquet``, ``history.parquet``,
 ``lists.parquet`` (schemas in :mod:`tasks.data.datasets` and :mod:`tasks.rlrf4rec.lists`) and
-``meta.json`` (data set, task settings, counts).
+``meta.json`` (data set, task settings, counts, and what the loader merged or dropped:
+``counts.cleaning``, see :data:`tasks.data.datasets.CLEANING`).
+
+``out`` is the run folder: it must be a folder (or not exist yet) and must not be a prepared
+``data`` folder itself (that would write ``data/data``). ``max_users`` must leave the test split
+non-empty; a validation split it empties, or a ``max_users`` above the number of users, is
+reported with a warning.
 
 Command line::
 
@@ -15,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +33,7 @@ import polars as pl
 from tasks.common.io import atomic_dir
 from tasks.common.runlock import RunLockedError, run_lock
 from tasks.data.assets import AssetError
-from tasks.data.datasets import DATASETS, DataError, load_dataset
+from tasks.data.datasets import CLEANING, DATASETS, DataError, load_dataset
 from tasks.rlrf4rec.lists import ListsConfig, RerankLists, build_lists, lists_counts
 
 log = logging.getLogger(__name__)
@@ -45,6 +53,37 @@ class PreparedData:
     meta: dict
 
 
+def check_out(out: str | Path, name: str = "out") -> None:
+    """Refuse an ``out`` that cannot be a run folder; ``name`` is the parameter, for messages.
+
+    Nothing is created: the first missing folder on the way is created later, when writing.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{name} {out} is a file, not a folder (the run folder to write into)")
+    data = out / "data"
+    if data.exists() and not data.is_dir():
+        raise DataError(f"{name} {out}: {data} is a file, not a prepared data folder")
+    if (out / "meta.json").is_file() and (out / "lists.parquet").is_file():
+        raise DataError(
+            f"{name} {out} is a prepared data folder itself, not its run folder; pass "
+            f"{out.parent} (files go to <{name}>/data/)"
+        )
+
+
+def check_writable(out: str | Path, name: str = "out") -> None:
+    """Create ``out`` if needed and check a file can be written there (before any work)."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        where = exc.filename or out
+        raise DataError(f"{name} {out}: cannot write to {where} ({exc.strerror or exc})") from None
+
+
 def prepare(
     dataset: str,
     out: str | Path,
@@ -56,15 +95,23 @@ def prepare(
     """Prepare ``dataset`` into ``<out>/data`` and return its counts.
 
     ``max_users`` keeps a seeded random subset of the users (their lists are exactly those of
-    the full preparation). Nothing is written when loading or building fails; an existing
-    ``<out>/data`` is replaced only once the new one is complete.
+    the full preparation); 0 or None keeps all. Nothing is written when loading or building
+    fails; an existing ``<out>/data`` is replaced only once the new one is complete.
     """
     cfg = cfg or ListsConfig()
+    if max_users is not None and max_users < 0:
+        raise DataError(f"max_users must be a positive number of users (0: all), got {max_users}")
+    if cfg.seed < 0:
+        raise DataError(f"seed must be >= 0, got {cfg.seed}")
+    if min_interactions < 1:
+        raise DataError(f"min_interactions must be >= 1, got {min_interactions}")
+    check_out(out)
     data = load_dataset(dataset, data_dir, min_interactions=min_interactions)
     rerank = build_lists(data, cfg)
     if max_users:
-        rerank = subset_users(rerank, max_users, cfg.seed)
+        rerank = _checked_subset(rerank, max_users, cfg)
     counts = lists_counts(rerank, data)
+    counts["cleaning"] = {k: int(data.cleaning.get(k, 0)) for k in CLEANING}
     meta = {
         "dataset": dataset,
         "data_dir": str(data_dir) if data_dir else None,
@@ -83,6 +130,40 @@ def prepare(
         rerank.lists.write_parquet(tmp / "lists.parquet")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return counts
+
+
+def _split_sizes(users: pl.DataFrame) -> dict[str, int]:
+    return {s: int((users["split"] == s).sum()) for s in ("train", "valid", "test")}
+
+
+def _checked_subset(rerank: RerankLists, max_users: int, cfg: ListsConfig) -> RerankLists:
+    """:func:`subset_users`, refusing a subset with no test user (the full data has some)."""
+    total = rerank.users.height
+    if max_users > total:
+        log.warning(
+            "--max-users %d is more than the %d users with lists: all of them are kept",
+            max_users,
+            total,
+        )
+    full = _split_sizes(rerank.users)
+    subset = subset_users(rerank, max_users, cfg.seed)
+    kept = _split_sizes(subset.users)
+    sizes = ", ".join(f"{kept[s]} {s}" for s in ("train", "valid", "test"))
+    if full["test"] and not kept["test"]:
+        raise DataError(
+            f"--max-users {max_users} leaves the test split empty ({sizes} of {total} users "
+            f"with lists, seed {cfg.seed}); raise --max-users"
+        )
+    if full["valid"] and not kept["valid"]:
+        log.warning(
+            "--max-users %d leaves the valid split empty (%s of %d users with lists, seed %d): "
+            "nothing to select checkpoints on; raise --max-users",
+            max_users,
+            sizes,
+            total,
+            cfg.seed,
+        )
+    return subset
 
 
 def subset_users(rerank: RerankLists, max_users: int, seed: int) -> RerankLists:
@@ -123,6 +204,9 @@ def format_counts(counts: dict) -> str:
             f"  {split:<6} users {c['users']:>6,}  lists {c['lists']:>8,}  "
             f"no positive {c['no_positive_share']:.1%}"
         )
+    for key, n in counts.get("cleaning", {}).items():
+        if n:
+            lines.append(f"cleaning          {n:,} {CLEANING.get(key, key)}")
     return "\n".join(lines)
 
 
@@ -161,13 +245,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _argument_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the command line, in one line, before any work (None: nothing)."""
+    for name, value in (("--test-frac", args.test_frac), ("--valid-frac", args.valid_frac)):
+        if not 0.0 <= value < 1.0:
+            return f"{name} must be in [0, 1), got {value}"
+    if args.max_users is not None and args.max_users < 0:
+        return f"--max-users must be a positive number of users (0: all), got {args.max_users}"
+    if args.seed < 0:
+        return f"--seed must be >= 0, got {args.seed}"
+    if args.min_interactions < 1:
+        return f"--min-interactions must be >= 1, got {args.min_interactions}"
+    try:
+        check_out(args.out, "--out")
+        check_writable(args.out, "--out")
+    except DataError as exc:
+        return str(exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for name, value in (("--test-frac", args.test_frac), ("--valid-frac", args.valid_frac)):
-        if not 0.0 <= value < 1.0:
-            print(f"error: {name} must be in [0, 1), got {value}", file=sys.stderr)
-            return 2
+    problem = _argument_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     cfg = ListsConfig(seed=args.seed, test_frac=args.test_frac, valid_frac=args.valid_frac)
     try:
         # A flow may be writing this run folder: take its lock, as the flows do.
@@ -177,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
             )
     except (DataError, AssetError, RunLockedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. the disk filled up while writing: nothing was replaced
+        print(
+            f"error: cannot write {exc.filename or args.out}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return 1
     print(format_counts(counts))
     print(f"written to {Path(args.out) / 'data'}")

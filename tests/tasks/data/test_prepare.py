@@ -79,3 +79,120 @@ def test_real_movielens_100k(tmp_path: Path) -> None:
     assert test_users == 94
     # every list has exactly 10 distinct items
     assert (data.lists["item_ids"].list.n_unique() == 10).all()
+
+
+# --------------------------------------------------------------------------- bad command lines
+
+
+def _cli(*args: str) -> list[str]:
+    return ["prepare", "--dataset", "ml-1m", *args]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--max-users", "-1", "--max-users must be a positive number of users (0: all), got -1"),
+        ("--seed", "-1", "--seed must be >= 0, got -1"),
+        ("--min-interactions", "0", "--min-interactions must be >= 1, got 0"),
+    ],
+)
+def test_cli_refuses_bad_numbers_before_any_work(
+    ml1m_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, flag: str, value: str,
+    message: str,
+) -> None:  # fmt: skip
+    out = tmp_path / "r"
+    rc = main(_cli("--data-dir", str(ml1m_dir), "--out", str(out), flag, value))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err == f"error: {message}\n"
+    assert not out.exists()
+
+
+def test_cli_out_is_a_file(ml1m_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "r"
+    out.write_text("keep me")
+    rc = main(_cli("--data-dir", str(ml1m_dir), "--out", str(out)))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and f"--out {out} is a file, not a folder" in err
+    assert out.read_text() == "keep me"
+
+
+def test_cli_out_not_writable(
+    ml1m_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only file system (simulated: tests may run as root, where chmod does not bite)."""
+    import errno
+    import tempfile
+
+    def read_only(*args, dir=None, **kwargs):  # noqa: A002 - tempfile's name
+        raise OSError(errno.EROFS, "Read-only file system", str(dir))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    out = tmp_path / "r"
+    rc = main(_cli("--data-dir", str(ml1m_dir), "--out", str(out)))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err == f"error: --out {out}: cannot write to {out} (Read-only file system)\n"
+
+
+def test_cli_refuses_a_data_folder_as_out(
+    ml1m_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    assert main(_cli("--data-dir", str(ml1m_dir), "--out", str(run), "--test-frac", "0.34")) == 0
+    before = {p.name: p.read_bytes() for p in (run / "data").iterdir()}
+    capsys.readouterr()
+    rc = main(_cli("--data-dir", str(ml1m_dir), "--out", str(run / "data")))
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert f"--out {run / 'data'} is a prepared data folder itself" in err and str(run) in err
+    assert {p.name: p.read_bytes() for p in (run / "data").iterdir()} == before
+
+
+# --------------------------------------------------------------------------- max_users
+
+
+def test_max_users_emptying_test_split_is_refused(ml1m_dir: Path, tmp_path: Path) -> None:
+    # seed 3: 2 test, 1 valid, 3 train users; the 2 drawn are a train and a valid user
+    cfg = ListsConfig(seed=3, test_frac=0.34, valid_frac=0.25)
+    with pytest.raises(DataError, match=r"--max-users 2 leaves the test split empty") as err:
+        prepare("ml-1m", tmp_path / "run", ml1m_dir, cfg, max_users=2)
+    assert "1 train, 1 valid, 0 test of 6 users" in str(err.value)
+    assert not (tmp_path / "run" / "data").exists()
+
+
+def test_max_users_warnings(
+    ml1m_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # seed 4: the 2 drawn are a test and a train user; valid is left empty
+    cfg = ListsConfig(seed=4, test_frac=0.34, valid_frac=0.25)
+    counts = prepare("ml-1m", tmp_path / "a", ml1m_dir, cfg, max_users=2)
+    assert counts["splits"]["valid"]["users"] == 0
+    assert "--max-users 2 leaves the valid split empty" in caplog.text
+    caplog.clear()
+    counts = prepare("ml-1m", tmp_path / "b", ml1m_dir, cfg, max_users=100)
+    assert counts["users_with_lists"] == 6
+    assert "--max-users 100 is more than the 6 users with lists" in caplog.text
+
+
+def test_prepare_refuses_negative_seed(ml1m_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="seed must be >= 0, got -1"):
+        prepare("ml-1m", tmp_path / "run", ml1m_dir, ListsConfig(seed=-1))
+
+
+# --------------------------------------------------------------------------- cleaning
+
+
+def test_merged_duplicates_in_summary_and_meta(
+    ml100k_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    with open(ml100k_dir / "u.data", "a") as fh:
+        fh.write("1\t2\t5\t990000000\n1\t2\t4\t990000001\n")
+    rc = main(["prepare", "--data-dir", str(ml100k_dir), "--out", str(tmp_path / "r"),
+               "--test-frac", "0.34"])  # fmt: skip
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "cleaning          2 duplicate (user, item) ratings merged, keeping the latest" in out
+    meta = load_prepared(tmp_path / "r").meta
+    assert meta["counts"]["cleaning"]["duplicate_ratings_merged"] == 2
