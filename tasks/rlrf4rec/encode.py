@@ -16,7 +16,9 @@ Cache: ``<cache_dir>/<encoder key>/part-*.parquet`` with columns ``key`` (sha256
 text, Utf8) and ``vector`` (List[Float32]). The encoder key is the encoder's name plus a hash of
 its resolved folder, so two encoders never share entries. Each call that encodes new texts
 appends one part file (written atomically: readers never see half a file); parts are compacted
-into one when there are more than :data:`MAX_PARTS`. The default cache folder is
+into one when there are more than :data:`MAX_PARTS`. A part that is empty, corrupt or not in
+that schema (a damaged disk, a hand copy) is never read as vectors: it is removed with a
+warning naming it and its texts are encoded again. The default cache folder is
 ``tasks.data.assets.cache_dir() / "embeddings"``.
 """
 
@@ -160,24 +162,73 @@ def _parts(folder: Path) -> list[Path]:
     return sorted(folder.glob("part-*.parquet"))
 
 
-def _read_cache(folder: Path, keys: set[str]) -> dict[str, np.ndarray]:
-    """Cached vectors for ``keys`` found in ``folder`` (retries once if a part vanished)."""
+def _drop_part(part: Path, reason: str) -> None:
+    """Remove a cache part that cannot be read as vectors (parts are written atomically, so a
+    bad one is damaged for good); its texts are then encoded again."""
+    log.warning(
+        "ignoring embeddings cache part %s (%s): removed, its texts will be encoded again",
+        part,
+        reason,
+    )
+    part.unlink(missing_ok=True)
+
+
+def _part_problem(frame: pl.DataFrame) -> str | None:
+    """Why a part's rows are not cache vectors (None: they are)."""
+    if frame.schema.get("key") != pl.Utf8:
+        return f"no Utf8 'key' column: {dict(frame.schema)}"
+    vector = frame.schema.get("vector")
+    if not isinstance(vector, pl.List | pl.Array) or not vector.inner.is_float():
+        return f"no List[Float] 'vector' column: {dict(frame.schema)}"
+    lengths = frame["vector"].cast(pl.List(pl.Float32)).list.len()
+    if frame["key"].null_count() or lengths.null_count():
+        return "null keys or vectors"
+    if frame.height and lengths.min() != lengths.max():
+        return "vectors of different lengths"
+    return None
+
+
+def _load_parts(folder: Path, keys: set[str] | None = None) -> pl.DataFrame:
+    """The rows (only ``keys`` when given) of every cache part, the first of each key kept.
+
+    A part that is empty, corrupt or not in the cache schema is never read as vectors: it is
+    removed with a warning naming it (:func:`_drop_part`). A part that vanished while being
+    read (a concurrent compaction) makes the listing be taken again, once.
+    """
     for attempt in range(2):
-        parts = _parts(folder)
-        if not parts:
-            return {}
-        try:
-            frame = (
-                pl.scan_parquet(parts)
-                .filter(pl.col("key").is_in(list(keys)))
-                .unique("key", keep="first")
-                .collect()
-            )
+        frames: list[pl.DataFrame] = []
+        vanished = False
+        for part in _parts(folder):
+            try:
+                scan = pl.scan_parquet(part)
+                if keys is not None:
+                    scan = scan.filter(pl.col("key").is_in(list(keys)))
+                frame = scan.collect()
+            except (OSError, pl.exceptions.PolarsError) as exc:
+                if not part.exists():
+                    vanished = True
+                else:
+                    _drop_part(part, (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+                continue
+            problem = _part_problem(frame)
+            if problem is None and frames and frame.height and frames[0].height:
+                if frame["vector"].list.len()[0] != frames[0]["vector"].list.len()[0]:
+                    problem = "vectors of another length than the other parts'"
+            if problem is not None:
+                _drop_part(part, problem)
+                continue
+            frames.append(frame.select(pl.col("key"), pl.col("vector").cast(pl.List(pl.Float32))))
+        if not vanished or attempt:
             break
-        except (FileNotFoundError, OSError, pl.exceptions.ComputeError):
-            if attempt:
-                raise
-            time.sleep(0.1)  # a concurrent compaction removed a part: list again
+        time.sleep(0.1)  # a concurrent compaction removed a part: list again
+    if not frames:
+        return pl.DataFrame(schema={"key": pl.Utf8, "vector": pl.List(pl.Float32)})
+    return pl.concat(frames).unique("key", keep="first", maintain_order=True)
+
+
+def _read_cache(folder: Path, keys: set[str]) -> dict[str, np.ndarray]:
+    """Cached vectors for ``keys`` found in ``folder`` (bad parts are skipped and removed)."""
+    frame = _load_parts(folder, keys)
     if frame.height == 0:
         return {}
     mat = _matrix(frame["vector"])
@@ -189,7 +240,7 @@ def _append_cache(folder: Path, keys: list[str], vectors: np.ndarray) -> None:
     write_parquet(vectors_frame(keys, vectors, id_col="key", id_dtype=pl.Utf8), part)
     parts = _parts(folder)
     if len(parts) > MAX_PARTS:
-        merged = pl.read_parquet(parts).unique("key", keep="first")
+        merged = _load_parts(folder)
         target = folder / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}-compact.parquet"
         write_parquet(merged, target)
         for p in parts:

@@ -161,3 +161,57 @@ def test_knowledge_encodings(encoder_path: str, tmp_path: Path, monkeypatch) -> 
         encode_knowledge(prefixes, answers, encoder_path, "concat")
     with pytest.raises(ValueError, match="differ in length"):
         encode_knowledge(prefixes[:1], answers, encoder_path)
+
+
+@pytest.fixture
+def fake_encoder(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """A stand-in encoder (no model): a text's vector is [len(text), 1, 0]; records calls."""
+    calls: list[list[str]] = []
+
+    def fake(texts, *args, **kwargs):
+        calls.append(list(texts))
+        return np.array([[len(t), 1.0, 0.0] for t in texts], dtype=np.float32)
+
+    monkeypatch.setattr(encode, "encoder_model", lambda spec=None: "/fake/encoder")
+    monkeypatch.setattr(encode, "_encode_uncached", fake)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        b"",  # empty
+        b"PAR1 this is not a parquet file",  # corrupt
+        "other-schema",  # readable parquet, but not cache vectors
+    ],
+    ids=["empty", "corrupt", "other-schema"],
+)
+def test_bad_cache_part_is_ignored_and_rebuilt(
+    tmp_path: Path, fake_encoder, caplog: pytest.LogCaptureFixture, damage
+) -> None:
+    first = encode_texts(TEXTS, cache_dir=tmp_path)
+    folder = tmp_path / encoder_key()
+    (part,) = folder.glob("part-*.parquet")
+    if damage == "other-schema":
+        pl.DataFrame({"key": [1, 2], "vector": ["a", "b"]}).write_parquet(part)
+    else:
+        part.write_bytes(damage)
+    again = encode_texts(TEXTS, cache_dir=tmp_path)
+    assert np.array_equal(again, first)
+    assert fake_encoder == [TEXTS[:2], TEXTS[:2]]  # encoded again, never read from the bad part
+    assert f"ignoring embeddings cache part {part}" in caplog.text
+    assert not part.exists()
+    # the rebuilt part serves the next call
+    encode_texts(TEXTS, cache_dir=tmp_path)
+    assert len(fake_encoder) == 2
+
+
+def test_compaction_skips_a_bad_part(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(encode, "MAX_PARTS", 2)
+    vec = np.ones((1, 3), dtype=np.float32)
+    encode._append_cache(tmp_path, ["k1"], vec)
+    (tmp_path / "part-00000000000000000001-bad.parquet").write_bytes(b"")
+    encode._append_cache(tmp_path, ["k2"], vec * 2)  # three parts: compaction
+    (part,) = tmp_path.glob("part-*.parquet")
+    assert part.name.endswith("-compact.parquet")
+    assert sorted(pl.read_parquet(part)["key"]) == ["k1", "k2"]
