@@ -158,7 +158,10 @@ def _lines(
                 f"{lineno + 1}); download or copy it again"
             ) from None
         except (gzip.BadGzipFile, zlib.error) as exc:
-            raise DataError(f"{path}:{lineno + 1}: corrupt gzip data ({exc})") from None
+            raise DataError(
+                f"{path}: corrupt gzip data, found reading line {lineno + 1} ({exc}); "
+                "download or copy it again"
+            ) from None
     if not seen:
         raise DataError(f"{path}: file is empty (no data lines)")
 

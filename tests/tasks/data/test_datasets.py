@@ -239,3 +239,13 @@ def test_bad_utf8_json_names_line(amazon_dir: Path) -> None:
     n = len((amazon_dir / "Books.json").read_bytes().splitlines())
     with pytest.raises(DataError, match=rf"Books\.json:{n}: not valid utf-8 text"):
         load_amazon_books(amazon_dir, min_interactions=2)
+
+
+def test_corrupt_gzip_is_refused(amazon_dir: Path) -> None:
+    raw = (amazon_dir / "meta_Books.json").read_bytes()
+    whole = bytearray(gzip.compress(raw))
+    whole[-8:-4] = b"\0\0\0\0"  # a wrong CRC
+    (amazon_dir / "meta_Books.json").unlink()
+    (amazon_dir / "meta_Books.json.gz").write_bytes(bytes(whole))
+    with pytest.raises(DataError, match=r"meta_Books\.json\.gz: corrupt gzip data.*CRC check"):
+        load_amazon_books(amazon_dir, min_interactions=2)
