@@ -100,7 +100,7 @@ def prepare(
     """
     cfg = cfg or ListsConfig()
     if max_users is not None and max_users < 0:
-        raise DataError(f"max_users must be a positive number of users (0: all), got {max_users}")
+        raise DataError(f"max_users must be >= 0 (0 keeps all users), got {max_users}")
     if cfg.seed < 0:
         raise DataError(f"seed must be >= 0, got {cfg.seed}")
     if min_interactions < 1:
@@ -251,7 +251,7 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
         if not 0.0 <= value < 1.0:
             return f"{name} must be in [0, 1), got {value}"
     if args.max_users is not None and args.max_users < 0:
-        return f"--max-users must be a positive number of users (0: all), got {args.max_users}"
+        return f"--max-users must be >= 0 (0 keeps all users), got {args.max_users}"
     if args.seed < 0:
         return f"--seed must be >= 0, got {args.seed}"
     if args.min_interactions < 1:

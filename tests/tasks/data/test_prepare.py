@@ -91,7 +91,7 @@ def _cli(*args: str) -> list[str]:
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
-        ("--max-users", "-1", "--max-users must be a positive number of users (0: all), got -1"),
+        ("--max-users", "-1", "--max-users must be >= 0 (0 keeps all users), got -1"),
         ("--seed", "-1", "--seed must be >= 0, got -1"),
         ("--min-interactions", "0", "--min-interactions must be >= 1, got 0"),
     ],
