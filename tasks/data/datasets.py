@@ -486,7 +486,7 @@ def load_amazon_books(folder: str | Path, min_interactions: int = 5) -> RatingDa
     for lineno, obj in _json_lines(meta_path):
         asin = obj.get("asin")
         if not isinstance(asin, str) or not asin:
-            raise DataError(f"{meta_path}:{lineno}: missing 'asin'")
+            raise DataError(f"{meta_path}:{lineno}: missing 'asin' (a non-empty string)")
         genres = _categories(meta_path, lineno, obj.get("category"))
         title = obj.get("title")
         if not isinstance(title, str) or not title.strip():
