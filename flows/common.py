@@ -6,22 +6,36 @@ explicit run ids, and the task-runner choice.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import functools
 import inspect
 import json
 import logging
 import math
 import os
+import shlex
+import shutil
 import sys
+import tempfile
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from flows.prefect_runs import (
+    cancel_flow_runs,
+    start_temporary_prefect_api,
+    stop_temporary_prefect_api,
+)
+from flows.preflight import PreflightError, preflight
+from flows.run_record import RunRecord, SettingChangedError
+from tasks.common import stopping
+from tasks.common.io import remove_stale_temporaries
 from tasks.common.runlock import RunLockedError, run_lock
 from tasks.common.stage import InputRef
 
@@ -61,12 +75,44 @@ class Tracker:
         )
 
     def start(self, name: str, parent_run_id: str | None = None, tags: dict | None = None) -> str:
-        """Create a run (a child when ``parent_run_id`` is given) and return its id."""
+        """Create a run (a child when ``parent_run_id`` is given) and return its id.
+
+        A child of the same name under the same parent (a resumed run's round) is reopened
+        instead of duplicated.
+        """
         all_tags = dict(tags or {})
         if parent_run_id:
+            found = self.find(name, parent_run_id)
+            if found:
+                self.reopen(found)
+                return found
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
         return run.info.run_id
+
+    def exists(self, run_id: str) -> bool:
+        """Whether ``run_id`` is a live (not deleted) run of this experiment."""
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - MLflow raises its own error types per store
+            return False
+        return run.info.experiment_id == self.experiment_id and (
+            run.info.lifecycle_stage == "active"
+        )
+
+    def reopen(self, run_id: str) -> None:
+        """Mark a finished, failed or killed run RUNNING again (a resume continues it)."""
+        self.client.update_run(run_id, status="RUNNING")
+
+    def open_children(self, parent_run_id: str) -> list[str]:
+        query = f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"
+        return [r.info.run_id for r in self.client.search_runs([self.experiment_id], query)]
+
+    def end_family(self, parent_run_id: str, status: str) -> None:
+        """End the parent run and every child still RUNNING with ``status``."""
+        for child in self.open_children(parent_run_id):
+            self.client.set_terminated(child, status)
+        self.client.set_terminated(parent_run_id, status)
 
     def find(self, name: str, parent_run_id: str | None = None) -> str | None:
         """The id of an unfinished-or-finished run with this name (and parent), if any."""
@@ -325,7 +371,7 @@ class RunParams(BaseModel):
     ``RUN_PREFIX`` (the default run name is ``<prefix><profile>-<dataset>``).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {}
     RUN_PREFIX: ClassVar[str] = ""
 
@@ -356,6 +402,11 @@ class RunParams(BaseModel):
         "threads", description="threads, or Ray (prefect-ray) with one GPU per sampling shard"
     )
     experiment: str = Field("rlrf4rec", description="MLflow experiment name")
+    allow_setting_change: bool = Field(
+        False,
+        description="resume a run folder although its recorded generation backend or CPU dtype "
+        "would change (what depends on them is recomputed); off: such a resume is refused",
+    )
 
     @field_validator("policy_model", "data_dir")
     @classmethod
@@ -411,6 +462,8 @@ class RunContext:
         experiment, parent_run_id: the MLflow experiment and this flow run's parent run.
         gpus: visible GPUs; ``n_shards`` sampling shards (one engine each).
         encoder: the knowledge encoder, for the flows that encode texts.
+        settings: the run folder's recorded settings (``backend``, ``cpu_dtype``), each with
+            its value and the reason it was chosen (:meth:`RunRecord.summary`).
     """
 
     run_dir: Path
@@ -420,6 +473,7 @@ class RunContext:
     gpus: tuple[int, ...] = ()
     n_shards: int = 1
     encoder: InputRef | None = None
+    settings: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
 
     @property
     def tracker(self) -> Tracker:
@@ -443,10 +497,15 @@ def run_tracked(
     encoder: str | None = None,
     n_shards: int = 0,
 ) -> dict:
-    """Resolve the models, lock the run folder, open the MLflow parent run and run
-    ``pipeline(p, ctx)`` (a Prefect flow) with the chosen task runner.
+    """Resolve the models, lock the run folder, keep its recorded settings and MLflow parent
+    run, arm the stop handler and run ``pipeline(p, ctx)`` (a Prefect flow) with the chosen
+    task runner.
 
-    A missing model fails before any work; the parent run ends FAILED when the pipeline does.
+    A missing model fails before any work. The generation backend is chosen once per run folder
+    (:func:`tasks.llm.backend.choose_backend`) and the CPU dtype recorded with it
+    (:class:`flows.run_record.RunRecord`). One run folder is one MLflow parent run: a resume
+    reopens it. A failure ends the parent and its open children FAILED, a stop (SIGINT,
+    SIGTERM, :mod:`tasks.common.stopping`) KILLED.
     """
     from tasks.common.hardware import cpu_dtype
     from tasks.data.assets import encoder_model, policy_model
@@ -454,13 +513,26 @@ def run_tracked(
 
     policy = InputRef.of(policy_model(p.policy_model))
     enc = InputRef.of(encoder_model(encoder)) if encoder else None
-    log.info("CPU dtype: %s", cpu_dtype().reason)
+    dtype = cpu_dtype()
+    log.info("CPU dtype: %s", dtype.reason)
     run_dir = p.run_dir()
     gpus = tuple(available_gpus())
-    with run_lock(run_dir):
+    with run_lock(run_dir), run_temporaries(run_dir):
+        record = RunRecord.load(run_dir)
+        record.starts += 1
+        p = p.model_copy(update={"backend": _keep_backend(p, record, policy.path)})
+        record.keep(
+            "cpu_dtype",
+            dtype.name,
+            dtype.reason,
+            allow_change=p.allow_setting_change,
+            hint=f"resume it on a CPU like the first one, or set RLRF4REC_CPU_DTYPE="
+            f"{record.settings.get('cpu_dtype')}",
+        )
         tracker = tracker_for(p.experiment)
-        parent = tracker.start(p.run_name or run_dir.name, tags={"run_dir": str(run_dir)})
-        tracker.params(parent, p.model_dump())
+        parent = _parent_run(tracker, record, p, run_dir)
+        record.save(run_dir)
+        log.info("run settings: %s", ", ".join(f"{k}={v}" for k, v in record.settings.items()))
         ctx = RunContext(
             run_dir=run_dir,
             policy=policy,
@@ -469,15 +541,116 @@ def run_tracked(
             gpus=gpus,
             n_shards=n_shards or max(1, len(gpus)),
             encoder=enc,
+            settings=record.summary(),
         )
+        _arm_stop(p, tracker, parent, run_dir)
         runner = make_task_runner(p.task_runner)
         try:
             result = pipeline.with_options(task_runner=runner)(p, ctx)
         except BaseException:
-            tracker.end(parent, "FAILED")
+            tracker.end_family(parent, "FAILED")
             raise
+        finally:
+            stopping.disarm()
         tracker.end(parent)
     return {**result, "mlflow_run_id": parent}
+
+
+def _keep_backend(p: RunParams, record: RunRecord, policy: str) -> str:
+    """The run's backend: the recorded one on a resume (``auto`` keeps it; another explicit
+    backend is refused unless ``allow_setting_change``), else chosen now."""
+    from tasks.llm.backend import choose_backend
+
+    recorded = record.settings.get("backend")
+    if recorded and p.backend in ("auto", recorded):
+        return recorded
+    if recorded and not p.allow_setting_change:
+        raise SettingChangedError(
+            f"this run folder was started with backend={recorded} "
+            f"({record.reasons.get('backend', '')}); --backend {p.backend} would change it. "
+            f"Pass --backend {recorded} (or auto), or --allow-setting-change to recompute "
+            "what depends on it"
+        )
+    choice = choose_backend(p.backend, policy)
+    log.info("generation backend: %s (%s)", choice.backend, choice.reason)
+    return record.keep("backend", choice.backend, choice.reason, allow_change=True, hint="")
+
+
+def _parent_run(tracker: Tracker, record: RunRecord, p: RunParams, run_dir: Path) -> str:
+    """The run folder's MLflow parent run: the recorded one, reopened, when it is in this
+    store and experiment; else a new one, recorded."""
+    old = record.mlflow.get("parent_run_id")
+    same_store = record.mlflow.get("tracking_uri") == tracker.uri
+    if old and same_store and tracker.exists(old):
+        tracker.reopen(old)
+        tracker.client.set_tag(old, "starts", str(record.starts))
+        parent = old
+    else:
+        tags = {"run_dir": str(run_dir), **{f"settings.{k}": v for k, v in record.settings.items()}}
+        parent = tracker.start(p.run_name or run_dir.name, tags=tags)
+        record.mlflow = {
+            "tracking_uri": tracker.uri,
+            "experiment_id": tracker.experiment_id,
+            "parent_run_id": parent,
+        }
+    for key, value in record.settings.items():
+        tracker.client.set_tag(parent, f"settings.{key}", value)
+    tracker.params(parent, p.model_dump())
+    return parent
+
+
+@contextlib.contextmanager
+def run_temporaries(run_dir: Path) -> Iterator[Path]:
+    """Point the process's temporary folder (vLLM engine and job folders, anything a library
+    makes with :mod:`tempfile`) at ``<run>/.tmp`` for the run, and remove it after. A killed
+    run's ``.tmp`` is removed by the next run's lock (:func:`remove_stale_temporaries`)."""
+    tmp = Path(run_dir) / ".tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    before = tempfile.tempdir
+    tempfile.tempdir = str(tmp)
+    try:
+        yield tmp
+    finally:
+        tempfile.tempdir = before
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prefect_flow_run_id() -> str | None:
+    try:
+        from prefect.runtime import flow_run
+
+        return flow_run.get_id()
+    except Exception:  # noqa: BLE001 - outside a flow run
+        return None
+
+
+def _arm_stop(p: RunParams, tracker: Tracker, parent: str, run_dir: Path) -> None:
+    """Install the stop handler: on SIGINT/SIGTERM end the children, mark the MLflow runs
+    KILLED and the Prefect flow runs CANCELLED, remove temporaries, exit with one line."""
+    from tasks.common.stage import where
+
+    if sys.argv and Path(sys.argv[0]).name != "pytest" and getattr(sys, "orig_argv", None):
+        hint = f"Resume with the same command: {shlex.join(sys.orig_argv)}"
+    else:
+        hint = f"Resume by starting the same flow with run_name={p.run_name} again."
+    if not stopping.arm(where=where, resume_hint=hint):
+        return
+    flow_run_id = _prefect_flow_run_id()
+
+    def mlflow_killed(_: str) -> None:
+        tracker.end_family(parent, "KILLED")
+
+    def prefect_cancelled(_: str) -> None:
+        if flow_run_id:
+            cancel_flow_runs(flow_run_id)
+        stop_temporary_prefect_api()
+
+    def temporaries_removed(_: str) -> None:
+        shutil.rmtree(run_dir / ".tmp", ignore_errors=True)
+        remove_stale_temporaries(run_dir)
+
+    for cleanup in (temporaries_removed, prefect_cancelled, mlflow_killed):
+        stopping.on_stop(cleanup)
 
 
 def run_main(
@@ -489,14 +662,31 @@ def run_main(
     description: str,
 ) -> int:
     """A flow's command line: parse the parameters, run the flow, print the report."""
+    from tasks.common.stage import failed_stage
     from tasks.data.assets import AssetError
+    from tasks.data.datasets import DataError
+    from tasks.llm.vllm_engine import GenerationError
 
     params, _ = parse_params(model, argv, prog, description)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        preflight(params.resolved(), encoder=getattr(params, "encoder", None))
+    except (PreflightError, AssetError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    start_temporary_prefect_api()
+    try:
         result = flow_fn(**params.model_dump(exclude_unset=True))
-    except (AssetError, RunLockedError) as exc:
+    except (AssetError, RunLockedError, SettingChangedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (GenerationError, DataError) as exc:
+        where = failed_stage()
+        print(
+            f"error{f' in stage {where!r}' if where else ''}: {exc}. Every finished stage is "
+            "kept: run the same command again to resume.",
+            file=sys.stderr,
+        )
         return 1
     print(Path(result["report"]).read_text())
     print(f"run folder: {result['run_dir']}")

@@ -518,6 +518,7 @@ def report(p: DirectParams, ctx: RunContext, results: Results, t_start: float) -
         "notes": results.notes,
         "examples": results.examples,
         "params": p.model_dump(),
+        "settings": ctx.settings,
     }
     paths = direct_report.write_report(out, ctx.run_dir)
     tracker = ctx.tracker

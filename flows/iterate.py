@@ -88,7 +88,7 @@ class IterateParams(RunParams):
     max_users: int | None = Field(
         None, ge=0, description="seeded random subset of users; 0 = all (profile)"
     )
-    seed: int = Field(42, description="seed of the data split, negatives and sampling")
+    seed: int = Field(42, ge=0, description="seed of the data split, negatives and sampling")
     encoder: str = Field(
         "all-MiniLM-L6-v2",
         description="knowledge encoder: the offline default, a local folder or a HF id",
@@ -755,6 +755,7 @@ def report(
             "knowledge_encoding": loop.cfg.encoding,
             "round_train_users": len(loop.train_users) if loop.train_users else "all",
             "diagnostic_users": loop.cfg.diagnostic_users,
+            "run": loop.ctx.settings,
         },
         "timings": timings,
         "wall_seconds": wall,

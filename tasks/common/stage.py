@@ -30,13 +30,17 @@ import json
 import logging
 import os
 import textwrap
+import threading
 import time
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
+from tasks.common import stopping
+from tasks.common.hardware import cpu_dtype
 from tasks.common.hashing import text_sha256, tree_sha256, tree_stamp
 from tasks.common.io import atomic_path
 
@@ -257,6 +261,9 @@ def key_body(name: str, fn: Callable[..., Any], arguments: dict[str, Any]) -> di
         "code": code_version(fn),
         "arguments": {k: key_value(v) for k, v in arguments.items()},
     }
+    # The CPU dtype models run in (chosen from the CPU's flags): a stage computed in bf16 is
+    # never served to a resume on a CPU that runs fp32.
+    body["cpu_dtype"] = cpu_dtype().name
     switches = {k: os.environ[k] for k in RESULT_ENV if os.environ.get(k)}
     if switches:
         body["environment"] = switches
@@ -323,8 +330,15 @@ def run_stage(name: str, fn: Callable[..., Artefact], /, *args: Any, **kwargs: A
     if hit is not None:
         log.info("%s: unchanged, served from %s", name, manifest_path(out))
         return hit
+    stopping.rearm()
     t0 = time.perf_counter()
-    result = fn(*bound.args, **bound.kwargs)
+    with _running_as(name):
+        try:
+            result = fn(*bound.args, **bound.kwargs)
+        except Exception as exc:
+            exc.add_note(f"in stage {name!r}")
+            _failed.append(name)
+            raise
     if not isinstance(result, Artefact):
         raise TypeError(f"stage {name!r} returned {type(result).__name__}, not an Artefact")
     outputs = result.outputs()
@@ -346,6 +360,38 @@ def run_stage(name: str, fn: Callable[..., Artefact], /, *args: Any, **kwargs: A
     }
     _write_manifest(manifest_path(out), manifest)
     return result
+
+
+_running: dict[int, list[str]] = {}
+_failed: list[str] = []
+
+
+@contextmanager
+def _running_as(name: str) -> Iterator[None]:
+    stack = _running.setdefault(threading.get_ident(), [])
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def running_stages() -> list[str]:
+    """The stages running now, innermost of each thread (for a stop message)."""
+    return [stack[-1] for stack in list(_running.values()) if stack]
+
+
+def failed_stage() -> str | None:
+    """The last stage that raised in this process, if any."""
+    return _failed[-1] if _failed else None
+
+
+def where() -> str:
+    """``stage 'x'`` (or ``stages 'x', 'y'``) running now, else ``between stages``."""
+    names = running_stages()
+    if not names:
+        return "between stages"
+    return ("stage " if len(names) == 1 else "stages ") + ", ".join(f"'{n}'" for n in names)
 
 
 def stage(name: str, **task_options: Any) -> Callable[[Callable[P, A]], Any]:

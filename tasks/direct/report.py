@@ -13,6 +13,7 @@ import polars as pl
 
 from models.stats import mean_ci
 from tasks.common.io import atomic_path, write_json
+from tasks.common.settings import settings_lines
 from tasks.direct.windows import select
 
 # The paper's Table 1 (MovieLens-100K, Llama-3.2-1B-Instruct), in %.
@@ -74,6 +75,7 @@ def render_report(results: dict) -> str:
         f"Policy `{results['policy']}`; {results['test_windows']} test users evaluated per seed; "
         f"seeds {', '.join(map(str, results['seeds']))}; profile `{results['profile']}`.",
         "",
+        *settings_lines(results.get("settings", {})),
         f"## Table 1: metrics in %{ci}",
         "",
         "| Row | NDCG@5 | Precision@5 | Recall@5 | mapped-title rate | parse-failure rate "

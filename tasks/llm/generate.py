@@ -11,7 +11,9 @@ Backends:
   worker process (:mod:`tasks.llm.vllm_engine`). :func:`shard_users` and :func:`generate_shard`
   run one engine per GPU on a shard of the users.
 - ``transformers``: batched ``generate`` in this process (:mod:`tasks.llm.hf_backend`).
-- ``auto``: vLLM when it imports and its engine starts, else transformers (with a warning).
+- ``auto``: vLLM when it imports, else transformers. Never a switch mid-call: a vLLM engine that
+  fails is a :class:`GenerationError`. Flows resolve ``auto`` once per run folder
+  (:func:`tasks.llm.backend.choose_backend`) and pass the choice.
 
 Seeds: the same seed and inputs give the same texts on the same backend (and, for vLLM, the
 same prompt order and shard layout).
@@ -170,7 +172,7 @@ def generate(
             user message; the chat template of ``model`` is applied here).
         model: the base model (path or id).
         cfg: sampling settings.
-        backend: ``vllm``, ``transformers`` or ``auto`` (vLLM when it imports and starts).
+        backend: ``vllm``, ``transformers`` or ``auto`` (vLLM when it imports).
         adapter: a PEFT LoRA folder to apply (the round's policy), or None for the base model.
         round_idx: written to the ``round`` column; names the LoRA of the round.
         gpu: logical GPU index to run on (None: CPU, or the default device).
@@ -247,13 +249,9 @@ def generate(
             engine_opts["max_model_len"] = max_model_len
         if gpu_memory_utilization:
             engine_opts["gpu_memory_utilization"] = gpu_memory_utilization
-        try:
-            rows, stats = run_vllm(prompt_ids, served, cfg, lora, gpu, engine, engine_opts)
-        except GenerationError as exc:
-            if backend != "auto" or engine is not None:
-                raise
-            log.warning("%s; falling back to the transformers backend", exc)
-            chosen, served, mode_used = "transformers", model, None
+        # No fallback: a run's texts come from the backend it started with (flows choose it
+        # once per run folder, :func:`tasks.llm.backend.choose_backend`).
+        rows, stats = run_vllm(prompt_ids, served, cfg, lora, gpu, engine, engine_opts)
     if chosen == "transformers":
         rows, stats = run_transformers(
             prompt_ids, model, adapter_path, cfg, tokenizer, gpu, batch_size, dtype

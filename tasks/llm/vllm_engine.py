@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from tasks.common import children
 from tasks.common.hardware import cpu_dtype
 from tasks.llm.devices import available_gpus, physical_gpu
 from tasks.llm.vllm_worker import REPLY_PREFIX
@@ -291,7 +292,7 @@ class VLLMEngine:
         cmd = [sys.executable, "-m", "tasks.llm.vllm_worker", "--engine", str(engine_json)]
         log.info("starting vLLM engine for %s (gpu=%s)", self.model, self.gpu)
         t0 = time.perf_counter()
-        self._proc = subprocess.Popen(
+        self._proc = children.spawn(
             cmd,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

@@ -34,12 +34,14 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
 from typing import Any
+
+from tasks.common.children import exit_when_orphaned
 
 REPLY_PREFIX = "@@rlrf4rec-vllm@@ "
 
@@ -128,21 +130,11 @@ def run_job(llm: Any, job: dict[str, Any]) -> dict[str, Any]:
     return stats
 
 
-def _exit_with_parent(interval: float = 2.0) -> None:
-    """Exit when the parent process dies (even by SIGKILL, mid-job): no orphaned engine."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while True:
-            time.sleep(interval)
-            if os.getppid() != parent:
-                os._exit(1)
-
-    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
-
-
 def main(argv: list[str] | None = None) -> int:
-    _exit_with_parent()
+    # Exit when the parent dies (even by SIGKILL, mid-job): no orphaned engine. A Ctrl-C is the
+    # parent's to handle (it ends this process); the worker never dies of one on its own.
+    exit_when_orphaned()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parser = argparse.ArgumentParser(prog="python -m tasks.llm.vllm_worker", description=__doc__)
     parser.add_argument("--engine", required=True, help="JSON file of vllm.LLM keyword arguments")
     args = parser.parse_args(argv)

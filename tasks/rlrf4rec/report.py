@@ -21,6 +21,7 @@ import polars as pl
 
 from models.stats import paired_bootstrap_ci, seed_summary
 from tasks.common.io import atomic_path, write_json
+from tasks.common.settings import settings_lines
 
 ROWS = ("base", "KAR", "RLRF4Rec")
 KS = (1, 3, 5, 7)
@@ -79,6 +80,7 @@ def markdown(results: dict, tables: dict, params: dict | None = None) -> str:
         keys = ("profile", "dataset", "policy_model", "encoder", "rounds", "n_samples", "seeds")
         lines.append(" · ".join(f"{k}: `{params[k]}`" for k in keys if k in params))
         lines.append("")
+    lines += settings_lines(results.get("settings", {}).get("run", {}))
     seeds = {len(v) for b in results.get("table1", {}).values() for v in b.values()}
     n_seeds = max(seeds) if seeds else 0
     lines += [

@@ -178,6 +178,8 @@ def test_lock_removes_what_a_killed_run_left(tiny_run) -> None:
         ("--dataset", "ml-20m", "--dataset"),
         ("--backbones", "dlcm,gru", "--backbones"),
         ("--policy-model", "/no/such/model", "--policy-model"),
+        ("--seed", "-1", "--seed"),
+        ("--temperature", "inf", "--temperature"),
     ],
 )
 def test_invalid_parameters_refused(flag, value, message, capsys, tmp_path) -> None:

@@ -1,5 +1,5 @@
 """Generation: sampling settings, shards, the transformers backend, seeds, degenerate flags,
-the backend fallback."""
+no backend switch mid-call."""
 
 from __future__ import annotations
 
@@ -118,18 +118,19 @@ def test_generate_shard_writes_parquet_and_stats(tiny_llm_path: str, tmp_path: P
     ]
 
 
-def test_auto_falls_back_to_transformers(
+def test_a_failing_vllm_engine_is_an_error_never_a_switch(
     tiny_llm_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A run's texts come from one backend: with ``auto`` too, a vLLM engine that dies is a
+    GenerationError, not a silent switch to transformers."""
     import tasks.llm.generate as gen
 
     def broken(*args: object, **kwargs: object) -> None:
-        raise gen.GenerationError("vLLM engine did not start: test")
+        raise gen.GenerationError("vLLM worker exited with status -9")
 
     monkeypatch.setattr(gen, "run_vllm", broken)
     monkeypatch.setattr(gen, "vllm_importable", lambda: True)
     cfg = SamplingConfig(n=1, max_new_tokens=2)
-    samples, stats = generate(PROMPTS, tiny_llm_path, cfg, "auto")
-    assert stats["backend"] == "transformers" and samples.height == 3
-    with pytest.raises(gen.GenerationError, match="did not start"):
-        generate(PROMPTS, tiny_llm_path, cfg, "vllm")
+    for backend in ("auto", "vllm"):
+        with pytest.raises(gen.GenerationError, match="status -9"):
+            generate(PROMPTS, tiny_llm_path, cfg, backend)
