@@ -5,8 +5,9 @@ Without ``PREFECT_API_URL`` Prefect starts a temporary API server (a child ``uvi
 at the first flow call and stops it at interpreter exit; a flow process killed outright left it
 running (282 MB, minutes later). :func:`start_temporary_prefect_api` starts it first, from the
 main thread, in a session of its own (a Ctrl-C in the terminal reaches only the flow, which
-stops it after marking its flow runs) and with ``PR_SET_PDEATHSIG`` (:func:`tasks.common.children.die_with_parent`), so the
-kernel ends it when the flow process dies, however it dies; Prefect then reuses that server.
+stops it after marking its flow runs) and with ``PR_SET_PDEATHSIG``
+(:func:`tasks.common.children.die_with_parent`), so the kernel ends it when the flow process
+dies, however it dies; Prefect then reuses that server.
 """
 
 from __future__ import annotations
