@@ -89,23 +89,20 @@ def _handle(signum: int, frame: object) -> None:
     _stopping = True
     name = signal.Signals(signum).name
     where = _safe(_where)
-    print(f"\n{name}: stopping the run (in {where}) ...", file=_stderr(), flush=True)
+    _say(f"\n{name}: stopping the run (in {where}) ...")
     worker = threading.Thread(target=_clean_up, args=(name,), name="stop-cleanup", daemon=True)
     worker.start()
     worker.join(CLEANUP_SECONDS)
-    print(
-        f"stopped by {name} in {where}; every finished stage is kept. {_resume_hint}",
-        file=_stderr(),
-        flush=True,
-    )
+    _say(f"stopped by {name} in {where}; every finished stage is kept. {_resume_hint}")
     with contextlib.suppress(Exception):
         sys.stdout.flush()
     os._exit(128 + signum)
 
 
-def _stderr():
-    """The real standard error: Prefect captures ``print`` into its run log inside a flow."""
-    return sys.__stderr__ or sys.stderr
+def _say(line: str) -> None:
+    """One line on the real standard error (Prefect captures ``print`` inside a flow)."""
+    with contextlib.suppress(OSError):
+        os.write(2, (line + "\n").encode())
 
 
 def _clean_up(name: str) -> None:
@@ -115,7 +112,7 @@ def _clean_up(name: str) -> None:
         try:
             cleanup(name)
         except Exception as exc:  # noqa: BLE001 - a failed cleanup must not block the others
-            print(f"  (cleanup {getattr(cleanup, '__name__', cleanup)}: {exc})", file=_stderr())
+            _say(f"  (cleanup {getattr(cleanup, '__name__', cleanup)}: {exc})")
 
 
 def _safe(fn: Callable[[], str]) -> str:
