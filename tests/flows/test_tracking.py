@@ -1,0 +1,39 @@
+"""MLflow state after a failure: the parent run of a failed flow run is FAILED, and the run
+folder keeps that parent for its resume."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+
+def test_a_failed_run_is_marked_failed_and_its_resume_reuses_the_parent(
+    tmp_path: Path, tiny_llm_path: str, ml100k_dir: Path, prefect_harness, monkeypatch
+) -> None:
+    from flows.iterate import iterate
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setitem(os.environ, "MLFLOW_TRACKING_URI", uri)
+    params = {
+        "run_name": "fails",
+        "runs_dir": str(tmp_path / "runs"),
+        "data_dir": str(ml100k_dir),
+        "max_users": 2,  # too few users: a stage fails (preparing the data or the reward model)
+        "policy_model": tiny_llm_path,
+        "backend": "transformers",
+        "experiment": "tiny-fails",
+    }
+    for _ in range(2):
+        with pytest.raises(ValueError):  # DataError is a ValueError
+            iterate(**params)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("tiny-fails")
+    runs = client.search_runs([exp.experiment_id])
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("fails", "FAILED")]
+    record = json.loads((tmp_path / "runs" / "fails" / "run.json").read_text())
+    assert record["mlflow"]["parent_run_id"] == runs[0].info.run_id and record["starts"] == 2
+    assert record["settings"]["backend"] == "transformers"
