@@ -9,7 +9,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from tasks.llm.vllm_engine import CacheDemand, GenerationError, VLLMEngine, vllm_importable
+from tasks.llm.vllm_engine import GenerationError, VLLMEngine, vllm_importable
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def choose_backend(requested: str, policy: str) -> BackendChoice:
         return BackendChoice("transformers", "auto: vllm is not installed")
     t0 = time.perf_counter()
     try:
-        with VLLMEngine(policy, max_model_len=256, kv_demand=CacheDemand((128,), 1, 16)):
+        with VLLMEngine(policy, max_model_len=256):
             pass
     except GenerationError as exc:
         log.warning("auto backend: %s; this run generates with transformers", exc)

@@ -50,3 +50,10 @@ def test_auto_is_vllm_where_its_engine_starts(
     assert choice.backend == expected
     assert ("did not start" in choice.reason) == fails
     assert _Engine.started == ([] if fails else ["policy-folder"])
+
+
+@pytest.mark.slow
+def test_auto_starts_a_real_vllm_engine(tiny_llm_path: str) -> None:
+    pytest.importorskip("vllm")
+    choice = choose_backend("auto", tiny_llm_path)
+    assert choice.backend == "vllm", choice.reason
