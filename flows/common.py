@@ -169,6 +169,8 @@ class _ListOf:
 
 def build_parser(model: type[BaseModel], prog: str, description: str) -> argparse.ArgumentParser:
     """An argparse parser with one ``--flag`` per field of ``model`` (help = its description)."""
+    from flows.prefect_ui import form_description
+
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
@@ -178,7 +180,7 @@ def build_parser(model: type[BaseModel], prog: str, description: str) -> argpars
         conv, choices, is_bool = _arg_type(field.annotation)
         if name == "profile" and getattr(model, "PROFILES", None):
             choices = list(model.PROFILES)  # the flow's own profiles, not every flow's
-        help_text = (field.description or "").replace("%", "%%")
+        help_text = form_description(model, name).replace("%", "%%")
         default = field.default if field.default is not None else None
         if is_bool:
             parser.add_argument(
@@ -267,12 +269,22 @@ def flat_signature(model: type[BaseModel]) -> inspect.Signature:
     their descriptions) and accept ``prefect deployment run ... -p rounds=3``, while the model
     stays the single definition of the parameters.
     """
+    from flows.prefect_ui import form_description
+
     params = [
         inspect.Parameter(
             name,
             inspect.Parameter.KEYWORD_ONLY,
             default=field.default,
-            annotation=Annotated[field.annotation, Field(description=field.description)],
+            # Every constraint (ge, gt, le, pattern, ...) travels with the field, so Prefect's
+            # parameter schema refuses what the model refuses, before a run is created.
+            annotation=Annotated[
+                (
+                    field.annotation,
+                    *field.metadata,
+                    Field(description=form_description(model, name)),
+                )
+            ],
         )
         for name, field in model.model_fields.items()
     ]
@@ -284,9 +296,11 @@ def flat_docstring(model: type[BaseModel], summary: str) -> str:
 
     Prefect reads parameter descriptions for its UI form from the flow function's docstring.
     """
+    from flows.prefect_ui import form_description
+
     lines = [summary.strip(), "", "Args:"]
-    for name, field in model.model_fields.items():
-        lines.append(f"    {name}: {(field.description or name).strip()}")
+    for name in model.model_fields:
+        lines.append(f"    {name}: {form_description(model, name)}")
     return "\n".join(lines) + "\n"
 
 
@@ -337,8 +351,8 @@ class RunParams(BaseModel):
     )
     run_name: str | None = Field(
         None,
-        description="run folder under runs_dir (default: profile-dataset); the same name "
-        "with the same parameters resumes",
+        description="run folder under runs_dir; unset = the profile and the data set; the same "
+        "name with the same parameters resumes",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
     )
     runs_dir: str = Field("runs", description="folder holding the run folders")

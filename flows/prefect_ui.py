@@ -1,0 +1,121 @@
+"""What the Prefect UI shows of a run: the form's field descriptions (with each profile's value),
+the progress lines a user follows in the run log, and the report as a markdown artefact.
+
+Prefect renders a description as markdown with HTML stripped, so a description never holds
+angle brackets; a field the profile fills is ``None`` in the form, so its description says what
+each profile puts there.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("flows.progress")
+
+_PROFILE_NOTE = re.compile(r"\s*\(profile\)")
+
+
+def profile_values(profiles: Mapping[str, Mapping[str, Any]], name: str) -> str:
+    """``profile: quick 2, study 2, paper 3`` for a field some profile fills, else ``""``."""
+    parts = [
+        f"{profile} {_show(values[name])}" for profile, values in profiles.items() if name in values
+    ]
+    return f"profile: {', '.join(parts)}" if parts else ""
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value)) or "none"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def form_description(model: Any, name: str) -> str:
+    """A field's description for the form and ``--help``: no angle brackets, and the value each
+    profile gives a field left unset (``(profile)`` in the source text becomes that list)."""
+    field = model.model_fields[name]
+    text = (field.description or name).strip().replace("<", "").replace(">", "")
+    if name == "run_name":
+        dataset = model.model_fields["dataset"].default if "dataset" in model.model_fields else ""
+        example = f"{getattr(model, 'RUN_PREFIX', '')}quick-{dataset}".rstrip("-")
+        text = text.replace("unset = the profile and the data set", f"unset = e.g. {example}")
+    values = profile_values(getattr(model, "PROFILES", {}) or {}, name)
+    if not values:
+        return text
+    if _PROFILE_NOTE.search(text):
+        return _PROFILE_NOTE.sub(f" ({values})", text, count=1)
+    return f"{text} ({values}; unset = the profile's)"
+
+
+# --------------------------------------------------------------------------- run log
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's logger of the current flow or task run (shown in the UI), else a plain one."""
+    try:
+        from prefect import get_run_logger
+        from prefect.exceptions import MissingContextError
+
+        try:
+            return get_run_logger()
+        except MissingContextError:
+            return log
+    except ImportError:  # pragma: no cover - Prefect is a dependency
+        return log
+
+
+def progress(message: str, *args: Any) -> None:
+    """One quiet progress line in the run's log (``round 1/2: 100 users sampled, ...``)."""
+    run_logger().info(message, *args)
+
+
+# --------------------------------------------------------------------------- artefacts
+
+
+def flow_run_info() -> dict[str, str]:
+    """The current Prefect flow run's id and UI address (empty outside a flow run)."""
+    try:
+        from prefect.runtime import flow_run
+
+        run_id = flow_run.id
+        if not run_id:
+            return {}
+        return {"id": str(run_id), "url": str(flow_run.ui_url or "")}
+    except Exception:  # noqa: BLE001 - provenance must never fail a run
+        return {}
+
+
+def publish_report(
+    report: str | Path, *, key: str, mlflow_url: str | None = None, mlflow_run_id: str = ""
+) -> str | None:
+    """The report (``report.md``) as a Prefect markdown artefact with a link to the MLflow run;
+    its id, or None outside a flow run or when the server refuses it."""
+    if not flow_run_info():
+        return None
+    text = Path(report).read_text()
+    link = ""
+    if mlflow_url:
+        link = f"MLflow run: [{mlflow_run_id or mlflow_url}]({mlflow_url})\n\n"
+    elif mlflow_run_id:
+        link = f"MLflow run id: `{mlflow_run_id}`\n\n"
+    try:
+        from prefect.artifacts import create_markdown_artifact
+
+        artefact = create_markdown_artifact(
+            markdown=link + text, key=artifact_key(key), description=f"{key}: report.md"
+        )
+    except Exception as exc:  # noqa: BLE001 - the report is on disk whatever happens here
+        log.warning("the report was not published as a Prefect artefact: %s", exc)
+        return None
+    return str(artefact)
+
+
+def artifact_key(name: str) -> str:
+    """Prefect artefact keys allow lowercase letters, digits and dashes only."""
+    key = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+    return key or "report"
