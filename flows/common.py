@@ -462,6 +462,7 @@ def run_tracked(
 
     A missing model fails before any work; the parent run ends FAILED when the pipeline does.
     """
+    from flows.provenance import tag_run
     from tasks.common.hardware import cpu_dtype
     from tasks.data.assets import encoder_model, policy_model
     from tasks.llm.devices import available_gpus
@@ -474,6 +475,7 @@ def run_tracked(
     with run_lock(run_dir):
         tracker = tracker_for(p.experiment)
         parent = tracker.start(p.run_name or run_dir.name, tags={"run_dir": str(run_dir)})
+        tag_run(tracker, parent, p, run_dir)  # git commit, CPU, dtype, backend, Prefect run
         tracker.params(parent, p.model_dump())
         ctx = RunContext(
             run_dir=run_dir,

@@ -20,6 +20,8 @@ from prefect import flow
 from pydantic import Field, field_validator, model_validator
 
 from flows.common import RESUME_NOTE, RunContext, RunParams, params_flow, run_main, run_tracked
+from flows.metric_shapes import log_training_curve, per_stage
+from flows.prefect_ui import progress, publish_report
 from tasks.common.stage import Artefact, InputRef
 from tasks.llm import stages as llm_stages
 from tasks.llm.dpo import DPOConfig
@@ -324,6 +326,7 @@ class Round:
             "dpo": {
                 **self.dpo.stats.get("metrics", {}),
                 "skipped": int(self.dpo.skipped is not None),
+                **({"skipped_reason": self.dpo.skipped} if self.dpo.skipped else {}),
             },
         }
 
@@ -360,7 +363,6 @@ iterate = params_flow(
     run_iterate,
     "rlrf4rec-iterate",
     "RLRF4Rec: R rounds of sample, score, pair and DPO; then Table I.",
-    log_prints=True,
 )
 
 
@@ -432,7 +434,19 @@ def prepare_inputs(p: IterateParams, cfg: LoopConfig, ctx: RunContext) -> Inputs
         out=ctx.run_dir / "prompts.parquet",
     )
     items = stages.encode_items(data, encoder=ctx.encoder, out=ctx.run_dir / "item_vectors.parquet")
-    ctx.tracker.metrics(ctx.parent_run_id, {"data": data.stats})
+    # Counts of the data are parameters (fixed for the run), not metrics.
+    ctx.tracker.params(ctx.parent_run_id, {"data": data.stats})
+    from flows.provenance import log_dataset
+
+    log_dataset(ctx.tracker, ctx.parent_run_id, data.path, name=p.dataset)
+    splits = data.stats.get("splits", {})
+    progress(
+        "data %s: %s users with lists (train %s, valid %s, test %s users; %s test lists)",
+        p.dataset,
+        data.stats.get("users_with_lists"),
+        *(splits.get(s, {}).get("users") for s in ALL_SPLITS),
+        splits.get("test", {}).get("lists"),
+    )
     return Inputs(data, prompts, items)
 
 
@@ -512,10 +526,19 @@ def train_reward_model(loop: Loop, knowledge0: Knowledge) -> Artefact:
     tracker.metrics(
         child, {"generation": knowledge0.samples.stats, "reward_model": reward_model.stats}
     )
-    seconds = knowledge0.seconds("round_00")
-    seconds["round_00.train_reward_model"] = reward_model.seconds
-    tracker.metrics(child, {f"seconds.{k}": v for k, v in seconds.items()})
+    seconds = per_stage(knowledge0.seconds("round_00"), "round_00")
+    seconds["train_reward_model"] = reward_model.seconds
+    tracker.metrics(child, {"seconds": seconds}, step=0)
+    tracker.metrics(loop.ctx.parent_run_id, {"seconds": seconds}, step=0)
     tracker.end(child)
+    gen, rm = knowledge0.samples.stats, reward_model.stats
+    progress(
+        "round 0: zero-shot knowledge for %s users (%.0f%% degenerate); reward model valid "
+        "NDCG@5 %.4f",
+        gen.get("users"),
+        100 * gen.get("degenerate_share", 0.0),
+        rm.get("valid_ndcg@5", float("nan")),
+    )
     return reward_model
 
 
@@ -546,14 +569,42 @@ def track_round(loop: Loop, this: Round) -> None:
     child = tracker.start(this.tag, parent)
     record = this.record()
     tracker.metrics(child, {k: v for k, v in record.items() if k != "round"}, step=this.index)
-    tracker.metrics(child, {f"seconds.{k}": v for k, v in this.seconds().items()})
+    # one key per stage, the round as the step, on the child and the parent run
+    seconds = {"seconds": per_stage(this.seconds(), this.tag)}
+    tracker.metrics(child, seconds, step=this.index)
+    tracker.metrics(parent, seconds, step=this.index)
     reward_col = loop.cfg.pairing.reward_col
     reward_mean = this.scored.stats.get(f"{reward_col}_mean")
     tracker.metrics(parent, {"reward_mean": reward_mean}, step=this.index)
     tracker.artifact(child, this.pairs.path)
     if this.dpo.skipped is None:
+        log_training_curve(tracker, child, this.dpo, "dpo")
         tracker.artifact(child, this.dpo.path, "adapter")
     tracker.end(child)
+    progress_round(loop, this)
+
+
+def progress_round(loop: Loop, this: Round) -> None:
+    """The round's line in the Prefect run log: users sampled, pairs kept, DPO loss."""
+    gen, pairs = this.knowledge.samples.stats, this.pairs.stats
+    metrics = this.dpo.stats.get("metrics", {})
+    if this.dpo.skipped is not None:
+        dpo = f"DPO skipped ({this.dpo.skipped})"
+    else:
+        dpo = f"DPO loss {metrics.get('loss', float('nan')):.4f} over {metrics.get('steps')} steps"
+    progress(
+        "round %d/%d: %s users sampled (%s texts, %.0f%% degenerate), reward mean %.4f, "
+        "%s pairs kept of %s users, %s",
+        this.index,
+        loop.cfg.rounds,
+        gen.get("users"),
+        gen.get("samples"),
+        100 * gen.get("degenerate_share", 0.0),
+        this.scored.stats.get(f"{loop.cfg.pairing.reward_col}_mean", float("nan")),
+        pairs.get("pairs"),
+        pairs.get("users"),
+        dpo,
+    )
 
 
 # --------------------------------------------------------------------------- learning
@@ -756,12 +807,15 @@ def report(
             "round_train_users": len(loop.train_users) if loop.train_users else "all",
             "diagnostic_users": loop.cfg.diagnostic_users,
         },
+        "data": loop.inputs.data.stats,
         "timings": timings,
         "wall_seconds": wall,
         "stage_seconds": stage_seconds,
     }
     written = write_report(results, loop.ctx.run_dir, loop.p.model_dump())
     track_report(loop, written, wall=wall, stage_seconds=stage_seconds)
+    track_fig4(loop, evaluation)
+    publish(loop, written["report"])
     return {
         "run_dir": str(loop.ctx.run_dir),
         "report": written["report"],
@@ -769,6 +823,39 @@ def report(
         "wall_seconds": wall,
         "stage_seconds": stage_seconds,
     }
+
+
+def track_fig4(loop: Loop, evaluation: Evaluation) -> None:
+    """Fig. 4's test metrics of every evaluated round on the parent run, ``step = round``."""
+    tracker, parent = loop.ctx.tracker, loop.ctx.parent_run_id
+    for r, metrics in sorted(evaluation.per_round.items()):
+        tracker.metrics(parent, {"fig4": {loop.p.reward_backbone: metrics}}, step=r)
+    for backbone, rows in evaluation.table1.items():
+        progress(
+            "Table I, %s NDCG@5 (seed mean): %s",
+            backbone.upper(),
+            ", ".join(
+                f"{row} {_seed_mean(by_seed, 'ndcg@5'):.4f}" for row, by_seed in rows.items()
+            ),
+        )
+
+
+def _seed_mean(by_seed: dict[str, dict[str, float]], metric: str) -> float:
+    values = [v[metric] for v in by_seed.values() if metric in v]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def publish(loop: Loop, report_path: str) -> None:
+    """The report as the flow run's Prefect markdown artefact, linked to the MLflow run."""
+    from flows.provenance import mlflow_run_url
+
+    parent = loop.ctx.parent_run_id
+    publish_report(
+        report_path,
+        key=f"rlrf4rec-{loop.p.run_name}",
+        mlflow_url=mlflow_run_url(loop.ctx.tracker, parent),
+        mlflow_run_id=parent,
+    )
 
 
 def track_report(loop: Loop, written: dict, *, wall: float, stage_seconds: float) -> None:
