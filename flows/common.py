@@ -355,6 +355,12 @@ class RunParams(BaseModel):
         "name with the same parameters resumes",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
     )
+    dated: bool = Field(
+        False,
+        description="append the flow run's scheduled day (UTC, YYYY-MM-DD) to the run name, "
+        "e.g. paper-ml-100k-2026-12-06: a weekly deployment writes a fresh run folder (and "
+        "MLflow run) each week; give that full name as run_name to resume one week's run",
+    )
     runs_dir: str = Field("runs", description="folder holding the run folders")
     data_dir: str | None = Field(
         None, description="folder with the data set's files (optional for ml-100k)"
@@ -389,6 +395,12 @@ class RunParams(BaseModel):
         out = self.model_copy(update=fill)
         if out.run_name is None:
             out = out.model_copy(update={"run_name": self.default_run_name()})
+        if self.dated:
+            from flows.prefect_ui import run_day
+
+            day = run_day()
+            if not out.run_name.endswith(f"-{day}"):
+                out = out.model_copy(update={"run_name": f"{out.run_name}-{day}"})
         return out
 
     def default_run_name(self) -> str:

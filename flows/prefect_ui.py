@@ -74,6 +74,22 @@ def progress(message: str, *args: Any) -> None:
     run_logger().info(message, *args)
 
 
+def run_day() -> str:
+    """The current flow run's scheduled day (UTC, ``YYYY-MM-DD``); today outside a flow run."""
+    from datetime import UTC, datetime
+
+    when = None
+    try:
+        from prefect.runtime import flow_run
+
+        if flow_run.id:
+            when = flow_run.scheduled_start_time
+    except Exception:  # noqa: BLE001 - the day falls back to today
+        when = None
+    when = when or datetime.now(UTC)
+    return when.astimezone(UTC).strftime("%Y-%m-%d")
+
+
 # --------------------------------------------------------------------------- artefacts
 
 

@@ -99,3 +99,40 @@ def test_an_unset_optional_boolean_stays_unset() -> None:
 
 def test_artifact_keys_are_what_prefect_allows() -> None:
     assert artifact_key("rlrf4rec quick_ml-100k") == "rlrf4rec-quick-ml-100k"
+
+
+def test_a_dated_run_is_named_by_its_scheduled_day(monkeypatch) -> None:
+    from datetime import UTC, datetime
+
+    from prefect.runtime import flow_run
+
+    monkeypatch.setitem(flow_run.FIELDS, "id", lambda: "a-flow-run")
+    monkeypatch.setitem(
+        flow_run.FIELDS, "scheduled_start_time", lambda: datetime(2026, 12, 6, 2, tzinfo=UTC)
+    )
+    weekly = IterateParams(profile="paper", dated=True).resolved()
+    assert weekly.run_name == "paper-ml-100k-2026-12-06"
+    assert weekly.resolved().run_name == weekly.run_name  # resolving twice adds no second day
+    named = DirectParams(profile="paper", dated=True, run_name="weekly").resolved()
+    assert named.run_name == "weekly-2026-12-06"
+    assert IterateParams(profile="paper").resolved().run_name == "paper-ml-100k"
+    monkeypatch.setitem(
+        flow_run.FIELDS, "scheduled_start_time", lambda: datetime(2026, 12, 13, 2, tzinfo=UTC)
+    )
+    second_week = IterateParams(profile="paper", dated=True).resolved()
+    assert second_week.run_name == "paper-ml-100k-2026-12-13"  # a fresh run folder
+
+
+def test_the_deployments_parameters_pass_the_form() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    spec = yaml.safe_load((Path(__file__).parents[2] / "deployments" / "prefect.yaml").read_text())
+    flows = {"flows/iterate.py:iterate": iterate, "flows/direct.py:direct_flow": direct_flow}
+    for deployment in spec["deployments"]:
+        schema = _schema(flows[deployment["entrypoint"]])
+        assert validate(deployment["parameters"], schema) == [], deployment["name"]
+        if deployment.get("schedules"):  # a weekly run: dated, never a fixed name
+            assert deployment["parameters"].get("dated") is True, deployment["name"]
+            assert "run_name" not in deployment["parameters"], deployment["name"]
