@@ -29,6 +29,7 @@ from flows.common import (
     params_flow,
     run_main,
     run_tracked,
+    tracker_for,
 )
 from flows.metric_shapes import log_training_curve
 from flows.prefect_ui import progress, publish_report
@@ -383,7 +384,18 @@ def progress_line(seed: int, name: str, artefact: Artefact) -> None:
 
 
 def run_direct(params: DirectParams) -> dict:
-    return run_tracked(params.resolved(), direct_pipeline)
+    from flows.provenance import mlflow_run_url
+
+    p = params.resolved()
+    result = run_tracked(p, direct_pipeline)
+    parent = result["mlflow_run_id"]
+    publish_report(  # on the flow run a deployment starts, not its subflow
+        result["report"],
+        key=f"direct-{p.run_name}",
+        mlflow_url=mlflow_run_url(tracker_for(p.experiment), parent),
+        mlflow_run_id=parent,
+    )
+    return result
 
 
 direct_flow = params_flow(
@@ -562,14 +574,6 @@ def report(p: DirectParams, ctx: RunContext, results: Results, t_start: float) -
     tracker.metrics(ctx.parent_run_id, {"wall_seconds": wall})
     for path in paths.values():
         tracker.artifact(ctx.parent_run_id, path)
-    from flows.provenance import mlflow_run_url
-
-    publish_report(
-        paths["report"],
-        key=f"direct-{p.run_name}",
-        mlflow_url=mlflow_run_url(tracker, ctx.parent_run_id),
-        mlflow_run_id=ctx.parent_run_id,
-    )
     return {"run_dir": str(ctx.run_dir), **paths, "wall_seconds": wall}
 
 

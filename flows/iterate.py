@@ -19,7 +19,15 @@ from typing import Any, ClassVar, Literal, TypeVar
 from prefect import flow
 from pydantic import Field, field_validator, model_validator
 
-from flows.common import RESUME_NOTE, RunContext, RunParams, params_flow, run_main, run_tracked
+from flows.common import (
+    RESUME_NOTE,
+    RunContext,
+    RunParams,
+    params_flow,
+    run_main,
+    run_tracked,
+    tracker_for,
+)
 from flows.metric_shapes import log_training_curve, per_stage
 from flows.prefect_ui import progress, publish_report
 from tasks.common.stage import Artefact, InputRef
@@ -355,7 +363,9 @@ class Loop:
 
 def run_iterate(params: IterateParams) -> dict:
     p = params.resolved()
-    return run_tracked(p, rlrf4rec_loop, encoder=p.encoder, n_shards=p.n_shards)
+    result = run_tracked(p, rlrf4rec_loop, encoder=p.encoder, n_shards=p.n_shards)
+    publish(p, result)  # on the flow run a deployment starts, not its subflow
+    return result
 
 
 iterate = params_flow(
@@ -815,7 +825,6 @@ def report(
     written = write_report(results, loop.ctx.run_dir, loop.p.model_dump())
     track_report(loop, written, wall=wall, stage_seconds=stage_seconds)
     track_fig4(loop, evaluation)
-    publish(loop, written["report"])
     return {
         "run_dir": str(loop.ctx.run_dir),
         "report": written["report"],
@@ -845,15 +854,15 @@ def _seed_mean(by_seed: dict[str, dict[str, float]], metric: str) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def publish(loop: Loop, report_path: str) -> None:
+def publish(p: IterateParams, result: dict) -> None:
     """The report as the flow run's Prefect markdown artefact, linked to the MLflow run."""
     from flows.provenance import mlflow_run_url
 
-    parent = loop.ctx.parent_run_id
+    parent = result["mlflow_run_id"]
     publish_report(
-        report_path,
-        key=f"rlrf4rec-{loop.p.run_name}",
-        mlflow_url=mlflow_run_url(loop.ctx.tracker, parent),
+        result["report"],
+        key=f"rlrf4rec-{p.run_name}",
+        mlflow_url=mlflow_run_url(tracker_for(p.experiment), parent),
         mlflow_run_id=parent,
     )
 
