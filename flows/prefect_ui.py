@@ -101,7 +101,11 @@ def flow_run_info() -> dict[str, str]:
         run_id = flow_run.id
         if not run_id:
             return {}
-        return {"id": str(run_id), "url": str(flow_run.ui_url or "")}
+        # prefect.utilities.urls.url_for gives the UI's own address (/runs/flow-run/<id>, as in the
+        # run log's "View at"); prefect.runtime's ui_url points at /flow-runs/..., a 404.
+        from prefect.utilities.urls import url_for
+
+        return {"id": str(run_id), "url": str(url_for("flow-run", obj_id=run_id) or "")}
     except Exception:  # noqa: BLE001 - provenance must never fail a run
         return {}
 

@@ -138,6 +138,7 @@ def test_the_report_is_a_prefect_artefact(prefect_harness, tmp_path: Path) -> No
 
     result = publishing()
     assert result["artefact"] and result["id"]
+    assert "/flow-runs/" not in result.get("url", "")  # the UI's address is /runs/flow-run/
     assert publish_report(report, key="outside") is None  # outside a flow run: nothing
     found = Artifact.get("rlrf4rec-quick")
     assert found is not None and found.type == "markdown"
