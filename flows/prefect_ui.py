@@ -8,6 +8,7 @@ each profile puts there.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Mapping
@@ -56,21 +57,40 @@ def form_description(model: Any, name: str) -> str:
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
-    """Prefect's logger of the current flow or task run (shown in the UI), else a plain one."""
-    try:
-        from prefect import get_run_logger
-        from prefect.exceptions import MissingContextError
+    """The logger of the flow run a user opens: the root flow run (the one a deployment or
+    the command line started; the pipelines run as its subflow), else the current run's, else
+    a plain one outside Prefect."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
 
-        try:
-            return get_run_logger()
-        except MissingContextError:
-            return log
-    except ImportError:  # pragma: no cover - Prefect is a dependency
+    try:
+        current = get_run_logger()
+    except MissingContextError:
         return log
+    try:
+        from prefect.runtime import flow_run
+
+        root_id, run_id = flow_run.root_flow_run_id, flow_run.id
+        if root_id and run_id and str(root_id) != str(run_id):
+            return _root_logger(str(root_id))
+    except Exception:  # noqa: BLE001 - progress lines never fail a run
+        pass
+    return current
+
+
+@functools.lru_cache(maxsize=8)
+def _root_logger(root_id: str) -> logging.LoggerAdapter:
+    from prefect.client.orchestration import get_client
+    from prefect.logging.loggers import flow_run_logger
+
+    with get_client(sync_client=True) as client:
+        root = client.read_flow_run(root_id)
+    return flow_run_logger(flow_run=root)
 
 
 def progress(message: str, *args: Any) -> None:
-    """One quiet progress line in the run's log (``round 1/2: 100 users sampled, ...``)."""
+    """One quiet progress line in the log of the run a user follows (``round 1/2: 100 users
+    sampled, ...``)."""
     run_logger().info(message, *args)
 
 

@@ -145,3 +145,33 @@ def test_the_report_is_a_prefect_artefact(prefect_harness, tmp_path: Path) -> No
     assert "MLflow run: [1](http://mlflow/#/r/1)" in found.data
     assert "| 1 | 2 |" in found.data
     assert str(found.flow_run_id) == result["id"]
+
+
+def test_progress_lines_go_to_the_run_a_user_opens(prefect_harness) -> None:
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+    from prefect.runtime import flow_run
+
+    from flows.prefect_ui import progress
+
+    @flow
+    def pipeline() -> str:
+        progress("round %d/%d: %s pairs kept", 1, 2, 40)
+        return str(flow_run.id)
+
+    @flow
+    def started_by_a_deployment() -> tuple[str, str]:
+        return str(flow_run.id), pipeline()
+
+    root, sub = started_by_a_deployment()
+    APILogWorker.drain_all()
+
+    def messages(run_id: str) -> list[str]:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+        return [entry.message for entry in logs]
+
+    assert "round 1/2: 40 pairs kept" in messages(root)
+    assert "round 1/2: 40 pairs kept" not in messages(sub)
