@@ -137,7 +137,7 @@ def publish_report(
     its id, or None outside a flow run or when the server refuses it."""
     if not flow_run_info():
         return None
-    text = Path(report).read_text()
+    text = figures_as_notes(Path(report).read_text())
     link = ""
     if mlflow_url:
         link = f"MLflow run: [{mlflow_run_id or mlflow_url}]({mlflow_url})\n\n"
@@ -153,6 +153,21 @@ def publish_report(
         log.warning("the report was not published as a Prefect artefact: %s", exc)
         return None
     return str(artefact)
+
+
+_IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
+
+
+def figures_as_notes(markdown: str) -> str:
+    """The report's figures are files beside it, which a Prefect artefact cannot show: each
+    ``![caption](file.png)`` becomes a line naming the file and where it is."""
+    return _IMAGE.sub(
+        lambda m: (
+            f"*Figure ({m.group(1)}): `{m.group(2)}` in the run folder and among the MLflow "
+            "run's artifacts.*"
+        ),
+        markdown,
+    )
 
 
 def artifact_key(name: str) -> str:

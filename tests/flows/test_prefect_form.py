@@ -101,6 +101,13 @@ def test_artifact_keys_are_what_prefect_allows() -> None:
     assert artifact_key("rlrf4rec quick_ml-100k") == "rlrf4rec-quick-ml-100k"
 
 
+def test_the_artefact_names_the_figures_it_cannot_show() -> None:
+    from flows.prefect_ui import figures_as_notes
+
+    text = figures_as_notes("a\n![per-round curve](fig4_rounds.png)\nb")
+    assert "![" not in text and "`fig4_rounds.png` in the run folder" in text
+
+
 def test_a_dated_run_is_named_by_its_scheduled_day(monkeypatch) -> None:
     from datetime import UTC, datetime
 
