@@ -313,9 +313,11 @@ def plot_rounds(results: dict, path: Path) -> Path | None:
     axes[2].plot(xs, ys, marker="o", color="tab:green")
     axes[2].set_title("mean sample reward (NDCG@5)")
     axes[2].set_xlabel("round")
-    test_set = test_set_size(results)
-    if test_set:
-        fig.suptitle(f"Fig. 4: per round ({_lower(test_set)[:-1]} for the test panels)")
+    test = results.get("data", {}).get("splits", {}).get("test", {})
+    if test:
+        fig.suptitle(
+            f"Fig. 4 per round; test panels: {test.get('users')} users, {test.get('lists')} lists"
+        )
     return _save(fig, axes, path, rounds=[r["round"] for r in rounds])
 
 
