@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import platform
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -126,7 +127,9 @@ def log_dataset(
         if not files:
             return False
         frame = pl.read_parquet(files[0])
-        dataset = mlflow.data.from_polars(frame, source=str(files[0]), name=name)
+        with warnings.catch_warnings():  # MLflow 3.17 registers its local source class twice
+            warnings.filterwarnings("ignore", "The specified dataset source", UserWarning)
+            dataset = mlflow.data.from_polars(frame, source=str(files[0]), name=name)
         entry = DatasetInput(
             dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]
         )
