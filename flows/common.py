@@ -269,7 +269,7 @@ def flat_signature(model: type[BaseModel]) -> inspect.Signature:
     their descriptions) and accept ``prefect deployment run ... -p rounds=3``, while the model
     stays the single definition of the parameters.
     """
-    from flows.prefect_ui import HoistLimits, form_description
+    from flows.prefect_ui import form_description
 
     params = [
         inspect.Parameter(
@@ -283,7 +283,6 @@ def flat_signature(model: type[BaseModel]) -> inspect.Signature:
                     field.annotation,
                     *field.metadata,
                     Field(description=form_description(model, name)),
-                    HoistLimits(),
                 )
             ],
         )

@@ -53,44 +53,6 @@ def form_description(model: Any, name: str) -> str:
     return f"{text} ({values}; unset = the profile's)"
 
 
-LIMITS = (
-    "minimum",
-    "maximum",
-    "exclusiveMinimum",
-    "exclusiveMaximum",
-    "multipleOf",
-    "pattern",
-    "minLength",
-    "maxLength",
-)
-
-
-def hoist_limits(schema: dict[str, Any]) -> None:
-    """Move an optional field's limits from its non-null ``anyOf`` branch to the field itself.
-
-    JSON Schema applies ``minimum`` and friends only to numbers (``pattern`` only to strings),
-    so ``null`` still passes; what changes is the message: the form says "0 is less than the
-    minimum of 1" instead of "0 is not valid under any of the given schemas".
-    """
-    branches = schema.get("anyOf")
-    if not isinstance(branches, list):
-        return
-    for branch in branches:
-        if isinstance(branch, dict) and branch.get("type") != "null":
-            for key in LIMITS:
-                if key in branch and key not in schema:
-                    schema[key] = branch.pop(key)
-
-
-class HoistLimits:
-    """An ``Annotated`` marker that applies :func:`hoist_limits` to a field's JSON schema."""
-
-    def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> dict[str, Any]:
-        schema = handler(core_schema)
-        hoist_limits(schema)
-        return schema
-
-
 # --------------------------------------------------------------------------- run log
 
 
