@@ -351,8 +351,8 @@ class RunParams(BaseModel):
     )
     run_name: str | None = Field(
         None,
-        description="run folder under runs_dir; unset = the profile and the data set; the same "
-        "name with the same parameters resumes",
+        description="run folder under runs_dir: letters, digits, '.', '_' and '-', no spaces; "
+        "unset = the profile and the data set; the same name with the same parameters resumes",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
     )
     dated: bool = Field(

@@ -116,8 +116,8 @@ class IterateParams(RunParams):
         None,
         ge=0,
         description="cap of the policy's prompt in tokens: the oldest history entries are left "
-        "out (the knowledge text keeps them all); 0 = no cap (profile; quick: 300, which cuts the "
-        "prompt tokens by 39% without a measurable change of the reward, see the README)",
+        "out (the knowledge text keeps them all); 0 = no cap (profile); quick's 300 cuts the "
+        "prompt tokens by 39% without a measurable change of the reward (see the README)",
     )
     n_shards: int = Field(
         0, ge=0, description="sampling shards, one engine each; 0 = one per GPU (1 on CPU)"
@@ -126,14 +126,14 @@ class IterateParams(RunParams):
     reward_metric: Literal["ndcg@5", "map@5", "soft_auc", "ndcg@5+auc"] | None = Field(
         None,
         description="per-sample reward used for pairing: the paper's ndcg@5 (or map@5), the "
-        "continuous soft_auc, or ndcg@5+auc (NDCG@5 with soft-AUC breaking its ties) (profile; "
-        "default ndcg@5, study: ndcg@5+auc)",
+        "continuous soft_auc, or ndcg@5+auc (NDCG@5 with soft-AUC breaking its ties); default "
+        "ndcg@5 (profile)",
     )
     knowledge_encoding: Literal["kar", "answer", "split"] | None = Field(
         None,
         description="what the encoder reads: kar = profile, history and answer as one text (KAR, "
         "the paper), answer = the answer alone, split = history and answer encoded apart and "
-        "averaged (profile; default kar, study: answer)",
+        "averaged; default kar (profile)",
     )
     round_users: int | None = Field(
         None,

@@ -36,21 +36,38 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def limits_text(metadata: list[Any]) -> str:
+    """``at least 1``, ``above 0, at most 1``: a field's numeric limits in words (for an
+    optional field the form's own message is only "not valid under any of the given
+    schemas")."""
+    words = {"ge": "at least", "gt": "above", "le": "at most", "lt": "below"}
+    parts = [
+        f"{phrase} {getattr(item, key)}"
+        for item in metadata
+        for key, phrase in words.items()
+        if getattr(item, key, None) is not None
+    ]
+    return ", ".join(parts)
+
+
 def form_description(model: Any, name: str) -> str:
-    """A field's description for the form and ``--help``: no angle brackets, and the value each
-    profile gives a field left unset (``(profile)`` in the source text becomes that list)."""
+    """A field's description for the form and ``--help``: no angle brackets (``<=`` becomes
+    ``≤``), the value each profile gives a field left unset (``(profile)`` in the source text
+    becomes that list) and the field's numeric limits."""
     field = model.model_fields[name]
-    text = (field.description or name).strip().replace("<", "").replace(">", "")
+    text = (field.description or name).strip().replace("<=", "≤").replace(">=", "≥")
+    text = text.replace("<", "").replace(">", "")
     if name == "run_name":
         dataset = model.model_fields["dataset"].default if "dataset" in model.model_fields else ""
         example = f"{getattr(model, 'RUN_PREFIX', '')}quick-{dataset}".rstrip("-")
         text = text.replace("unset = the profile and the data set", f"unset = e.g. {example}")
     values = profile_values(getattr(model, "PROFILES", {}) or {}, name)
-    if not values:
-        return text
-    if _PROFILE_NOTE.search(text):
-        return _PROFILE_NOTE.sub(f" ({values})", text, count=1)
-    return f"{text} ({values}; unset = the profile's)"
+    if values and _PROFILE_NOTE.search(text):
+        text = _PROFILE_NOTE.sub(f" ({values})", text, count=1)
+    elif values:
+        text = f"{text} ({values}; unset = the profile's)"
+    limits = limits_text(field.metadata)
+    return f"{text}; {limits}" if limits else text
 
 
 # --------------------------------------------------------------------------- run log

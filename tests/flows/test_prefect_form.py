@@ -86,6 +86,12 @@ def test_descriptions_name_each_profiles_value() -> None:
     assert "quick 0, paper 0,1,2" in form_description(DirectParams, "seeds")
     assert "direct-quick-ml-100k" in form_description(DirectParams, "run_name")
     assert profile_values(IterateParams.PROFILES, "seed") == ""
+    # the limits in words: for an optional field the form only says "not valid under any of
+    # the given schemas"
+    assert form_description(IterateParams, "rounds").endswith("; at least 1")
+    assert form_description(IterateParams, "top_p").endswith("; above 0, at most 1")
+    assert "(≤ 0.005)" in form_description(DirectParams, "format_bonus")
+    assert "no spaces" in form_description(IterateParams, "run_name")
 
 
 def test_an_unset_optional_boolean_stays_unset() -> None:
