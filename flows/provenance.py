@@ -69,6 +69,9 @@ def provenance_tags(p: Any, run_dir: Path) -> dict[str, str]:
         "dataset": str(getattr(p, "dataset", "")),
         "host.cpu": cpu_model(),
         "host.cpu_dtype": cpu_dtype().name,
+        # MLflow's "Source" column: the flow's module (python -m flows.iterate)
+        "mlflow.source.name": type(p).__module__,
+        "mlflow.source.type": "LOCAL",
     }
     if commit:
         tags["mlflow.source.git.commit"] = commit

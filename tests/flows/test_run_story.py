@@ -35,6 +35,10 @@ def test_provenance_tags(tracker: Tracker, tmp_path: Path) -> None:
     assert got["host.cpu"] == cpu_model() and got["host.cpu_dtype"] in ("float32", "bfloat16")
     assert got["backend"] == "transformers" and got["run_dir"].endswith("runs/p")
     assert "prefect.flow_run_id" not in tags  # outside a flow run
+    from flows.iterate import IterateParams
+
+    tags = tag_run(tracker, run, IterateParams(), tmp_path)
+    assert tags["mlflow.source.name"] == "flows.iterate"
 
 
 def test_cpu_model_reads_cpuinfo() -> None:
