@@ -215,6 +215,8 @@ class _ListOf:
 
 def build_parser(model: type[BaseModel], prog: str, description: str) -> argparse.ArgumentParser:
     """An argparse parser with one ``--flag`` per field of ``model`` (help = its description)."""
+    from flows.prefect_ui import form_description
+
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
@@ -224,7 +226,7 @@ def build_parser(model: type[BaseModel], prog: str, description: str) -> argpars
         conv, choices, is_bool = _arg_type(field.annotation)
         if name == "profile" and getattr(model, "PROFILES", None):
             choices = list(model.PROFILES)  # the flow's own profiles, not every flow's
-        help_text = (field.description or "").replace("%", "%%")
+        help_text = form_description(model, name).replace("%", "%%")
         default = field.default if field.default is not None else None
         if is_bool:
             parser.add_argument(
@@ -313,12 +315,22 @@ def flat_signature(model: type[BaseModel]) -> inspect.Signature:
     their descriptions) and accept ``prefect deployment run ... -p rounds=3``, while the model
     stays the single definition of the parameters.
     """
+    from flows.prefect_ui import form_description
+
     params = [
         inspect.Parameter(
             name,
             inspect.Parameter.KEYWORD_ONLY,
             default=field.default,
-            annotation=Annotated[field.annotation, Field(description=field.description)],
+            # Every constraint (ge, gt, le, pattern, ...) travels with the field, so Prefect's
+            # parameter schema refuses what the model refuses, before a run is created.
+            annotation=Annotated[
+                (
+                    field.annotation,
+                    *field.metadata,
+                    Field(description=form_description(model, name)),
+                )
+            ],
         )
         for name, field in model.model_fields.items()
     ]
@@ -330,9 +342,11 @@ def flat_docstring(model: type[BaseModel], summary: str) -> str:
 
     Prefect reads parameter descriptions for its UI form from the flow function's docstring.
     """
+    from flows.prefect_ui import form_description
+
     lines = [summary.strip(), "", "Args:"]
-    for name, field in model.model_fields.items():
-        lines.append(f"    {name}: {(field.description or name).strip()}")
+    for name in model.model_fields:
+        lines.append(f"    {name}: {form_description(model, name)}")
     return "\n".join(lines) + "\n"
 
 
@@ -383,9 +397,15 @@ class RunParams(BaseModel):
     )
     run_name: str | None = Field(
         None,
-        description="run folder under runs_dir (default: profile-dataset); the same name "
-        "with the same parameters resumes",
+        description="run folder under runs_dir: letters, digits, '.', '_' and '-', no spaces; "
+        "unset = the profile and the data set; the same name with the same parameters resumes",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+    )
+    dated: bool = Field(
+        False,
+        description="append the flow run's scheduled day (UTC, YYYY-MM-DD) to the run name, "
+        "e.g. paper-ml-100k-2026-12-06: a weekly deployment writes a fresh run folder (and "
+        "MLflow run) each week; give that full name as run_name to resume one week's run",
     )
     runs_dir: str = Field("runs", description="folder holding the run folders")
     data_dir: str | None = Field(
@@ -426,6 +446,12 @@ class RunParams(BaseModel):
         out = self.model_copy(update=fill)
         if out.run_name is None:
             out = out.model_copy(update={"run_name": self.default_run_name()})
+        if self.dated:
+            from flows.prefect_ui import run_day
+
+            day = run_day()
+            if not out.run_name.endswith(f"-{day}"):
+                out = out.model_copy(update={"run_name": f"{out.run_name}-{day}"})
         return out
 
     def default_run_name(self) -> str:
@@ -507,6 +533,7 @@ def run_tracked(
     reopens it. A failure ends the parent and its open children FAILED, a stop (SIGINT,
     SIGTERM, :mod:`tasks.common.stopping`) KILLED.
     """
+    from flows.provenance import tag_run
     from tasks.common.hardware import cpu_dtype
     from tasks.data.assets import encoder_model, policy_model
     from tasks.llm.devices import available_gpus
@@ -531,6 +558,7 @@ def run_tracked(
         )
         tracker = tracker_for(p.experiment)
         parent = _parent_run(tracker, record, p, run_dir)
+        tag_run(tracker, parent, p, run_dir)  # git commit, CPU, dtype, backend, Prefect run
         record.save(run_dir)
         log.info("run settings: %s", ", ".join(f"{k}={v}" for k, v in record.settings.items()))
         ctx = RunContext(

@@ -29,7 +29,10 @@ from flows.common import (
     params_flow,
     run_main,
     run_tracked,
+    tracker_for,
 )
+from flows.metric_shapes import log_training_curve
+from flows.prefect_ui import progress, publish_report
 from tasks.common.stage import Artefact, InputRef
 from tasks.direct import report as direct_report
 from tasks.direct import stages
@@ -48,6 +51,7 @@ from tasks.pairing import PairingConfig
 
 Stage = Literal["sft", "dpo", "rl", "rlhf"]
 STAGE_ORDER = ("sft", "dpo", "rl", "rlhf")
+TRAINED = ("sft", "dpo", "rl", "rlhf", "reward_model")  # their per-step curves go to MLflow
 
 # Values a profile gives to every parameter left unset (None).
 PROFILES: dict[str, dict] = {
@@ -341,17 +345,57 @@ class SeedRun:
             f"seed{self.seed}.{name}", self.ctx.parent_run_id, tags={"stage": name}
         )
         logged = {k: v for k, v in artefact.stats.items() if isinstance(v, dict)}
+        if name == "data":  # counts of the data: parameters, not metrics
+            tracker.params(child, logged)
+            logged = {}
         tracker.metrics(child, {"seconds": artefact.seconds, **logged})
+        if name in TRAINED and artefact.skipped is None:
+            log_training_curve(tracker, child, artefact, name)
         tracker.end(child)
+        progress_line(self.seed, name, artefact)
         if self.first:
             results.details[name] = _brief(artefact)
+
+
+def progress_line(seed: int, name: str, artefact: Artefact) -> None:
+    """A stage's line in the Prefect run log: windows, pairs kept, loss, test NDCG@5."""
+    stats = artefact.stats
+    metrics = stats.get("metrics", {}) if isinstance(stats.get("metrics"), dict) else {}
+    counts = stats.get("counts", {}) if isinstance(stats.get("counts"), dict) else {}
+    if artefact.skipped is not None:
+        figures = f"skipped ({artefact.skipped})"
+    elif name.endswith(".eval"):
+        figures = (
+            f"{metrics.get('answers')} test users, NDCG@5 {metrics.get('ndcg@5', float('nan')):.4f}"
+        )
+    elif name == "data":
+        figures = ", ".join(f"{k} {v}" for k, v in counts.items() if not isinstance(v, dict))
+    elif name == "preferences":
+        inner = stats.get("stats", {}) if isinstance(stats.get("stats"), dict) else {}
+        figures = ", ".join(f"{k} {inner[k]}" for k in ("prompts", "pairs") if k in inner)
+    elif "loss" in metrics:
+        figures = f"loss {metrics['loss']:.4f} over {metrics.get('steps')} steps"
+    else:
+        figures = f"{artefact.seconds:.1f} s"
+    progress("seed %d, %s: %s", seed, name, figures or f"{artefact.seconds:.1f} s")
 
 
 # --------------------------------------------------------------------------- the flow
 
 
 def run_direct(params: DirectParams) -> dict:
-    return run_tracked(params.resolved(), direct_pipeline)
+    from flows.provenance import mlflow_run_url
+
+    p = params.resolved()
+    result = run_tracked(p, direct_pipeline)
+    parent = result["mlflow_run_id"]
+    publish_report(  # on the flow run a deployment starts, not its subflow
+        result["report"],
+        key=f"direct-{p.run_name}",
+        mlflow_url=mlflow_run_url(tracker_for(p.experiment), parent),
+        mlflow_run_id=parent,
+    )
+    return result
 
 
 direct_flow = params_flow(
@@ -394,6 +438,10 @@ def prepare_seed(
     )
     run = SeedRun(p, cfg, ctx, seed, first, data, out)
     run.record("data", data, results)
+    if first:
+        from flows.provenance import log_dataset
+
+        log_dataset(ctx.tracker, ctx.parent_run_id, data.path, name=p.dataset)
     baselines = stages.baselines(
         data, cfg=cfg.baselines, max_eval_users=_users(p.max_eval_users), out=out / "baselines"
     )

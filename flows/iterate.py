@@ -19,7 +19,17 @@ from typing import Any, ClassVar, Literal, TypeVar
 from prefect import flow
 from pydantic import Field, field_validator, model_validator
 
-from flows.common import RESUME_NOTE, RunContext, RunParams, params_flow, run_main, run_tracked
+from flows.common import (
+    RESUME_NOTE,
+    RunContext,
+    RunParams,
+    params_flow,
+    run_main,
+    run_tracked,
+    tracker_for,
+)
+from flows.metric_shapes import log_training_curve, per_stage
+from flows.prefect_ui import progress, publish_report
 from tasks.common.stage import Artefact, InputRef
 from tasks.llm import stages as llm_stages
 from tasks.llm.dpo import DPOConfig
@@ -106,8 +116,8 @@ class IterateParams(RunParams):
         None,
         ge=0,
         description="cap of the policy's prompt in tokens: the oldest history entries are left "
-        "out (the knowledge text keeps them all); 0 = no cap (profile; quick: 300, which cuts the "
-        "prompt tokens by 39% without a measurable change of the reward, see the README)",
+        "out (the knowledge text keeps them all); 0 = no cap (profile); quick's 300 cuts the "
+        "prompt tokens by 39% without a measurable change of the reward (see the README)",
     )
     n_shards: int = Field(
         0, ge=0, description="sampling shards, one engine each; 0 = one per GPU (1 on CPU)"
@@ -116,14 +126,14 @@ class IterateParams(RunParams):
     reward_metric: Literal["ndcg@5", "map@5", "soft_auc", "ndcg@5+auc"] | None = Field(
         None,
         description="per-sample reward used for pairing: the paper's ndcg@5 (or map@5), the "
-        "continuous soft_auc, or ndcg@5+auc (NDCG@5 with soft-AUC breaking its ties) (profile; "
-        "default ndcg@5, study: ndcg@5+auc)",
+        "continuous soft_auc, or ndcg@5+auc (NDCG@5 with soft-AUC breaking its ties); default "
+        "ndcg@5 (profile)",
     )
     knowledge_encoding: Literal["kar", "answer", "split"] | None = Field(
         None,
         description="what the encoder reads: kar = profile, history and answer as one text (KAR, "
         "the paper), answer = the answer alone, split = history and answer encoded apart and "
-        "averaged (profile; default kar, study: answer)",
+        "averaged; default kar (profile)",
     )
     round_users: int | None = Field(
         None,
@@ -324,6 +334,7 @@ class Round:
             "dpo": {
                 **self.dpo.stats.get("metrics", {}),
                 "skipped": int(self.dpo.skipped is not None),
+                **({"skipped_reason": self.dpo.skipped} if self.dpo.skipped else {}),
             },
         }
 
@@ -352,7 +363,9 @@ class Loop:
 
 def run_iterate(params: IterateParams) -> dict:
     p = params.resolved()
-    return run_tracked(p, rlrf4rec_loop, encoder=p.encoder, n_shards=p.n_shards)
+    result = run_tracked(p, rlrf4rec_loop, encoder=p.encoder, n_shards=p.n_shards)
+    publish(p, result)  # on the flow run a deployment starts, not its subflow
+    return result
 
 
 iterate = params_flow(
@@ -360,7 +373,6 @@ iterate = params_flow(
     run_iterate,
     "rlrf4rec-iterate",
     "RLRF4Rec: R rounds of sample, score, pair and DPO; then Table I.",
-    log_prints=True,
 )
 
 
@@ -432,7 +444,19 @@ def prepare_inputs(p: IterateParams, cfg: LoopConfig, ctx: RunContext) -> Inputs
         out=ctx.run_dir / "prompts.parquet",
     )
     items = stages.encode_items(data, encoder=ctx.encoder, out=ctx.run_dir / "item_vectors.parquet")
-    ctx.tracker.metrics(ctx.parent_run_id, {"data": data.stats})
+    # Counts of the data are parameters (fixed for the run), not metrics.
+    ctx.tracker.params(ctx.parent_run_id, {"data": data.stats})
+    from flows.provenance import log_dataset
+
+    log_dataset(ctx.tracker, ctx.parent_run_id, data.path, name=p.dataset)
+    splits = data.stats.get("splits", {})
+    progress(
+        "data %s: %s users with lists (train %s, valid %s, test %s users; %s test lists)",
+        p.dataset,
+        data.stats.get("users_with_lists"),
+        *(splits.get(s, {}).get("users") for s in ALL_SPLITS),
+        splits.get("test", {}).get("lists"),
+    )
     return Inputs(data, prompts, items)
 
 
@@ -512,10 +536,19 @@ def train_reward_model(loop: Loop, knowledge0: Knowledge) -> Artefact:
     tracker.metrics(
         child, {"generation": knowledge0.samples.stats, "reward_model": reward_model.stats}
     )
-    seconds = knowledge0.seconds("round_00")
-    seconds["round_00.train_reward_model"] = reward_model.seconds
-    tracker.metrics(child, {f"seconds.{k}": v for k, v in seconds.items()})
+    seconds = per_stage(knowledge0.seconds("round_00"), "round_00")
+    seconds["train_reward_model"] = reward_model.seconds
+    tracker.metrics(child, {"seconds": seconds}, step=0)
+    tracker.metrics(loop.ctx.parent_run_id, {"seconds": seconds}, step=0)
     tracker.end(child)
+    gen, rm = knowledge0.samples.stats, reward_model.stats
+    progress(
+        "round 0: zero-shot knowledge for %s users (%.0f%% degenerate); reward model valid "
+        "NDCG@5 %.4f",
+        gen.get("users"),
+        100 * gen.get("degenerate_share", 0.0),
+        rm.get("valid_ndcg@5", float("nan")),
+    )
     return reward_model
 
 
@@ -546,14 +579,42 @@ def track_round(loop: Loop, this: Round) -> None:
     child = tracker.start(this.tag, parent)
     record = this.record()
     tracker.metrics(child, {k: v for k, v in record.items() if k != "round"}, step=this.index)
-    tracker.metrics(child, {f"seconds.{k}": v for k, v in this.seconds().items()})
+    # one key per stage, the round as the step, on the child and the parent run
+    seconds = {"seconds": per_stage(this.seconds(), this.tag)}
+    tracker.metrics(child, seconds, step=this.index)
+    tracker.metrics(parent, seconds, step=this.index)
     reward_col = loop.cfg.pairing.reward_col
     reward_mean = this.scored.stats.get(f"{reward_col}_mean")
     tracker.metrics(parent, {"reward_mean": reward_mean}, step=this.index)
     tracker.artifact(child, this.pairs.path)
     if this.dpo.skipped is None:
+        log_training_curve(tracker, child, this.dpo, "dpo")
         tracker.artifact(child, this.dpo.path, "adapter")
     tracker.end(child)
+    progress_round(loop, this)
+
+
+def progress_round(loop: Loop, this: Round) -> None:
+    """The round's line in the Prefect run log: users sampled, pairs kept, DPO loss."""
+    gen, pairs = this.knowledge.samples.stats, this.pairs.stats
+    metrics = this.dpo.stats.get("metrics", {})
+    if this.dpo.skipped is not None:
+        dpo = f"DPO skipped ({this.dpo.skipped})"
+    else:
+        dpo = f"DPO loss {metrics.get('loss', float('nan')):.4f} over {metrics.get('steps')} steps"
+    progress(
+        "round %d/%d: %s users sampled (%s texts, %.0f%% degenerate), reward mean %.4f, "
+        "%s pairs kept of %s users, %s",
+        this.index,
+        loop.cfg.rounds,
+        gen.get("users"),
+        gen.get("samples"),
+        100 * gen.get("degenerate_share", 0.0),
+        this.scored.stats.get(f"{loop.cfg.pairing.reward_col}_mean", float("nan")),
+        pairs.get("pairs"),
+        pairs.get("users"),
+        dpo,
+    )
 
 
 # --------------------------------------------------------------------------- learning
@@ -757,12 +818,14 @@ def report(
             "diagnostic_users": loop.cfg.diagnostic_users,
             "run": loop.ctx.settings,
         },
+        "data": loop.inputs.data.stats,
         "timings": timings,
         "wall_seconds": wall,
         "stage_seconds": stage_seconds,
     }
     written = write_report(results, loop.ctx.run_dir, loop.p.model_dump())
     track_report(loop, written, wall=wall, stage_seconds=stage_seconds)
+    track_fig4(loop, evaluation)
     return {
         "run_dir": str(loop.ctx.run_dir),
         "report": written["report"],
@@ -770,6 +833,39 @@ def report(
         "wall_seconds": wall,
         "stage_seconds": stage_seconds,
     }
+
+
+def track_fig4(loop: Loop, evaluation: Evaluation) -> None:
+    """Fig. 4's test metrics of every evaluated round on the parent run, ``step = round``."""
+    tracker, parent = loop.ctx.tracker, loop.ctx.parent_run_id
+    for r, metrics in sorted(evaluation.per_round.items()):
+        tracker.metrics(parent, {"fig4": {loop.p.reward_backbone: metrics}}, step=r)
+    for backbone, rows in evaluation.table1.items():
+        progress(
+            "Table I, %s NDCG@5 (seed mean): %s",
+            backbone.upper(),
+            ", ".join(
+                f"{row} {_seed_mean(by_seed, 'ndcg@5'):.4f}" for row, by_seed in rows.items()
+            ),
+        )
+
+
+def _seed_mean(by_seed: dict[str, dict[str, float]], metric: str) -> float:
+    values = [v[metric] for v in by_seed.values() if metric in v]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def publish(p: IterateParams, result: dict) -> None:
+    """The report as the flow run's Prefect markdown artefact, linked to the MLflow run."""
+    from flows.provenance import mlflow_run_url
+
+    parent = result["mlflow_run_id"]
+    publish_report(
+        result["report"],
+        key=f"rlrf4rec-{p.run_name}",
+        mlflow_url=mlflow_run_url(tracker_for(p.experiment), parent),
+        mlflow_run_id=parent,
+    )
 
 
 def track_report(loop: Loop, written: dict, *, wall: float, stage_seconds: float) -> None:

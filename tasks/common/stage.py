@@ -411,7 +411,12 @@ def stage(name: str, **task_options: Any) -> Callable[[Callable[P, A]], Any]:
         def run(*args: Any, **kwargs: Any) -> Artefact:
             return run_stage(name, fn, *args, **kwargs)
 
-        wrapped = task(name=name, cache_policy=NO_CACHE, persist_result=False, **task_options)(run)
+        # Prints stay prints (stdout), never the run's log: under ``log_prints`` Prefect's
+        # patched ``print`` also catches what libraries print into a swapped ``sys.stdout`` --
+        # dill disassembling a function while ``datasets`` fingerprints TRL's tokenizing map --
+        # and floods the log with ~266 lines of bytecode per DPO stage.
+        options = {"log_prints": False, **task_options}
+        wrapped = task(name=name, cache_policy=NO_CACHE, persist_result=False, **options)(run)
         wrapped.stage_fn = fn
         return wrapped
 

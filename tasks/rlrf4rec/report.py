@@ -8,7 +8,9 @@ Input is the ``results`` dict the flow assembles:
 - ``per_list[backbone][row][seed]`` = path of the per-list metrics parquet (for paired CIs);
 - ``rounds`` = one dict per round with at least ``round``; optional ``reward`` (sample reward
   stats), ``pairs``, ``dpo``, ``generation`` and ``eval[backbone]`` (test metrics of that
-  round's policy).
+  round's policy);
+- ``data`` (optional) = the prepared data's counts, ``splits.test.users`` / ``.lists`` the test
+  set every table is measured on.
 """
 
 from __future__ import annotations
@@ -83,10 +85,12 @@ def markdown(results: dict, tables: dict, params: dict | None = None) -> str:
     lines += settings_lines(results.get("settings", {}).get("run", {}))
     seeds = {len(v) for b in results.get("table1", {}).values() for v in b.values()}
     n_seeds = max(seeds) if seeds else 0
+    test_set = test_set_size(results)
     lines += [
         "## Table I: test users, reranking metrics",
         "",
-        f"Mean over {n_seeds} seed(s)" + (" ± half-width of the 95% CI." if n_seeds > 1 else "."),
+        f"{test_set} Mean over {n_seeds} seed(s)"
+        + (" ± half-width of the 95% CI." if n_seeds > 1 else "."),
         "",
     ]
     metric_cols = [f"map@{k}" for k in KS] + [f"ndcg@{k}" for k in KS]
@@ -111,7 +115,7 @@ def markdown(results: dict, tables: dict, params: dict | None = None) -> str:
     first = next(iter(tables["table1"]), None)
     if first:
         rows = tables["table1"][first]
-        lines += ["", f"## Table II: ablation ({first.upper()}, NDCG@5)", ""]
+        lines += ["", f"## Table II: ablation ({first.upper()}, NDCG@5)", "", test_set, ""]
         lines += ["| method | NDCG@5 |", "|---|---|"]
         for label, row in (
             ("RLRF4Rec", "RLRF4Rec"),
@@ -123,12 +127,17 @@ def markdown(results: dict, tables: dict, params: dict | None = None) -> str:
     rounds = results.get("rounds", [])
     if rounds:
         lines += ["", "## Per round (Fig. 4)", ""]
+        lines += [
+            "Reward and pairs: the round's sampled train users; degenerate: the share of the "
+            f"round's texts cut at the token budget; test NDCG@5 / MAP@5: {_lower(test_set)}",
+            "",
+        ]
         lines.append(
             "| round | reward NDCG@5 mean | users tied on NDCG@5 | pairs kept | dropped | "
-            "chosen-rejected margin | DPO loss | reward acc. | mean tokens | tokens/s | "
-            "test NDCG@5 | test MAP@5 |"
+            "chosen-rejected margin | DPO loss | reward acc. | mean tokens | degenerate | "
+            "tokens/s | test NDCG@5 | test MAP@5 |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rounds:
             rew = r.get("reward", {})
             pairs = r.get("pairs", {})
@@ -141,9 +150,14 @@ def markdown(results: dict, tables: dict, params: dict | None = None) -> str:
                 f" {_tied(rew)} | {pairs.get('pairs', '')} |"
                 f" {dropped if pairs else ''} | {_num(pairs.get('margin_mean'))} |"
                 f" {_num(dpo.get('loss'))} | {_num(dpo.get('rewards/accuracies'))} |"
-                f" {_num(gen.get('mean_tokens'), 1)} | {_num(gen.get('tokens_per_s'), 1)} |"
+                f" {_num(gen.get('mean_tokens'), 1)} | {_share(gen.get('degenerate_share'))} |"
+                f" {_num(gen.get('tokens_per_s'), 1)} |"
                 f" {_num(ev.get('ndcg@5'))} | {_num(ev.get('map@5'))} |"
             )
+        skipped = skipped_rounds(rounds)
+        if skipped:
+            lines += [""] + [f"- Round {r}: DPO skipped ({why}); the policy stays as it was."
+                             for r, why in skipped]  # fmt: skip
         lines += ["", "![per-round curve](fig4_rounds.png)"]
     lines += learning_section(results)
     timings = results.get("timings")
@@ -152,6 +166,34 @@ def markdown(results: dict, tables: dict, params: dict | None = None) -> str:
         for name, sec in timings.items():
             lines.append(f"| {name} | {sec:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def test_set_size(results: dict) -> str:
+    """``Test set: 94 users, 470 lists.`` from the prepared data's counts (else ``""``)."""
+    test = results.get("data", {}).get("splits", {}).get("test", {})
+    if not test:
+        return ""
+    return f"Test set: {test.get('users', '?')} users, {test.get('lists', '?')} lists."
+
+
+def _lower(text: str) -> str:
+    return (text[0].lower() + text[1:]) if text else "the test users."
+
+
+def skipped_rounds(rounds: list[dict]) -> list[tuple[int, str]]:
+    """``(round, why)`` of every round whose DPO was skipped."""
+    out = []
+    for r in rounds:
+        dpo = r.get("dpo", {})
+        if dpo.get("skipped"):
+            out.append((r["round"], str(dpo.get("skipped_reason") or "no reason recorded")))
+    return out
+
+
+def _share(v: object) -> str:
+    if isinstance(v, int | float) and math.isfinite(v):
+        return f"{100 * v:.1f}%"
+    return ""
 
 
 def _tied(reward: dict) -> str:
@@ -238,8 +280,9 @@ def plot_learning(results: dict, path: Path) -> Path | None:
         ax.fill_between(xs, lo, hi, color=color, alpha=0.15)
     ax.set_xlabel("policy (round)")
     ax.set_ylabel(f"reward ({results.get('settings', {}).get('reward', 'ndcg@5')})")
+    ax.set_title("reward of each policy's texts (frozen reward model)")
     ax.legend()
-    return _save(fig, [ax], path)
+    return _save(fig, [ax], path, rounds=[r["policy"] for r in records])
 
 
 def _num(v: object, digits: int = 4) -> str:
@@ -272,21 +315,39 @@ def plot_rounds(results: dict, path: Path) -> Path | None:
     axes[2].plot(xs, ys, marker="o", color="tab:green")
     axes[2].set_title("mean sample reward (NDCG@5)")
     axes[2].set_xlabel("round")
-    return _save(fig, axes, path)
+    test = results.get("data", {}).get("splits", {}).get("test", {})
+    if test:
+        fig.suptitle(
+            f"Fig. 4 per round; test panels: {test.get('users')} users, {test.get('lists')} lists"
+        )
+    return _save(fig, axes, path, rounds=[r["round"] for r in rounds])
 
 
-def _save(fig, axes, path: Path) -> Path:
-    """Integer round ticks on ``axes``, then ``fig`` as a PNG at ``path`` (atomically)."""
+def _save(fig, axes, path: Path, rounds: list[int] | None = None) -> Path:
+    """:func:`integer_rounds` on ``axes``, then ``fig`` as a PNG at ``path`` (atomically)."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
-    for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    integer_rounds(axes, rounds)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return path
+
+
+def integer_rounds(axes, rounds: list[int] | None = None) -> None:
+    """Integer round ticks on ``axes``: each of ``rounds`` when there are few (one round shows
+    as ``1``, not ``0.96 .. 1.04``), else integers only."""
+    from matplotlib.ticker import FixedLocator, MaxNLocator
+
+    ticks = sorted(set(rounds or []))
+    for ax in axes:
+        if ticks and len(ticks) <= 12:
+            ax.xaxis.set_major_locator(FixedLocator(ticks))
+            if len(ticks) == 1:
+                ax.set_xlim(ticks[0] - 0.5, ticks[0] + 0.5)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def write_report(results: dict, out_dir: Path, params: dict | None = None) -> dict:

@@ -150,6 +150,22 @@ def test_flow_end_to_end_on_cpu(prefect_harness, tiny_llm_path, ml100k_dir, tmp_
     assert parent.data.params["profile"] == "quick"
     children = {r.info.run_name for r in runs if r.info.run_id != result["mlflow_run_id"]}
     assert {"seed0.sft", "seed0.dpo", "seed0.rl", "seed0.base.eval", "seed0.data"} <= children
+    # the run's story: provenance tags, the data set as an input, per-step curves, counts as
+    # parameters, the report as the flow run's Prefect artefact
+    assert {"git.commit", "host.cpu", "host.cpu_dtype", "backend", "prefect.flow_run_id",
+            "run_dir"} <= set(parent.data.tags)  # fmt: skip
+    assert [i.dataset.name for i in parent.inputs.dataset_inputs] == ["ml-100k"]
+    by_name = {r.info.run_name: r for r in runs}
+    dpo_child = by_name["seed0.dpo"].info.run_id
+    assert client.get_metric_history(dpo_child, "dpo_step.loss")
+    assert by_name["seed0.data"].data.params and not any(
+        k.startswith("counts.") for k in by_name["seed0.data"].data.metrics
+    )
+    from prefect.artifacts import Artifact
+
+    artefact = Artifact.get("direct-tiny")
+    assert artefact is not None and "The second pipeline" in artefact.data
+    assert str(artefact.flow_run_id) == parent.data.tags["prefect.flow_run_id"]
     # Resumable: the same parameters again hit every task's cache (nothing retrained).
     weights = seed / "sft" / "model" / "adapter" / "adapter_model.safetensors"
     stamp = weights.stat().st_mtime

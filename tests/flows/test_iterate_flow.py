@@ -134,6 +134,24 @@ def test_mlflow_metrics_per_round(tiny_run) -> None:
         assert sorted(m.step for m in client.get_metric_history(parent_id, key)) == [1, 2]
     assert parent.data.params["rounds"] == "2"
 
+    # the run's story: one key per stage and Fig. 4 with step = round, counts as parameters,
+    # provenance tags, the data set as an input, the DPO curve per optimiser step
+    def steps(key: str) -> list[int]:
+        return sorted(m.step for m in client.get_metric_history(parent_id, key))
+
+    assert steps("seconds.dpo") == [1, 2] and steps("seconds.sample") == [0, 1, 2]
+    assert not any(k.startswith(("seconds.round_", "data.")) for k in parent.data.metrics)
+    assert steps("fig4.dlcm.ndcg_at_5") == [0, 2]  # round 0 (KAR) and the last round
+    assert "data.splits.test.users" in parent.data.params
+    assert {"git.commit", "host.cpu", "host.cpu_dtype", "backend", "prefect.flow_run_id",
+            "run_dir"} <= set(parent.data.tags)  # fmt: skip
+    assert [i.dataset.name for i in parent.inputs.dataset_inputs] == ["ml-100k"]
+    for name in ("round_01", "round_02"):
+        if by_name[name].data.metrics["pairs.pairs"] > 0:
+            assert client.get_metric_history(by_name[name].info.run_id, "dpo_step.loss")
+    report = Path(tiny_run["result"]["report"]).read_text()
+    assert "Test set: " in report and "degenerate" in report
+
 
 def test_second_run_is_cached(tiny_run) -> None:
     from flows.iterate import iterate

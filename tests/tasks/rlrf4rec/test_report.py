@@ -73,3 +73,42 @@ def test_tables_and_files(tmp_path: Path) -> None:
     assert Path(out["plot"]).read_bytes()[:4] == b"\x89PNG"
     saved = json.loads(Path(out["results"]).read_text())
     assert saved["params"]["profile"] == "quick"
+
+
+def test_report_states_the_test_set_degenerate_texts_and_skipped_rounds(tmp_path: Path) -> None:
+    results = {
+        "table1": {"dlcm": {"KAR": {"1": {"map@5": 0.5, "ndcg@5": 0.6}}}},
+        "rounds": [
+            {"round": 0, "generation": {"degenerate_share": 0.25}},
+            {"round": 1, "generation": {"degenerate_share": 0.5},
+             "dpo": {"skipped": 1, "skipped_reason": "no preference pairs"}},
+        ],
+        "data": {"splits": {"test": {"users": 94, "lists": 470}}},
+    }  # fmt: skip
+    out = write_report(results, tmp_path, {"profile": "quick"})
+    text = Path(out["report"]).read_text()
+    assert "Test set: 94 users, 470 lists. Mean over 1 seed(s)." in text
+    assert text.count("94 users, 470 lists") >= 3  # Table I, Table II and the per-round table
+    assert "| 25.0% |" in text and "| 50.0% |" in text
+    assert "- Round 1: DPO skipped (no preference pairs)" in text
+
+
+def test_one_round_plots_integer_ticks() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tasks.rlrf4rec.report import integer_rounds
+
+    fig, ax = plt.subplots()
+    ax.plot([1], [0.5], marker="o")
+    integer_rounds([ax], [1])
+    fig.canvas.draw()
+    assert list(ax.get_xticks()) == [1]
+    fig2, ax2 = plt.subplots()
+    ax2.plot([0, 1, 2], [0.5, 0.6, 0.7])
+    integer_rounds([ax2], [0, 1, 2])
+    assert list(ax2.get_xticks()) == [0, 1, 2]
+    plt.close(fig)
+    plt.close(fig2)

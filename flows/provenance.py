@@ -1,0 +1,143 @@
+"""Where a run comes from, on its MLflow parent run: the code's git commit, the host's CPU and
+the dtype models run in there, the generation backend, the Prefect flow run (id and address),
+the run folder, and the data set as an MLflow input.
+
+Nothing here may fail a run: a missing git, an unreadable ``/proc/cpuinfo`` or a refused
+dataset log leave a tag out (with a warning), never the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import subprocess
+import warnings
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_commit(root: Path = PROJECT_ROOT) -> tuple[str, bool]:
+    """``(commit, dirty)`` of the checkout at ``root`` (``("", False)`` without git)."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "", False
+    return head, bool(status)
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (else :func:`platform.processor`)."""
+    try:
+        text = cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            return value.strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def provenance_tags(p: Any, run_dir: Path) -> dict[str, str]:
+    """The tags of a run's MLflow parent run (``p``: the resolved parameters)."""
+    from flows.prefect_ui import flow_run_info
+    from tasks.common.hardware import cpu_dtype
+
+    commit, dirty = git_commit()
+    tags = {
+        "run_dir": str(run_dir),
+        "backend": str(getattr(p, "backend", "")),
+        "profile": str(getattr(p, "profile", "")),
+        "dataset": str(getattr(p, "dataset", "")),
+        "host.cpu": cpu_model(),
+        "host.cpu_dtype": cpu_dtype().name,
+        # MLflow's "Source" column: the flow's module (python -m flows.iterate)
+        "mlflow.source.name": type(p).__module__,
+        "mlflow.source.type": "LOCAL",
+    }
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["git.commit"] = commit
+        tags["git.dirty"] = str(dirty).lower()
+    prefect = flow_run_info()
+    if prefect:
+        tags["prefect.flow_run_id"] = prefect["id"]
+        if prefect.get("url"):
+            tags["prefect.flow_run_url"] = prefect["url"]
+    return tags
+
+
+def tag_run(tracker: Any, run_id: str, p: Any, run_dir: Path) -> dict[str, str]:
+    """Set :func:`provenance_tags` on ``run_id``; the tags set."""
+    try:
+        tags = provenance_tags(p, run_dir)
+        for key, value in tags.items():
+            tracker.client.set_tag(run_id, key, value)
+    except Exception as exc:  # noqa: BLE001 - provenance must never fail a run
+        log.warning("provenance tags not set on MLflow run %s: %s", run_id, exc)
+        return {}
+    return tags
+
+
+def mlflow_run_url(tracker: Any, run_id: str) -> str | None:
+    """The MLflow UI's address of ``run_id``: the tracking server's when the tracking URI is
+    one (http), else ``$MLFLOW_UI_URL`` (for ``mlflow ui`` over a local store), else None."""
+    import os
+
+    base = os.environ.get("MLFLOW_UI_URL") or (
+        tracker.uri if str(tracker.uri).startswith(("http://", "https://")) else ""
+    )
+    if not base:
+        return None
+    return f"{base.rstrip('/')}/#/experiments/{tracker.experiment_id}/runs/{quote(run_id)}"
+
+
+def log_dataset(
+    tracker: Any, run_id: str, folder: str | Path, *, name: str, context: str = "train"
+) -> bool:
+    """The data set behind a run as an MLflow input: the prepared ``ratings.parquet`` (else the
+    folder's first parquet file) as a polars-backed dataset with its schema, row count and
+    digest, its source the file's path. Whether it was logged."""
+    try:
+        import mlflow.data
+        import polars as pl
+        from mlflow.entities import DatasetInput, InputTag
+
+        folder = Path(folder)
+        if folder.is_dir():
+            ratings = folder / "ratings.parquet"
+            files = [ratings] if ratings.exists() else sorted(folder.rglob("*.parquet"))
+        else:
+            files = [folder] if folder.suffix == ".parquet" and folder.exists() else []
+        if not files:
+            return False
+        frame = pl.read_parquet(files[0])
+        with warnings.catch_warnings():  # MLflow 3.17 registers its local source class twice
+            warnings.filterwarnings("ignore", "The specified dataset source", UserWarning)
+            dataset = mlflow.data.from_polars(frame, source=str(files[0]), name=name)
+        entry = DatasetInput(
+            dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]
+        )
+        tracker.client.log_inputs(run_id, datasets=[entry])
+    except Exception as exc:  # noqa: BLE001 - provenance must never fail a run
+        log.warning("data set not logged as an MLflow input of %s: %s", run_id, exc)
+        return False
+    return True

@@ -1,0 +1,181 @@
+"""What the Prefect and MLflow UIs show of a run: provenance tags, the data set as an input,
+metric shapes (one key per stage, step = round; per-step training curves), the report as a
+Prefect artefact, and stages that keep library prints out of the run log."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import polars as pl
+import pytest
+
+from flows.common import Tracker
+from flows.metric_shapes import log_training_curve, per_stage, step_history
+from flows.provenance import cpu_model, git_commit, log_dataset, mlflow_run_url, tag_run
+from tasks.common.stage import Artefact, stage
+
+
+@pytest.fixture
+def tracker(tmp_path: Path) -> Tracker:
+    return Tracker("story", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def test_provenance_tags(tracker: Tracker, tmp_path: Path) -> None:
+    run = tracker.start("p")
+    params = SimpleNamespace(backend="transformers", profile="quick", dataset="ml-100k")
+    tags = tag_run(tracker, run, params, tmp_path / "runs" / "p")
+    got = tracker.client.get_run(run).data.tags
+    commit, _ = git_commit()
+    assert len(commit) == 40 and got["git.commit"] == commit
+    assert got["mlflow.source.git.commit"] == commit
+    assert got["host.cpu"] == cpu_model() and got["host.cpu_dtype"] in ("float32", "bfloat16")
+    assert got["backend"] == "transformers" and got["run_dir"].endswith("runs/p")
+    assert "prefect.flow_run_id" not in tags  # outside a flow run
+    from flows.iterate import IterateParams
+
+    tags = tag_run(tracker, run, IterateParams(), tmp_path)
+    assert tags["mlflow.source.name"] == "flows.iterate"
+
+
+def test_cpu_model_reads_cpuinfo() -> None:
+    assert cpu_model("processor: 0\nmodel name\t: AMD EPYC 7B13\n") == "AMD EPYC 7B13"
+    assert cpu_model("")  # falls back to platform
+
+
+def test_the_data_set_is_an_mlflow_input(tracker: Tracker, tmp_path: Path) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    pl.DataFrame({"user_id": [1, 2], "item_id": [3, 4], "rating": [5, 1]}).write_parquet(
+        folder / "ratings.parquet"
+    )
+    run = tracker.start("d")
+    assert log_dataset(tracker, run, folder, name="ml-100k")
+    inputs = tracker.client.get_run(run).inputs.dataset_inputs
+    assert [i.dataset.name for i in inputs] == ["ml-100k"]
+    assert "ratings.parquet" in inputs[0].dataset.source
+    assert json.loads(inputs[0].dataset.profile)["num_rows"] == 2
+    assert not log_dataset(tracker, run, tmp_path / "missing", name="x")
+
+
+def test_mlflow_run_url(tracker: Tracker, monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_UI_URL", raising=False)
+    assert mlflow_run_url(tracker, "abc") is None  # a local store has no address
+    monkeypatch.setenv("MLFLOW_UI_URL", "http://127.0.0.1:5000/")
+    url = mlflow_run_url(tracker, "abc")
+    assert url == f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/abc"
+
+
+def test_stage_seconds_are_one_key_per_stage() -> None:
+    seconds = {"round_01.sample": 1.0, "round_01.dpo": 2.0, "round_01.knowledge.encode": 3.0}
+    assert per_stage(seconds, "round_01") == {"sample": 1.0, "dpo": 2.0, "knowledge.encode": 3.0}
+
+
+def test_training_curve_per_optimiser_step(tracker: Tracker, tmp_path: Path) -> None:
+    history = [
+        {"loss": 0.69, "rewards/margins": 0.0, "epoch": 0.5, "step": 1},
+        {"loss": 0.60, "rewards/margins": 0.1, "epoch": 1.0, "step": 2},
+        {"train_runtime": 3.0, "train_loss": 0.65, "step": 2},
+    ]
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"metrics": {}, "log_history": history}))
+    assert len(step_history(metrics)) == 2
+    run = tracker.start("round_01")
+    artefact = Artefact(str(tmp_path / "adapter"), extra=(str(metrics),))
+    assert log_training_curve(tracker, run, artefact, "dpo") == 2
+    loss = tracker.client.get_metric_history(run, "dpo_step.loss")
+    assert [(m.step, m.value) for m in sorted(loss, key=lambda m: m.step)] == [(1, 0.69), (2, 0.6)]
+    assert "dpo_step.epoch" not in tracker.client.get_run(run).data.metrics
+    assert log_training_curve(tracker, run, Artefact(str(tmp_path)), "dpo") == 0
+
+
+def test_metric_series_keep_their_step(tracker: Tracker) -> None:
+    run = tracker.start("s")
+    for r in (1, 2):
+        tracker.metrics(run, {"seconds": {"dpo": float(r)}}, step=r)
+    steps = sorted(m.step for m in tracker.client.get_metric_history(run, "seconds.dpo"))
+    assert steps == [1, 2]
+
+
+@stage("capture")
+def _captures_its_own_stdout(*, out: Path) -> Artefact:
+    """What dill does while ``datasets`` fingerprints a function: print into a swapped stdout."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        print("Disassembly of <code object>")
+    Path(out).write_text(buffer.getvalue())
+    return Artefact(str(out))
+
+
+def test_stages_keep_prints_out_of_the_run_log(prefect_harness, tmp_path: Path) -> None:
+    from prefect import flow
+
+    @flow(log_prints=True)
+    def noisy(out: Path) -> str:
+        return _captures_its_own_stdout(out=out).path
+
+    assert _captures_its_own_stdout.log_prints is False
+    path = noisy(tmp_path / "captured.txt")
+    # Under Prefect's patched print the text went to the run log and the buffer stayed empty.
+    assert Path(path).read_text() == "Disassembly of <code object>\n"
+
+
+def test_the_report_is_a_prefect_artefact(prefect_harness, tmp_path: Path) -> None:
+    from prefect import flow
+    from prefect.artifacts import Artifact
+
+    from flows.prefect_ui import flow_run_info, progress, publish_report
+
+    report = tmp_path / "report.md"
+    report.write_text("# RLRF4Rec run report\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+
+    @flow
+    def publishing() -> dict:
+        progress("round %d/%d: %s pairs kept", 1, 2, 40)
+        key = publish_report(
+            report, key="rlrf4rec quick", mlflow_url="http://mlflow/#/r/1", mlflow_run_id="1"
+        )
+        return {"artefact": key, **flow_run_info()}
+
+    result = publishing()
+    assert result["artefact"] and result["id"]
+    assert "/flow-runs/" not in result.get("url", "")  # the UI's address is /runs/flow-run/
+    assert publish_report(report, key="outside") is None  # outside a flow run: nothing
+    found = Artifact.get("rlrf4rec-quick")
+    assert found is not None and found.type == "markdown"
+    assert "MLflow run: [1](http://mlflow/#/r/1)" in found.data
+    assert "| 1 | 2 |" in found.data
+    assert str(found.flow_run_id) == result["id"]
+
+
+def test_progress_lines_go_to_the_run_a_user_opens(prefect_harness) -> None:
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+    from prefect.runtime import flow_run
+
+    from flows.prefect_ui import progress
+
+    @flow
+    def pipeline() -> str:
+        progress("round %d/%d: %s pairs kept", 1, 2, 40)
+        return str(flow_run.id)
+
+    @flow
+    def started_by_a_deployment() -> tuple[str, str]:
+        return str(flow_run.id), pipeline()
+
+    root, sub = started_by_a_deployment()
+    APILogWorker.drain_all()
+
+    def messages(run_id: str) -> list[str]:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+        return [entry.message for entry in logs]
+
+    assert "round 1/2: 40 pairs kept" in messages(root)
+    assert "round 1/2: 40 pairs kept" not in messages(sub)
