@@ -20,6 +20,7 @@ from tasks.common.stage import Artefact, InputRef, stage
 from tasks.llm.policy import Policy
 
 if TYPE_CHECKING:
+    from tasks.data.datasets import AmazonConfig
     from tasks.llm.generate import SamplingConfig
     from tasks.pairing import PairingConfig
     from tasks.rlrf4rec.lists import ListsConfig
@@ -55,13 +56,20 @@ def prepare_data(
     data_dir: InputRef | None,
     lists: ListsConfig,
     max_users: int | None,
+    amazon: AmazonConfig | None = None,
     out: Path,
 ) -> Artefact:
-    """The data set as KAR reranking lists under ``out`` (``<run>/data``)."""
+    """The data set as KAR reranking lists under ``out`` (``<run>/data``); ``amazon`` chooses
+    how Amazon-Books is built (default: its k-core)."""
     from tasks.data.prepare import prepare
 
     counts = prepare(
-        dataset, Path(out).parent, data_dir.path if data_dir else None, lists, max_users=max_users
+        dataset,
+        Path(out).parent,
+        data_dir.path if data_dir else None,
+        lists,
+        max_users=max_users,
+        amazon=amazon,
     )
     return Artefact(str(out), stats=counts)
 
