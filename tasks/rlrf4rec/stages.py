@@ -88,11 +88,16 @@ def build_prompts(
     With ``max_prompt_tokens`` the policy's ``prompt`` keeps the most recent history entries
     that fit in that many tokens (counted with ``tokenizer``, the policy's, in its chat
     template); ``prefix``, the head of every knowledge text, keeps the whole history.
+    Amazon-Books prepared the ``kar`` way takes KAR's book prompts
+    (:mod:`tasks.rlrf4rec.book_prompts`).
     """
     from tasks.data.prepare import load_prepared
+    from tasks.rlrf4rec.book_prompts import kar_book_prompt_table
     from tasks.rlrf4rec.prompts import prompt_table
 
     prepared = load_prepared(run_folder(data))
+    if (prepared.meta.get("amazon") or {}).get("build") == "kar":
+        prompt_table = kar_book_prompt_table  # same arguments and columns
     frames = (prepared.users, prepared.history, prepared.items, dataset)
     table = prompt_table(*frames)
     if max_prompt_tokens is not None:
