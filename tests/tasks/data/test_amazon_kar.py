@@ -297,3 +297,28 @@ def test_paper_profile_builds_amazon_books_the_kar_way() -> None:
     movies = LoopConfig.of(IterateParams(profile="paper", dataset="ml-1m").resolved())
     assert movies.amazon is None
     assert (movies.lists.history_cap, movies.lists.positive_above) == (30, 3)
+
+
+def test_stages_prepare_and_prompt_the_kar_build(books5_60_40: Path, tmp_path: Path) -> None:
+    from tasks.common.stage import InputRef
+    from tasks.rlrf4rec import stages
+    from tasks.rlrf4rec.book_prompts import KAR_BOOK_USER_HEAD
+
+    lists = ListsConfig(history_cap=15, positive_above=4)
+    data = stages.prepare_data.stage_fn(
+        "amazon-books",
+        data_dir=InputRef.of(books5_60_40),
+        lists=lists,
+        max_users=None,
+        amazon=AmazonConfig("kar"),
+        out=tmp_path / "run" / "data",
+    )
+    assert (data.stats["users"], data.stats["lists"]) == (50, 550)
+    prompts = stages.build_prompts.stage_fn(data, "amazon-books", out=tmp_path / "run" / "p.pq")
+    table = pl.read_parquet(prompts.path)
+    assert table.height == 50
+    # u00's history: its first 15 ratings, items b00..b14, 5 stars when k % 3 == 0
+    first = table.filter(pl.col("user_id") == 1)["prefix"][0]
+    assert first.startswith(KAR_BOOK_USER_HEAD + '"Book b00", 5 stars; "Book b01", 4 stars; ')
+    assert first.endswith('"Book b14", 4 stars')
+    assert first.count(" stars") == 15
