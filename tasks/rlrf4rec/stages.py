@@ -96,16 +96,14 @@ def build_prompts(
     from tasks.rlrf4rec.prompts import prompt_table
 
     prepared = load_prepared(run_folder(data))
-    if (prepared.meta.get("amazon") or {}).get("build") == "kar":
-        prompt_table = kar_book_prompt_table  # same arguments and columns
+    kar_books = (prepared.meta.get("amazon") or {}).get("build") == "kar"
+    make_table = kar_book_prompt_table if kar_books else prompt_table  # same arguments, columns
     frames = (prepared.users, prepared.history, prepared.items, dataset)
-    table = prompt_table(*frames)
+    table = make_table(*frames)
     if max_prompt_tokens is not None:
         if tokenizer is None:
             raise ValueError("build_prompts: max_prompt_tokens needs the policy's tokenizer")
-        capped = prompt_table(
-            *frames, max_prompt_tokens=max_prompt_tokens, tokenizer=tokenizer.path
-        )
+        capped = make_table(*frames, max_prompt_tokens=max_prompt_tokens, tokenizer=tokenizer.path)
         table = table.with_columns(capped["prompt"])  # both in user-id order
     write_parquet(table, Path(out))
     return Artefact(
