@@ -31,6 +31,8 @@ from flows.common import (
 from flows.metric_shapes import log_training_curve, per_stage
 from flows.prefect_ui import progress, publish_report
 from tasks.common.stage import Artefact, InputRef
+from tasks.data.datasets import AmazonConfig
+from tasks.data.prepare import lists_config_for
 from tasks.llm import stages as llm_stages
 from tasks.llm.dpo import DPOConfig
 from tasks.llm.generate import SamplingConfig
@@ -91,10 +93,16 @@ class IterateParams(RunParams):
             "reranker_settings": "paper",
             "dpo_settings": "paper",
             "eval_each_round": True,
+            "amazon_build": "kar",
         },
     }
 
     dataset: Literal["ml-100k", "ml-1m", "amazon-books"] = Field("ml-100k", description="data set")
+    amazon_build: Literal["kcore", "kar"] | None = Field(
+        None,
+        description="amazon-books: kcore (Books.json, 5-core) or kar (KAR's Books_5 build: 60/40 "
+        "core, history cap 15, label rating > 4) (profile; paper: kar, else kcore)",
+    )
     max_users: int | None = Field(
         None, ge=0, description="seeded random subset of users; 0 = all (profile)"
     )
@@ -230,6 +238,7 @@ class LoopConfig:
     encoding: str = "kar"
     round_users: int = 0
     diagnostic_users: int = 32
+    amazon: AmazonConfig | None = None  # how amazon-books is built; None for the other sets
 
     @classmethod
     def of(cls, p: IterateParams) -> LoopConfig:
@@ -242,8 +251,11 @@ class LoopConfig:
             dpo = replace(dpo, max_steps=p.dpo_max_steps)
         if p.dpo_gradient_checkpointing is not None:
             dpo = replace(dpo, gradient_checkpointing=p.dpo_gradient_checkpointing)
+        amazon = (
+            AmazonConfig(build=p.amazon_build or "kcore") if p.dataset == "amazon-books" else None
+        )
         return cls(
-            lists=ListsConfig(seed=p.seed),
+            lists=lists_config_for(p.dataset, amazon, ListsConfig(seed=p.seed)),
             sampling=SamplingConfig(
                 n=_given(p.n_samples, "n_samples"),
                 temperature=p.temperature,
@@ -264,6 +276,7 @@ class LoopConfig:
             encoding=p.knowledge_encoding or "kar",
             round_users=p.round_users or 0,
             diagnostic_users=p.diagnostic_users,
+            amazon=amazon,
         )
 
     def sampling_for(self, round_idx: int, n: int) -> SamplingConfig:
@@ -433,6 +446,7 @@ def prepare_inputs(p: IterateParams, cfg: LoopConfig, ctx: RunContext) -> Inputs
         data_dir=InputRef.of(p.data_dir) if p.data_dir else None,
         lists=cfg.lists,
         max_users=p.max_users or None,
+        amazon=cfg.amazon,
         out=ctx.run_dir / "data",
     )
     cap = _given(p.max_prompt_tokens, "max_prompt_tokens") or None

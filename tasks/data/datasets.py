@@ -22,7 +22,9 @@ Bad input raises :class:`DataError` whose message names the file and the line.
 from __future__ import annotations
 
 import gzip
+import html
 import json
+import string
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -75,6 +77,7 @@ CLEANING = {
     "duplicate_ratings_merged": "duplicate (user, item) ratings merged, keeping the latest",
     "null_reviewer_dropped": "reviews with a null or empty reviewerID dropped",
     "reviews_without_metadata": "reviews of items with no title in the metadata dropped",
+    "reviews_without_rating_dropped": "reviews without an 'overall' rating dropped (kar build)",
 }
 
 
@@ -562,13 +565,234 @@ def load_amazon_books(folder: str | Path, min_interactions: int = 5) -> RatingDa
     return RatingData("amazon-books", users, items, ratings, cleaning)
 
 
-def k_core(frame: pl.DataFrame, user_col: str, item_col: str, k: int) -> pl.DataFrame:
-    """Keep rows whose user and item both have at least ``k`` rows, until it holds for all."""
+def k_core(
+    frame: pl.DataFrame, user_col: str, item_col: str, k: int, item_k: int | None = None
+) -> pl.DataFrame:
+    """Keep rows whose user has at least ``k`` rows and whose item at least ``item_k`` (default
+    ``k``), repeatedly until it holds for all (the unique largest such subset)."""
+    item_k = k if item_k is None else item_k
     while True:
         before = frame.height
-        frame = frame.filter((pl.len().over(user_col) >= k) & (pl.len().over(item_col) >= k))
+        frame = frame.filter((pl.len().over(user_col) >= k) & (pl.len().over(item_col) >= item_k))
         if frame.height == before:
             return frame
+
+
+# --------------------------------------------------------------------------- Amazon-Books, KAR
+
+AMAZON_BUILDS = ("kcore", "kar")
+KAR_USER_CORE = 60  # preprocess_amz.py: user_core
+KAR_ITEM_CORE = 40  # preprocess_amz.py: item_core
+KAR_UNKNOWN_BRAND = "unknown brand"
+KAR_UNKNOWN_CATEGORY = "unknown category"
+
+
+@dataclass(frozen=True)
+class AmazonConfig:
+    """How Amazon-Books is built.
+
+    - ``kcore`` (the default): :func:`load_amazon_books`, ``Books.json`` filtered to a
+      ``min_interactions`` k-core of the reviews of items with a title.
+    - ``kar``: :func:`load_amazon_books_kar`, as KAR's ``preprocess/preprocess_amz.py`` builds
+      it: ``Books_5.json.gz``, users with at least ``user_core`` and items with at least
+      ``item_core`` ratings (60 and 40, KAR's), brand and second-level category.
+    """
+
+    build: str = "kcore"
+    user_core: int = KAR_USER_CORE
+    item_core: int = KAR_ITEM_CORE
+
+    def __post_init__(self) -> None:
+        if self.build not in AMAZON_BUILDS:
+            raise DataError(
+                f"unknown amazon build {self.build!r}; choose one of {', '.join(AMAZON_BUILDS)}"
+            )
+        for name in ("user_core", "item_core"):
+            if getattr(self, name) < 1:
+                raise DataError(f"amazon {name} must be >= 1, got {getattr(self, name)}")
+
+
+# KAR's filter_title / convert_brand (preprocess_amz.py), in its order.
+_KAR_REPLACE = (
+    ("\u201c", '"'), ("\u201d", '"'), ("\u2018", "'"), ("\u2019", "'"), ("\u2013", "-"),
+    ("\n", " "), ("\r", " "), ("\u2026", ""), ("\u201a", ","), ("\u00b4", "'"),
+    ("&ndash;", "-"), ("&lt;", "<"), ("&gt;", ">"), ("&amp;", "&"), ("&quot;", '"'),
+    ("&nbsp;", " "), ("&copy;", "\u00a9"), ("\u2033", '"'), ("\u3010", "["), ("\u3011", "]"),
+    ("\u2014", "-"), ("\u2212", "-"),
+)  # fmt: skip
+_KAR_BLANKED = (
+    127, 174, 160, 170, 8482, 188, 162, 189, 8594, 169, 235, 168, 957, 12288, 8222, 179, 190,
+    173, 186, 8225,
+)  # fmt: skip
+_KAR_ALLOWED = frozenset(
+    string.ascii_letters + string.digits + string.punctuation + " \t\n\r\x0b\x0c"
+)
+_KAR_KEEP_END = frozenset(string.ascii_letters + string.digits)
+
+
+def kar_clean_text(text: str, strict: bool = True) -> str | None:
+    """KAR's ``filter_title``: unescape HTML, normalise quotes and dashes, blank a few symbols,
+    collapse spaces, and cut a text over 150 characters at its last whole word.
+
+    With ``strict`` a text KAR flags for deletion (a character outside printable ASCII, no
+    letter, or under 3 characters) gives None; without it the text is kept as cleaned.
+    """
+    x = html.unescape(text)
+    for old, new in _KAR_REPLACE:
+        x = x.replace(old, new)
+    for code in _KAR_BLANKED:
+        x = x.replace(chr(code), " ")
+    while "  " in x:
+        x = x.replace("  ", " ")
+    x = x.strip()
+    if strict and (
+        any(c not in _KAR_ALLOWED for c in x)
+        or not any(c in string.ascii_letters for c in x)
+        or len(x) < 3
+    ):
+        return None
+    if len(x) > 150:
+        cut = " ".join(x[:150].strip().split(" ")[:-1])
+        while cut and cut[-1] not in _KAR_KEEP_END:
+            cut = cut[:-1]
+        x = cut or x[:150]  # KAR fails on a 150-character word; keep the cut text
+    return x
+
+
+def _kar_brand(path: Path, lineno: int, value: object) -> str:
+    """KAR's ``convert_brand``: the cleaned brand, ``unknown brand`` when KAR flags it."""
+    if value is None:
+        return KAR_UNKNOWN_BRAND
+    if not isinstance(value, str):
+        raise DataError(f"{path}:{lineno}: 'brand' must be a string, got {json.dumps(value)[:60]}")
+    brand = kar_clean_text(value)
+    return KAR_UNKNOWN_BRAND if brand is None or "abcdefg" in brand else brand
+
+
+def _kar_category(path: Path, lineno: int, value: object) -> str:
+    """KAR's ``convert_category``: the second entry of ``category`` (the first under "Books")."""
+    if not isinstance(value, list) or len(value) < 2:
+        return KAR_UNKNOWN_CATEGORY
+    if not isinstance(value[1], str):
+        raise DataError(
+            f"{path}:{lineno}: 'category' must be a list of strings, got {json.dumps(value)[:60]}"
+        )
+    return value[1].strip()
+
+
+def load_amazon_books_kar(folder: str | Path, cfg: AmazonConfig | None = None) -> RatingData:
+    """Load Amazon-Books as KAR's ``preprocess_amz.py`` builds it.
+
+    1. Reviews from ``Books_5.json.gz`` (or ``Books_5.json``); a review without ``overall`` is
+       dropped (counted), one with a null or empty ``reviewerID`` too.
+    2. Users with at least ``cfg.user_core`` and items with at least ``cfg.item_core`` reviews,
+       repeatedly until both hold, counting every review line (KAR keeps repeated reviews of an
+       item by one user; so does this count).
+    3. Then, without filtering again, the ratings of items with no record in
+       ``meta_Books.json.gz`` (or ``meta_Books.json``) are dropped (counted); a repeated
+       ``asin`` keeps its last record, as KAR's dict does.
+    4. Repeated (user, item) reviews keep the latest (a tie: the later line), counted.
+
+    Items carry ``title`` (KAR's cleaning, :func:`kar_clean_text`), ``genres`` = [the
+    second-level category] (``unknown category`` when there is none) and ``brand``
+    (``unknown brand`` when missing or flagged by KAR's cleaning).
+    """
+    cfg = cfg or AmazonConfig(build="kar")
+    folder = Path(folder)
+    reviews_path = _find(folder, ("Books_5.json.gz", "Books_5.json"))
+    cleaning = dict.fromkeys(CLEANING, 0)
+    cols: dict[str, list] = {"user": [], "asin": [], "rating": [], "timestamp": []}
+    for lineno, obj in _json_lines(reviews_path):
+        try:
+            user = _review_str(reviews_path, lineno, obj, "reviewerID")
+            asin = _review_str(reviews_path, lineno, obj, "asin")
+            ts_raw = obj["unixReviewTime"]
+        except KeyError as exc:
+            raise DataError(f"{reviews_path}:{lineno}: missing field {exc.args[0]!r}") from None
+        if asin is None:
+            raise DataError(f"{reviews_path}:{lineno}: 'asin' is null or empty")
+        if "overall" not in obj:
+            cleaning["reviews_without_rating_dropped"] += 1
+            continue
+        rating = _rating(reviews_path, lineno, str(obj["overall"]))
+        ts = _int(reviews_path, lineno, str(ts_raw), "unixReviewTime")
+        if user is None:
+            cleaning["null_reviewer_dropped"] += 1
+            continue
+        cols["user"].append(user)
+        cols["asin"].append(asin)
+        cols["rating"].append(rating)
+        cols["timestamp"].append(ts)
+    frame = pl.DataFrame(
+        cols,
+        schema={"user": pl.Utf8, "asin": pl.Utf8, "rating": pl.Int8, "timestamp": pl.Int64},
+    ).with_row_index("_line")
+    frame = k_core(frame, "user", "asin", cfg.user_core, cfg.item_core)
+    if frame.height == 0:
+        raise DataError(
+            f"{reviews_path}: no user left after filtering to users with at least "
+            f"{cfg.user_core} and items with at least {cfg.item_core} ratings"
+        )
+    kept = set(frame["asin"].unique().to_list())
+    meta_path = _find(folder, ("meta_Books.json.gz", "meta_Books.json"))
+    meta: dict[str, tuple[str, str, str]] = {}
+    for lineno, obj in _json_lines(meta_path):
+        asin = obj.get("asin")
+        if not isinstance(asin, str) or not asin:
+            raise DataError(f"{meta_path}:{lineno}: missing 'asin' (a non-empty string)")
+        if asin not in kept:
+            continue
+        title = obj.get("title")
+        if not isinstance(title, str) or not title.strip():
+            continue  # KAR fails on a record without a title; here it is no metadata
+        clean = kar_clean_text(title, strict=False) or ""
+        if clean == "EMINEM SHOW":  # KAR skips this one record by name
+            continue
+        brand = _kar_brand(meta_path, lineno, obj.get("brand"))
+        meta[asin] = (clean, _kar_category(meta_path, lineno, obj.get("category")), brand)
+    with_meta = frame.filter(pl.col("asin").is_in(list(meta)))
+    cleaning["reviews_without_metadata"] = frame.height - with_meta.height
+    if with_meta.height == 0:
+        raise DataError(f"{meta_path}: none of the {len(kept)} items left has a metadata record")
+    merged = (
+        with_meta.sort("timestamp", "_line")
+        .unique(["user", "asin"], keep="last")
+        .sort("_line")
+        .drop("_line")
+    )
+    cleaning["duplicate_ratings_merged"] = with_meta.height - merged.height
+    user_ids = merged.select(pl.col("user").unique().sort()).with_row_index("user_id", offset=1)
+    item_ids = merged.select(pl.col("asin").unique().sort()).with_row_index("item_id", offset=1)
+    ratings = (
+        merged.join(user_ids, on="user", maintain_order="left")
+        .join(item_ids, on="asin", maintain_order="left")
+        .select(
+            pl.col("user_id").cast(pl.Int64),
+            pl.col("item_id").cast(pl.Int64),
+            "rating",
+            "timestamp",
+        )
+    )
+    users = user_ids.select(
+        pl.col("user_id").cast(pl.Int64),
+        pl.lit(None, pl.Utf8).alias("gender"),
+        pl.lit(None, pl.Int64).alias("age"),
+        pl.lit(None, pl.Utf8).alias("occupation"),
+        pl.lit(None, pl.Utf8).alias("zip"),
+        pl.col("user").alias("source_id"),
+    )
+    asins = item_ids["asin"].to_list()
+    items = pl.DataFrame(
+        {
+            "item_id": item_ids["item_id"].cast(pl.Int64),
+            "title": [meta[a][0] for a in asins],
+            "genres": [[meta[a][1]] for a in asins],
+            "source_id": asins,
+            "brand": [meta[a][2] for a in asins],
+        },
+        schema={**ITEM_SCHEMA, "brand": pl.Utf8},
+    )
+    return RatingData("amazon-books", users, items, ratings, cleaning)
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -581,12 +805,16 @@ LOADERS: dict[str, Callable[..., RatingData]] = {
 
 
 def load_dataset(
-    name: str, folder: str | Path | None = None, min_interactions: int = 5
+    name: str,
+    folder: str | Path | None = None,
+    min_interactions: int = 5,
+    amazon: AmazonConfig | None = None,
 ) -> RatingData:
     """Load a supported data set by name.
 
     ``folder`` is required for ``ml-1m`` and ``amazon-books``; for ``ml-100k`` it is optional
-    (the files come from the offline asset cache when it is omitted).
+    (the files come from the offline asset cache when it is omitted). ``amazon`` chooses how
+    Amazon-Books is built (default: the ``min_interactions`` k-core, :class:`AmazonConfig`).
     """
     if name not in LOADERS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -599,5 +827,7 @@ def load_dataset(
     if not Path(folder).is_dir():
         raise DataError(f"{folder}: data folder not found")
     if name == "amazon-books":
+        if amazon is not None and amazon.build == "kar":
+            return load_amazon_books_kar(folder, amazon)
         return load_amazon_books(folder, min_interactions=min_interactions)
     return LOADERS[name](folder)

@@ -11,9 +11,15 @@ Artefacts, under ``<run>/data/`` (written to a temporary folder, then renamed in
 non-empty; a validation split it empties, or a ``max_users`` above the number of users, is
 reported with a warning.
 
+Amazon-Books is built as a ``min_interactions`` k-core of ``Books.json`` by default, or as KAR
+builds it with ``amazon=AmazonConfig(build="kar")`` (``--amazon-build kar``): ``Books_5.json.gz``,
+users with 60 and items with 40 ratings, and KAR's task settings for it (history cap 15, label
+rating > 4, :func:`lists_config_for`).
+
 Command line::
 
     python -m tasks.data prepare --dataset ml-100k --out runs/x
+    python -m tasks.data prepare --dataset amazon-books --amazon-build kar --data-dir raw --out x
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import logging
 import os
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +39,34 @@ import polars as pl
 from tasks.common.io import atomic_dir
 from tasks.common.runlock import RunLockedError, run_lock
 from tasks.data.assets import AssetError
-from tasks.data.datasets import CLEANING, DATASETS, DataError, load_dataset
+from tasks.data.datasets import (
+    AMAZON_BUILDS,
+    CLEANING,
+    DATASETS,
+    AmazonConfig,
+    DataError,
+    load_dataset,
+)
 from tasks.rlrf4rec.lists import ListsConfig, RerankLists, build_lists, lists_counts
 
 log = logging.getLogger(__name__)
 
 DATA_FILES = ("users", "items", "ratings", "history", "lists")
+
+# KAR's task settings for Amazon-Books (preprocess_amz.py: lm_hist_max = 15;
+# generate_data_and_prompt.py: rating_threshold = 4, label = rating > 4).
+KAR_BOOKS_HISTORY_CAP = 15
+KAR_BOOKS_POSITIVE_ABOVE = 4
+
+
+def lists_config_for(dataset: str, amazon: AmazonConfig | None, cfg: ListsConfig) -> ListsConfig:
+    """``cfg`` with KAR's Amazon-Books task settings (history cap 15, label rating > 4) when
+    ``dataset`` is built the ``kar`` way; ``cfg`` unchanged otherwise."""
+    if dataset == "amazon-books" and amazon is not None and amazon.build == "kar":
+        return replace(
+            cfg, history_cap=KAR_BOOKS_HISTORY_CAP, positive_above=KAR_BOOKS_POSITIVE_ABOVE
+        )
+    return cfg
 
 
 @dataclass
@@ -91,14 +119,17 @@ def prepare(
     cfg: ListsConfig | None = None,
     min_interactions: int = 5,
     max_users: int | None = None,
+    amazon: AmazonConfig | None = None,
 ) -> dict:
     """Prepare ``dataset`` into ``<out>/data`` and return its counts.
 
     ``max_users`` keeps a seeded random subset of the users (their lists are exactly those of
-    the full preparation); 0 or None keeps all. Nothing is written when loading or building
+    the full preparation); 0 or None keeps all. ``amazon`` chooses how Amazon-Books is built
+    (:class:`tasks.data.datasets.AmazonConfig`); without ``cfg`` the ``kar`` build takes KAR's
+    task settings (:func:`lists_config_for`). Nothing is written when loading or building
     fails; an existing ``<out>/data`` is replaced only once the new one is complete.
     """
-    cfg = cfg or ListsConfig()
+    cfg = cfg or lists_config_for(dataset, amazon, ListsConfig())
     if max_users is not None and max_users < 0:
         raise DataError(f"max_users must be >= 0 (0 keeps all users), got {max_users}")
     if cfg.seed < 0:
@@ -106,7 +137,7 @@ def prepare(
     if min_interactions < 1:
         raise DataError(f"min_interactions must be >= 1, got {min_interactions}")
     check_out(out)
-    data = load_dataset(dataset, data_dir, min_interactions=min_interactions)
+    data = load_dataset(dataset, data_dir, min_interactions=min_interactions, amazon=amazon)
     rerank = build_lists(data, cfg)
     if max_users:
         rerank = _checked_subset(rerank, max_users, cfg)
@@ -117,6 +148,7 @@ def prepare(
         "data_dir": str(data_dir) if data_dir else None,
         "min_interactions": min_interactions,
         "max_users": max_users,
+        "amazon": asdict(amazon or AmazonConfig()) if dataset == "amazon-books" else None,
         "task": asdict(cfg),
         "counts": counts,
     }
@@ -226,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir",
         default=None,
         help="folder with the data set's files (ml-100k: u.data/u.item/u.user, optional; "
-        "ml-1m: ratings.dat/movies.dat/users.dat; amazon-books: Books.json, meta_Books.json)",
+        "ml-1m: ratings.dat/movies.dat/users.dat; amazon-books: Books.json, meta_Books.json; "
+        "its kar build: Books_5.json.gz, meta_Books.json.gz)",
     )
     p.add_argument("--seed", type=int, default=42, help="one seed for split and negatives")
     p.add_argument("--test-frac", type=float, default=0.1, help="share of users in test")
@@ -240,7 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-interactions",
         type=int,
         default=5,
-        help="amazon-books: keep users and items with at least this many ratings",
+        help="amazon-books (kcore build): keep users and items with at least this many ratings",
+    )
+    p.add_argument(
+        "--amazon-build",
+        choices=AMAZON_BUILDS,
+        default="kcore",
+        help="amazon-books: kcore (Books.json, --min-interactions k-core) or kar (as KAR builds "
+        "it: Books_5.json.gz, users with 60 and items with 40 ratings, brand and second-level "
+        "category, history cap 15, label rating > 4)",
     )
     return parser
 
@@ -271,12 +312,23 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    cfg = ListsConfig(seed=args.seed, test_frac=args.test_frac, valid_frac=args.valid_frac)
+    amazon = AmazonConfig(build=args.amazon_build)
+    cfg = lists_config_for(
+        args.dataset,
+        amazon,
+        ListsConfig(seed=args.seed, test_frac=args.test_frac, valid_frac=args.valid_frac),
+    )
     try:
         # A flow may be writing this run folder: take its lock, as the flows do.
         with run_lock(args.out):
             counts = prepare(
-                args.dataset, args.out, args.data_dir, cfg, args.min_interactions, args.max_users
+                args.dataset,
+                args.out,
+                args.data_dir,
+                cfg,
+                args.min_interactions,
+                args.max_users,
+                amazon=amazon,
             )
     except (DataError, AssetError, RunLockedError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -8,7 +8,8 @@ Rules (docs/design.md, "The reranking task"):
 - the rest is cut into chunks of 4 consecutive rated items (a trailing chunk shorter than 4
   is dropped); each chunk gets 6 negatives drawn uniformly from the catalogue items the user
   never rated and not already in the list; the 10 items are shuffled;
-- label 1 when rating > 3, else 0; sampled negatives are 0;
+- label 1 when rating > 3 (``positive_above``; KAR's Amazon-Books: > 4), else 0; sampled
+  negatives are 0;
 - users are split by id: ``test_frac`` test, then ``valid_frac`` of the remaining train users
   as a validation slice for checkpoint selection. All randomness comes from one seed.
 """
@@ -39,6 +40,7 @@ class ListsConfig:
     history_cap: int = HISTORY_CAP
     chunk: int = CHUNK
     n_negatives: int = N_NEGATIVES
+    positive_above: int = POSITIVE_ABOVE  # label 1 when rating > this
 
 
 @dataclass
@@ -128,7 +130,7 @@ def build_lists(data: RatingData, cfg: ListsConfig | None = None) -> RerankLists
         for c in range(n_lists):
             lo = h + c * cfg.chunk
             pos_items = u_items[lo : lo + cfg.chunk]
-            pos_labels = (u_ratings[lo : lo + cfg.chunk] > POSITIVE_ABOVE).astype(np.int8)
+            pos_labels = (u_ratings[lo : lo + cfg.chunk] > cfg.positive_above).astype(np.int8)
             negs = candidates[rng.choice(len(candidates), cfg.n_negatives, replace=False)]
             all_items = np.concatenate([pos_items, negs])
             all_labels = np.concatenate([pos_labels, np.zeros(cfg.n_negatives, np.int8)])

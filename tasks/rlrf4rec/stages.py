@@ -20,6 +20,7 @@ from tasks.common.stage import Artefact, InputRef, stage
 from tasks.llm.policy import Policy
 
 if TYPE_CHECKING:
+    from tasks.data.datasets import AmazonConfig
     from tasks.llm.generate import SamplingConfig
     from tasks.pairing import PairingConfig
     from tasks.rlrf4rec.lists import ListsConfig
@@ -55,13 +56,20 @@ def prepare_data(
     data_dir: InputRef | None,
     lists: ListsConfig,
     max_users: int | None,
+    amazon: AmazonConfig | None = None,
     out: Path,
 ) -> Artefact:
-    """The data set as KAR reranking lists under ``out`` (``<run>/data``)."""
+    """The data set as KAR reranking lists under ``out`` (``<run>/data``); ``amazon`` chooses
+    how Amazon-Books is built (default: its k-core)."""
     from tasks.data.prepare import prepare
 
     counts = prepare(
-        dataset, Path(out).parent, data_dir.path if data_dir else None, lists, max_users=max_users
+        dataset,
+        Path(out).parent,
+        data_dir.path if data_dir else None,
+        lists,
+        max_users=max_users,
+        amazon=amazon,
     )
     return Artefact(str(out), stats=counts)
 
@@ -80,19 +88,22 @@ def build_prompts(
     With ``max_prompt_tokens`` the policy's ``prompt`` keeps the most recent history entries
     that fit in that many tokens (counted with ``tokenizer``, the policy's, in its chat
     template); ``prefix``, the head of every knowledge text, keeps the whole history.
+    Amazon-Books prepared the ``kar`` way takes KAR's book prompts
+    (:mod:`tasks.rlrf4rec.book_prompts`).
     """
     from tasks.data.prepare import load_prepared
+    from tasks.rlrf4rec.book_prompts import kar_book_prompt_table
     from tasks.rlrf4rec.prompts import prompt_table
 
     prepared = load_prepared(run_folder(data))
+    kar_books = (prepared.meta.get("amazon") or {}).get("build") == "kar"
+    make_table = kar_book_prompt_table if kar_books else prompt_table  # same arguments, columns
     frames = (prepared.users, prepared.history, prepared.items, dataset)
-    table = prompt_table(*frames)
+    table = make_table(*frames)
     if max_prompt_tokens is not None:
         if tokenizer is None:
             raise ValueError("build_prompts: max_prompt_tokens needs the policy's tokenizer")
-        capped = prompt_table(
-            *frames, max_prompt_tokens=max_prompt_tokens, tokenizer=tokenizer.path
-        )
+        capped = make_table(*frames, max_prompt_tokens=max_prompt_tokens, tokenizer=tokenizer.path)
         table = table.with_columns(capped["prompt"])  # both in user-id order
     write_parquet(table, Path(out))
     return Artefact(
