@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from flows.prefect_runs import (
     cancel_flow_runs,
+    mark_crashed,
     start_temporary_prefect_api,
     stop_temporary_prefect_api,
 )
@@ -559,6 +560,7 @@ def run_tracked(
         tracker = tracker_for(p.experiment)
         parent = _parent_run(tracker, record, p, run_dir)
         tag_run(tracker, parent, p, run_dir)  # git commit, CPU, dtype, backend, Prefect run
+        record.prefect = _prefect_run_of_this_start(record.prefect)
         record.save(run_dir)
         log.info("run settings: %s", ", ".join(f"{k}={v}" for k, v in record.settings.items()))
         ctx = RunContext(
@@ -610,6 +612,8 @@ def _parent_run(tracker: Tracker, record: RunRecord, p: RunParams, run_dir: Path
     old = record.mlflow.get("parent_run_id")
     same_store = record.mlflow.get("tracking_uri") == tracker.uri
     if old and same_store and tracker.exists(old):
+        for child in tracker.open_children(old):  # left RUNNING by a killed process
+            tracker.client.set_terminated(child, "KILLED")
         tracker.reopen(old)
         tracker.client.set_tag(old, "starts", str(record.starts))
         parent = old
@@ -641,6 +645,17 @@ def run_temporaries(run_dir: Path) -> Iterator[Path]:
     finally:
         tempfile.tempdir = before
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prefect_run_of_this_start(previous: dict[str, str]) -> dict[str, str]:
+    """``{"flow_run_id"}`` of this start; the previous start's flow run, if a SIGKILL left it
+    unfinished, is marked CRASHED (in the same Prefect API)."""
+    flow_run_id = _prefect_flow_run_id()
+    old = previous.get("flow_run_id")
+    if old and old != flow_run_id:
+        with contextlib.suppress(Exception):
+            mark_crashed(old, f"its process was killed; resumed by flow run {flow_run_id}")
+    return {"flow_run_id": flow_run_id} if flow_run_id else {}
 
 
 def _prefect_flow_run_id() -> str | None:

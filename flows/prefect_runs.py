@@ -16,7 +16,8 @@ import contextlib
 import logging
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from tasks.common.children import die_with_parent
 
@@ -72,13 +73,20 @@ def stop_temporary_prefect_api() -> None:
             server.stop()
 
 
-def cancel_flow_runs(flow_run_id: str, depth: int = 4) -> int:
+def cancel_flow_runs(flow_run_id: str) -> int:
     """Mark ``flow_run_id`` and its unfinished subflow runs CANCELLED; returns how many."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
     from prefect.states import Cancelled
 
-    cancelled = 0
+    return _set_unfinished(flow_run_id, lambda: Cancelled(message="stopped by a signal"))
+
+
+def _set_unfinished(flow_run_id: str, state: Callable[[], Any], depth: int = 4) -> int:
+    """Force ``state()`` on ``flow_run_id`` and its subflow runs (``depth`` levels down) that
+    are not in a final state; returns how many."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    changed = 0
     with get_client(sync_client=True) as client:
         todo = [(flow_run_id, 0)]
         while todo:
@@ -92,8 +100,19 @@ def cancel_flow_runs(flow_run_id: str, depth: int = 4) -> int:
                 )
                 todo += [(sub.id, level + 1) for sub in subflows]
             if run.state is None or not run.state.is_final():
-                client.set_flow_run_state(
-                    run_id, Cancelled(message="stopped by a signal"), force=True
-                )
-                cancelled += 1
-    return cancelled
+                client.set_flow_run_state(run_id, state(), force=True)
+                changed += 1
+    return changed
+
+
+def mark_crashed(flow_run_id: str, message: str) -> bool:
+    """Mark ``flow_run_id`` and its unfinished subflow runs CRASHED (a start that was killed
+    outright); returns whether it was unfinished."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run_id)
+        if run.state is not None and run.state.is_final():
+            return False
+    return _set_unfinished(flow_run_id, lambda: Crashed(message=message)) > 0

@@ -31,12 +31,14 @@ class RunRecord:
         settings: ``{name: value}`` of the recorded settings (``backend``, ``cpu_dtype``).
         reasons: ``{name: why}`` for each setting, for the report.
         mlflow: ``{"tracking_uri", "experiment_id", "parent_run_id"}`` of the run's parent run.
+        prefect: ``{"flow_run_id"}`` of the last start's Prefect flow run.
         starts: how many times the run was started (1 for a fresh run).
     """
 
     settings: dict[str, str] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
     mlflow: dict[str, str] = field(default_factory=dict)
+    prefect: dict[str, str] = field(default_factory=dict)
     starts: int = 0
 
     @classmethod
@@ -46,7 +48,8 @@ class RunRecord:
             return cls()
         try:
             data = json.loads(path.read_text())
-            return cls(**{k: data[k] for k in ("settings", "reasons", "mlflow", "starts")})
+            fields = ("settings", "reasons", "mlflow", "starts")
+            return cls(**{k: data[k] for k in fields}, prefect=data.get("prefect", {}))
         except (ValueError, KeyError, TypeError) as exc:
             raise SettingChangedError(
                 f"{path}: unreadable run record ({exc}); move it away to start the run afresh"
