@@ -81,6 +81,8 @@ class IterateParams(RunParams):
             "reranker_settings": "paper",
             "dpo_settings": "paper",
             "eval_each_round": True,
+            "keep_short_chunk": True,
+            "prompt_style": "kar",
         },
     }
 
@@ -172,6 +174,14 @@ class IterateParams(RunParams):
     eval_each_round: bool | None = Field(
         None, description="evaluate every round's policy on test users (Fig. 4) (profile)"
     )
+    keep_short_chunk: bool | None = Field(
+        None,
+        description="keep a user's last chunk under 4 items, filled with negatives (KAR) "
+        "(profile; paper: on)",
+    )
+    prompt_style: Literal["default", "kar"] | None = Field(
+        None, description="prompt texts: default or KAR's word for word (profile; paper: kar)"
+    )
 
     @field_validator("backbones")
     @classmethod
@@ -220,6 +230,7 @@ class LoopConfig:
     encoding: str = "kar"
     round_users: int = 0
     diagnostic_users: int = 32
+    prompt_style: str = "default"
 
     @classmethod
     def of(cls, p: IterateParams) -> LoopConfig:
@@ -233,7 +244,7 @@ class LoopConfig:
         if p.dpo_gradient_checkpointing is not None:
             dpo = replace(dpo, gradient_checkpointing=p.dpo_gradient_checkpointing)
         return cls(
-            lists=ListsConfig(seed=p.seed),
+            lists=ListsConfig(seed=p.seed, keep_short_chunk=bool(p.keep_short_chunk)),
             sampling=SamplingConfig(
                 n=_given(p.n_samples, "n_samples"),
                 temperature=p.temperature,
@@ -254,6 +265,7 @@ class LoopConfig:
             encoding=p.knowledge_encoding or "kar",
             round_users=p.round_users or 0,
             diagnostic_users=p.diagnostic_users,
+            prompt_style=p.prompt_style or "default",
         )
 
     def sampling_for(self, round_idx: int, n: int) -> SamplingConfig:
@@ -429,6 +441,7 @@ def prepare_inputs(p: IterateParams, cfg: LoopConfig, ctx: RunContext) -> Inputs
         p.dataset,
         max_prompt_tokens=cap,
         tokenizer=ctx.policy if cap else None,
+        style=cfg.prompt_style,
         out=ctx.run_dir / "prompts.parquet",
     )
     items = stages.encode_items(data, encoder=ctx.encoder, out=ctx.run_dir / "item_vectors.parquet")

@@ -73,9 +73,11 @@ def build_prompts(
     *,
     max_prompt_tokens: int | None = None,
     tokenizer: InputRef | None = None,
+    style: str = "default",
     out: Path,
 ) -> Artefact:
-    """One KAR preference prompt per user: ``user_id, split, prefix, prompt``.
+    """One KAR preference prompt per user: ``user_id, split, prefix, prompt``, in ``style``
+    (:mod:`tasks.rlrf4rec.prompts`: ``"default"`` or KAR's texts, ``"kar"``).
 
     With ``max_prompt_tokens`` the policy's ``prompt`` keeps the most recent history entries
     that fit in that many tokens (counted with ``tokenizer``, the policy's, in its chat
@@ -86,12 +88,12 @@ def build_prompts(
 
     prepared = load_prepared(run_folder(data))
     frames = (prepared.users, prepared.history, prepared.items, dataset)
-    table = prompt_table(*frames)
+    table = prompt_table(*frames, style=style)
     if max_prompt_tokens is not None:
         if tokenizer is None:
             raise ValueError("build_prompts: max_prompt_tokens needs the policy's tokenizer")
         capped = prompt_table(
-            *frames, max_prompt_tokens=max_prompt_tokens, tokenizer=tokenizer.path
+            *frames, max_prompt_tokens=max_prompt_tokens, tokenizer=tokenizer.path, style=style
         )
         table = table.with_columns(capped["prompt"])  # both in user-id order
     write_parquet(table, Path(out))

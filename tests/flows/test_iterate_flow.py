@@ -222,6 +222,22 @@ def test_dpo_settings_reach_the_trainer_config() -> None:
     assert cfg.gradient_checkpointing is True and cfg.grad_accum == 8
 
 
+def test_paper_profile_takes_kars_settings() -> None:
+    """The paper profile: KAR's backbones, short last chunks and prompt texts; the others
+    keep today's."""
+    from flows.iterate import IterateParams, LoopConfig
+
+    paper = LoopConfig.of(IterateParams(profile="paper").resolved())
+    assert (paper.reranker.arch, paper.reranker.dropout, paper.reranker.mlp) == (
+        "kar", 0.0, (200, 80)
+    )  # fmt: skip
+    assert paper.reward.arch == "kar" and paper.reranker_for("prm", 2).arch == "kar"
+    assert paper.lists.keep_short_chunk and paper.prompt_style == "kar"
+    quick = LoopConfig.of(IterateParams().resolved())
+    assert (quick.reranker.arch, quick.reranker.dropout) == ("default", 0.1)
+    assert not quick.lists.keep_short_chunk and quick.prompt_style == "default"
+
+
 def test_configs_are_built_at_parse_time(capsys, monkeypatch, tmp_path) -> None:
     """A preset value that only a stage's config rejects fails when the parameters are
     parsed, before any work."""
