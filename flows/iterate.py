@@ -100,6 +100,12 @@ class IterateParams(RunParams):
         None, ge=2, description="N texts sampled per train user and round (profile)"
     )
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    knowledge_temperature: float | None = Field(
+        None,
+        ge=0,
+        description="temperature of the one text per user that the rerankers read (round 0 "
+        "and every evaluated round); 0 = greedy; unset = --temperature",
+    )
     top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling top-p")
     max_new_tokens: int | None = Field(
         None, ge=1, description="token budget of each answer (profile)"
@@ -231,6 +237,7 @@ class LoopConfig:
     round_users: int = 0
     diagnostic_users: int = 32
     prompt_style: str = "default"
+    knowledge_temperature: float | None = None
 
     @classmethod
     def of(cls, p: IterateParams) -> LoopConfig:
@@ -266,11 +273,20 @@ class LoopConfig:
             round_users=p.round_users or 0,
             diagnostic_users=p.diagnostic_users,
             prompt_style=p.prompt_style or "default",
+            knowledge_temperature=p.knowledge_temperature,
         )
 
     def sampling_for(self, round_idx: int, n: int) -> SamplingConfig:
         """Round ``round_idx``'s sampler: ``n`` texts per prompt, its own seed."""
         return replace(self.sampling, n=n, seed=self.sampling.seed + 1000 * round_idx)
+
+    def knowledge_sampling_for(self, round_idx: int) -> SamplingConfig:
+        """Round ``round_idx``'s one text per user: its sampler with n = 1, at
+        ``knowledge_temperature`` when set (0 = greedy)."""
+        cfg = self.sampling_for(round_idx, 1)
+        if self.knowledge_temperature is None:
+            return cfg
+        return replace(cfg, temperature=self.knowledge_temperature)
 
     def dpo_for(self, round_idx: int) -> DPOConfig:
         return replace(self.dpo, seed=self.sampling.seed + round_idx)
@@ -483,7 +499,7 @@ def sample_users(
 
 def write_knowledge(loop: Loop, policy: Policy, round_idx: int, *, out_dir: Path) -> Knowledge:
     """One knowledge text per user (every split) with ``policy``, and its vector."""
-    sampling = loop.cfg.sampling_for(round_idx, 1)
+    sampling = loop.cfg.knowledge_sampling_for(round_idx)
     samples = sample_users(loop, policy, ALL_SPLITS, sampling, out_dir=out_dir, round_idx=round_idx)
     vectors = encode(loop, samples, out=out_dir / "vectors.parquet")
     return Knowledge(samples, vectors)

@@ -238,6 +238,24 @@ def test_paper_profile_takes_kars_settings() -> None:
     assert not quick.lists.keep_short_chunk and quick.prompt_style == "default"
 
 
+def test_knowledge_temperature_is_apart_from_sampling() -> None:
+    """The one text per user: --temperature unless knowledge_temperature is set (0 = greedy);
+    the N samples of a round keep --temperature."""
+    from pydantic import ValidationError
+
+    from flows.iterate import IterateParams, LoopConfig
+
+    same = LoopConfig.of(IterateParams(temperature=0.7).resolved())
+    assert same.knowledge_sampling_for(0) == same.sampling_for(0, 1)
+    assert same.knowledge_sampling_for(2).temperature == 0.7
+    greedy = LoopConfig.of(IterateParams(temperature=0.7, knowledge_temperature=0).resolved())
+    know = greedy.knowledge_sampling_for(3)
+    assert (know.temperature, know.n, know.seed) == (0.0, 1, 42 + 3000)
+    assert greedy.sampling_for(3, 4).temperature == 0.7
+    with pytest.raises(ValidationError, match="knowledge_temperature"):
+        IterateParams(knowledge_temperature=-1)
+
+
 def test_configs_are_built_at_parse_time(capsys, monkeypatch, tmp_path) -> None:
     """A preset value that only a stage's config rejects fails when the parameters are
     parsed, before any work."""
