@@ -94,6 +94,8 @@ class IterateParams(RunParams):
             "dpo_settings": "paper",
             "eval_each_round": True,
             "amazon_build": "kar",
+            "keep_short_chunk": True,
+            "prompt_style": "kar",
         },
     }
 
@@ -116,6 +118,12 @@ class IterateParams(RunParams):
         None, ge=2, description="N texts sampled per train user and round (profile)"
     )
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    knowledge_temperature: float | None = Field(
+        None,
+        ge=0,
+        description="temperature of the one text per user that the rerankers read (round 0 "
+        "and every evaluated round); 0 = greedy; unset = --temperature",
+    )
     top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling top-p")
     max_new_tokens: int | None = Field(
         None, ge=1, description="token budget of each answer (profile)"
@@ -190,6 +198,14 @@ class IterateParams(RunParams):
     eval_each_round: bool | None = Field(
         None, description="evaluate every round's policy on test users (Fig. 4) (profile)"
     )
+    keep_short_chunk: bool | None = Field(
+        None,
+        description="keep a user's last chunk under 4 items, filled with negatives (KAR) "
+        "(profile; paper: on)",
+    )
+    prompt_style: Literal["default", "kar"] | None = Field(
+        None, description="prompt texts: default or KAR's word for word (profile; paper: kar)"
+    )
 
     @field_validator("backbones")
     @classmethod
@@ -239,6 +255,8 @@ class LoopConfig:
     round_users: int = 0
     diagnostic_users: int = 32
     amazon: AmazonConfig | None = None  # how amazon-books is built; None for the other sets
+    prompt_style: str = "default"
+    knowledge_temperature: float | None = None
 
     @classmethod
     def of(cls, p: IterateParams) -> LoopConfig:
@@ -255,7 +273,11 @@ class LoopConfig:
             AmazonConfig(build=p.amazon_build or "kcore") if p.dataset == "amazon-books" else None
         )
         return cls(
-            lists=lists_config_for(p.dataset, amazon, ListsConfig(seed=p.seed)),
+            lists=lists_config_for(
+                p.dataset,
+                amazon,
+                ListsConfig(seed=p.seed, keep_short_chunk=bool(p.keep_short_chunk)),
+            ),
             sampling=SamplingConfig(
                 n=_given(p.n_samples, "n_samples"),
                 temperature=p.temperature,
@@ -277,11 +299,21 @@ class LoopConfig:
             round_users=p.round_users or 0,
             diagnostic_users=p.diagnostic_users,
             amazon=amazon,
+            prompt_style=p.prompt_style or "default",
+            knowledge_temperature=p.knowledge_temperature,
         )
 
     def sampling_for(self, round_idx: int, n: int) -> SamplingConfig:
         """Round ``round_idx``'s sampler: ``n`` texts per prompt, its own seed."""
         return replace(self.sampling, n=n, seed=self.sampling.seed + 1000 * round_idx)
+
+    def knowledge_sampling_for(self, round_idx: int) -> SamplingConfig:
+        """Round ``round_idx``'s one text per user: its sampler with n = 1, at
+        ``knowledge_temperature`` when set (0 = greedy)."""
+        cfg = self.sampling_for(round_idx, 1)
+        if self.knowledge_temperature is None:
+            return cfg
+        return replace(cfg, temperature=self.knowledge_temperature)
 
     def dpo_for(self, round_idx: int) -> DPOConfig:
         return replace(self.dpo, seed=self.sampling.seed + round_idx)
@@ -455,6 +487,7 @@ def prepare_inputs(p: IterateParams, cfg: LoopConfig, ctx: RunContext) -> Inputs
         p.dataset,
         max_prompt_tokens=cap,
         tokenizer=ctx.policy if cap else None,
+        style=cfg.prompt_style,
         out=ctx.run_dir / "prompts.parquet",
     )
     items = stages.encode_items(data, encoder=ctx.encoder, out=ctx.run_dir / "item_vectors.parquet")
@@ -508,7 +541,7 @@ def sample_users(
 
 def write_knowledge(loop: Loop, policy: Policy, round_idx: int, *, out_dir: Path) -> Knowledge:
     """One knowledge text per user (every split) with ``policy``, and its vector."""
-    sampling = loop.cfg.sampling_for(round_idx, 1)
+    sampling = loop.cfg.knowledge_sampling_for(round_idx)
     samples = sample_users(loop, policy, ALL_SPLITS, sampling, out_dir=out_dir, round_idx=round_idx)
     vectors = encode(loop, samples, out=out_dir / "vectors.parquet")
     return Knowledge(samples, vectors)

@@ -88,6 +88,15 @@ class ExpertGroup(nn.Module):
             nn.init.uniform_(w, -bound, bound)
             nn.init.uniform_(b, -bound, bound)
 
+    def xavier_normal_(self) -> None:
+        """KAR's initialisation of each expert's Linear layers: xavier-normal weights
+        (``std = sqrt(2 / (fan_in + fan_out))``), zero biases."""
+        with torch.no_grad():
+            for w, b in ((self.w1, self.b1), (self.w2, self.b2)):
+                std = math.sqrt(2.0 / (w.shape[1] + w.shape[2]))
+                w.normal_(0.0, std)
+                b.zero_()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.n == 0:
             return x.new_zeros(x.shape[0], 0, self.w2.shape[-1])

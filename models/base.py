@@ -39,9 +39,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.adaptor import AdaptorConfig, HybridExpertAdaptor
+from models.adaptor import AdaptorConfig, ExpertGroup, HybridExpertAdaptor
 
 Backbone = Literal["dlcm", "prm"]
+Arch = Literal["default", "kar"]
+"""Architecture of the backbones. ``"default"``: this project's first settings (learned PRM
+position embedding, DLCM's plain ``phi``, dropout on DLCM's input, PyTorch's default
+initialisation). ``"kar"``: KAR's code (``RS/models.py``, ``RS/layers.py``, ``RS/utils.py``):
+fixed sinusoidal PRM positions with position 0 all zeros, DLCM's ``phi`` with BatchNorm on the
+final and the sequence states and a 2-way softmax, no input dropout, and xavier-normal
+initialisation of every Linear (zero bias) and Embedding (:func:`kar_init_`)."""
+ARCHS: tuple[str, ...] = ("default", "kar")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -64,6 +72,7 @@ class RerankerConfig:
         n_heads: PRM attention heads (must divide the per-candidate input width).
         mlp: PRM scoring MLP widths.
         dropout: dropout of the backbone and the adaptor.
+        arch: ``"default"`` or ``"kar"`` (see :data:`Arch`).
         genre_names: the genre vocabulary (index ``i + 1`` = ``genre_names[i]``), informative.
     """
 
@@ -82,11 +91,14 @@ class RerankerConfig:
     n_heads: int = 2
     mlp: tuple[int, ...] = (64,)
     dropout: float = 0.1
+    arch: Arch = "default"
     genre_names: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
         if self.backbone not in ("dlcm", "prm"):
             raise ValueError(f"backbone must be 'dlcm' or 'prm', got {self.backbone!r}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         for name in ("n_items", "list_len", "embed_dim", "hidden", "n_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RerankerConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -145,6 +157,32 @@ class RerankerConfig:
         return cls(**kw)
 
 
+def kar_init_(module: nn.Module) -> None:
+    """KAR's ``weight_init`` (``RS/utils.py``, applied with ``model.apply``), in place.
+
+    Every ``nn.Linear`` (the attention's output projection included) gets xavier-normal
+    weights, ``std = sqrt(2 / (fan_in + fan_out))``, and a zero bias; every ``nn.Embedding``
+    xavier-normal weights, ``std = sqrt(2 / (rows + width))`` (about 0.023 for ML-1M's
+    3,707 x 32 item table, where PyTorch's default is 1). The adaptor's stacked experts are
+    KAR's Linear layers, so each expert gets the same. What KAR's ``weight_init`` leaves alone
+    keeps PyTorch's default: the GRU, BatchNorm, the attention's packed input projection
+    (xavier-uniform, zero bias). One difference: an Embedding's ``padding_idx`` row (the
+    "unknown" item or genre, which KAR's tables do not have) is set back to zero.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.xavier_normal_(m.weight)
+            if m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+        elif isinstance(m, ExpertGroup):
+            m.xavier_normal_()
+
+
 def _atomic_write(target: Path, write) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -173,6 +211,12 @@ class Reranker(nn.Module):
             self.register_buffer("item_vec", None)
         ad = cfg.adaptor_config
         self.adaptor = HybridExpertAdaptor(ad) if ad else None
+
+    def init_weights(self) -> None:
+        """The initialisation of ``cfg.arch``; the backbones call it last in ``__init__``.
+        ``"default"`` keeps PyTorch's defaults; ``"kar"`` applies :func:`kar_init_`."""
+        if self.cfg.arch == "kar":
+            kar_init_(self)
 
     # ------------------------------------------------------------------ catalogue
     def set_catalogue(

@@ -8,6 +8,13 @@
   candidates, one multi-head self-attention layer models their mutual influence, and an MLP
   scores each candidate from ``[attention output, input]``.
 
+With ``RerankerConfig.arch = "kar"`` both follow KAR's code (``RS/models.py``, ``RS/layers.py``):
+DLCM scores with KAR's ``Phi_function`` (:class:`PhiFunction`: BatchNorm on the final state
+and on the sequence states, a 2-way softmax whose first class is the score) and reads its
+input undropped; PRM adds a fixed sinusoidal position table (:func:`sinusoid_table`, position
+0 all zeros) instead of a learned one; every Linear and Embedding starts xavier-normal
+(:func:`models.base.kar_init_`).
+
 Both take the same per-candidate input (item id + first genre, + hybrid-expert adaptor output
 with knowledge) and return logits ``[B, L]``.
 
@@ -33,21 +40,92 @@ def take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
 
 
-__all__ = ["DLCM", "PRM", "Reranker", "RerankerConfig", "build_reranker", "load_reranker"]
+__all__ = [
+    "DLCM",
+    "PRM",
+    "PhiFunction",
+    "Reranker",
+    "RerankerConfig",
+    "build_reranker",
+    "load_reranker",
+    "sinusoid_table",
+]
+
+
+def sinusoid_table(length: int, dim: int) -> torch.Tensor:
+    """KAR's PRM position table (``PRM.get_pos_embedding``): ``[length, dim]``.
+
+    Row ``pos >= 1``: ``angle[j] = pos / 10000 ** (2 * (j // 2) / dim)``, ``sin`` at even
+    ``j``, ``cos`` at odd ``j``; row 0 is all zeros (not ``cos(0) = 1``), as in KAR.
+    """
+    pos = torch.arange(length, dtype=torch.float64).unsqueeze(1)  # [L, 1]
+    j = torch.arange(dim, dtype=torch.float64)
+    angle = pos / torch.pow(10000.0, 2.0 * torch.div(j, 2, rounding_mode="floor") / dim)
+    table = torch.where(j.long() % 2 == 0, torch.sin(angle), torch.cos(angle))
+    table[0] = 0.0
+    return table.float()
+
+
+class PhiFunction(nn.Module):
+    """KAR's ``Phi_function`` (``RS/layers.py``) with hidden width ``H``, returning logits.
+
+    ``c = dropout(tanh(fc1(BN_final(s_n))))`` ``[B, H]``; ``z_i = c * BN_seq(o_i)`` with
+    ``BN_seq`` normalising each of the ``H`` channels over the batch and the list;
+    ``fc2(z_i)`` gives two values ``(a_i, b_i)`` and KAR's score is ``softmax(a_i, b_i)[0] =
+    sigmoid(a_i - b_i)``, so the logit returned is ``a_i - b_i`` (same model, and
+    :meth:`models.base.Reranker.loss` applies the sigmoid as KAR's ``BCELoss`` does).
+    """
+
+    def __init__(self, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.bn_final = nn.BatchNorm1d(hidden)
+        self.fc1 = nn.Linear(hidden, hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.bn_seq = nn.BatchNorm1d(hidden)
+        self.fc2 = nn.Linear(hidden, 2)
+
+    def context(self, final: torch.Tensor) -> torch.Tensor:
+        """``c`` from the final state ``[B, H]`` -> ``[B, H]``."""
+        return self.dropout(torch.tanh(self.fc1(self.bn_final(final))))
+
+    def score_vector(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``fc2``'s two rows and biases as one logit: ``(w_a - w_b)`` ``[H]``, ``b_a - b_b``."""
+        w, b = self.fc2.weight, self.fc2.bias
+        return w[0] - w[1], b[0] - b[1]
+
+    def seq_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``BN_seq`` in eval mode as ``scale * o + shift``: ``scale``, ``shift`` ``[H]``."""
+        bn = self.bn_seq
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        return scale, bn.bias - bn.running_mean * scale
+
+    def forward(self, seq: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+        """``seq`` ``[B, L, H]`` GRU outputs, ``final`` ``[B, H]`` -> logits ``[B, L]``."""
+        normed = self.bn_seq(seq.transpose(1, 2)).transpose(1, 2)  # [B, L, H]
+        v, b = self.score_vector()
+        return (self.context(final).unsqueeze(1) * normed) @ v + b
 
 
 class DLCM(Reranker):
-    """Deep Listwise Context Model: GRU over the list, then DLCM's local ranking function."""
+    """Deep Listwise Context Model: GRU over the list, then DLCM's local ranking function
+    (``arch="default"``: ``v . (o_i * tanh(W s_n + b))``; ``"kar"``: :class:`PhiFunction`)."""
 
     def __init__(self, cfg: RerankerConfig) -> None:
         super().__init__(cfg)
         self.gru = nn.GRU(cfg.input_dim, cfg.hidden, batch_first=True)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.state_proj = nn.Linear(cfg.hidden, cfg.hidden)
-        self.score_vec = nn.Linear(cfg.hidden, 1)
+        if cfg.arch == "kar":
+            self.phi = PhiFunction(cfg.hidden, cfg.dropout)
+        else:
+            self.state_proj = nn.Linear(cfg.hidden, cfg.hidden)
+            self.score_vec = nn.Linear(cfg.hidden, 1)
+        self.init_weights()
 
     def score_features(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[B, L, input_dim]`` -> logits ``[B, L]``."""
+        if self.cfg.arch == "kar":
+            out, last = self.gru(x)  # KAR drops nothing before the GRU
+            return self.phi(out, last[-1])
         out, last = self.gru(self.dropout(x))  # out [B, L, H], last [1, B, H]
         context = torch.tanh(self.state_proj(last[-1])).unsqueeze(1)  # [B, 1, H]
         return self.score_vec(self.dropout(out * context)).squeeze(-1)
@@ -98,24 +176,36 @@ class DLCM(Reranker):
             rz = torch.addmm(g[:, : 2 * hid], p, w_rz_t).sigmoid_()
             a2 = torch.addcmul(g[:, 2 * hid :], rz[:, :hid], torch.addmm(b_n, p, w_n_t))
             p = torch.lerp(a2.sigmoid_(), p, rz[:, hid:], out=out[t])  # (h' + 1) / 2
-        context = torch.tanh(self.state_proj(2.0 * p - 1.0))  # [P, H], from s_n = h_L
-        weight = context * self.score_vec.weight  # [P, H]: v * tanh(W s_n + b)
+        if self.cfg.arch == "kar":  # eval-mode BatchNorm is affine: BN_seq(h) = a h + c
+            context = self.phi.context(2.0 * p - 1.0)  # [P, H]
+            v, bias = self.phi.score_vector()
+            scale, shift = self.phi.seq_affine()
+            weight = context * (v * scale)  # [P, H]
+            bias = (context * (v * shift)).sum(1, keepdim=True) + bias  # [P, 1]
+        else:
+            context = torch.tanh(self.state_proj(2.0 * p - 1.0))  # [P, H], from s_n = h_L
+            weight = context * self.score_vec.weight  # [P, H]: v * tanh(W s_n + b)
+            bias = self.score_vec.bias
         # v . (h_t * c) = 2 p_t . (v * c) - sum(v * c)
         scores = torch.bmm(out.transpose(0, 1), 2.0 * weight.unsqueeze(-1)).squeeze(-1)
-        scores = scores - weight.sum(1, keepdim=True) + self.score_vec.bias  # [P, L]
+        scores = scores - weight.sum(1, keepdim=True) + bias  # [P, L]
         return scores.view(n_lists, n, length)
 
 
 class PRM(Reranker):
-    """Personalized Re-ranking Model: position embedding + self-attention + MLP."""
+    """Personalized Re-ranking Model: position embedding + self-attention + MLP
+    (``arch="default"``: a learned position embedding; ``"kar"``: :func:`sinusoid_table`)."""
 
     def __init__(self, cfg: RerankerConfig) -> None:
         super().__init__(cfg)
         d = cfg.input_dim
         if d % cfg.n_heads:
             raise ValueError(f"n_heads={cfg.n_heads} must divide the input width {d}")
-        self.pos_emb = nn.Parameter(torch.zeros(cfg.list_len, d))
-        nn.init.normal_(self.pos_emb, std=0.02)
+        if cfg.arch == "kar":  # fixed, saved with the weights
+            self.register_buffer("pos_emb", sinusoid_table(cfg.list_len, d))
+        else:
+            self.pos_emb = nn.Parameter(torch.zeros(cfg.list_len, d))
+            nn.init.normal_(self.pos_emb, std=0.02)
         self.attn = nn.MultiheadAttention(d, cfg.n_heads, dropout=cfg.dropout, batch_first=True)
         layers: list[nn.Module] = []
         width = 2 * d
@@ -124,6 +214,7 @@ class PRM(Reranker):
             width = h
         layers.append(nn.Linear(width, 1))
         self.mlp = nn.Sequential(*layers)
+        self.init_weights()
 
     def score_features(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[B, L, input_dim]`` -> logits ``[B, L]``."""

@@ -6,8 +6,12 @@ Rules (docs/design.md, "The reranking task"):
 - the earliest ``min((n + 1) // 2, 30)`` ratings are the history the LLM sees; they never
   appear in a list;
 - the rest is cut into chunks of 4 consecutive rated items (a trailing chunk shorter than 4
-  is dropped); each chunk gets 6 negatives drawn uniformly from the catalogue items the user
-  never rated and not already in the list; the 10 items are shuffled;
+  is dropped; with ``ListsConfig.keep_short_chunk``, KAR's rule, it is kept and filled with
+  ``10 - len`` negatives); each chunk's negatives are drawn uniformly from the items somebody
+  rated (KAR's ``item_set``: on ML-1M 3,706 of movies.dat's 3,883 rows; on ML-100K and
+  Amazon-Books every catalogue item) that the user never rated; the 10 items are shuffled.
+  Excluding the user's own items is a deliberate fix: KAR's ``random.sample(item_set, ...)``
+  can draw an item of the list itself or one the user liked, as a negative;
 - label 1 when rating > 3 (``positive_above``; KAR's Amazon-Books: > 4), else 0; sampled
   negatives are 0;
 - users are split by id: ``test_frac`` test, then ``valid_frac`` of the remaining train users
@@ -17,6 +21,7 @@ Rules (docs/design.md, "The reranking task"):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import polars as pl
@@ -32,7 +37,20 @@ POSITIVE_ABOVE = 3
 
 @dataclass(frozen=True)
 class ListsConfig:
-    """How the reranking lists are built."""
+    """How the reranking lists are built.
+
+    Attributes:
+        seed: the split's seed (negatives and shuffles: ``seed + 1``).
+        test_frac, valid_frac: test share of the users; validation share of the rest.
+        history_cap: most ratings in the prompt history.
+        chunk: rated items per list.
+        n_negatives: sampled negatives per list (a list holds ``chunk + n_negatives``).
+        keep_short_chunk: keep a user's last chunk of fewer than ``chunk`` rated items and
+            fill it with ``chunk + n_negatives - len`` negatives (KAR's
+            ``generate_rerank_data``; the paper profile). Off: the remainder is dropped.
+        negatives_from: ``"rated"`` (items with at least one rating in the data set, KAR's
+            pool) or ``"catalogue"`` (every item row, the first rule; differs on ML-1M only).
+    """
 
     seed: int = 42
     test_frac: float = 0.1
@@ -41,6 +59,20 @@ class ListsConfig:
     chunk: int = CHUNK
     n_negatives: int = N_NEGATIVES
     positive_above: int = POSITIVE_ABOVE  # label 1 when rating > this
+    keep_short_chunk: bool = False
+    negatives_from: Literal["rated", "catalogue"] = "rated"
+
+    def __post_init__(self) -> None:
+        if self.negatives_from not in ("rated", "catalogue"):
+            raise ValueError(
+                f"ListsConfig.negatives_from must be 'rated' or 'catalogue', "
+                f"got {self.negatives_from!r}"
+            )
+
+    @property
+    def list_len(self) -> int:
+        """Items per list: ``chunk + n_negatives``."""
+        return self.chunk + self.n_negatives
 
 
 @dataclass
@@ -91,6 +123,8 @@ def build_lists(data: RatingData, cfg: ListsConfig | None = None) -> RerankLists
         .drop("_order")
     )
     catalogue = data.items["item_id"].to_numpy()
+    if cfg.negatives_from == "rated":  # same array (and draws) when every item has a rating
+        catalogue = catalogue[np.isin(catalogue, ordered["item_id"].unique().to_numpy())]
     rng = np.random.default_rng(cfg.seed + 1)
 
     users = ordered["user_id"].to_numpy()
@@ -110,6 +144,8 @@ def build_lists(data: RatingData, cfg: ListsConfig | None = None) -> RerankLists
     for uid, start, n in zip(uniq.tolist(), starts.tolist(), counts.tolist(), strict=True):
         h = history_length(n, cfg.history_cap)
         n_lists = (n - h) // cfg.chunk
+        if cfg.keep_short_chunk:
+            n_lists = -(-(n - h) // cfg.chunk)  # ceil: the short last chunk is a list
         per_user.append((uid, n, h, n_lists))
         if n_lists == 0:
             continue
@@ -122,18 +158,20 @@ def build_lists(data: RatingData, cfg: ListsConfig | None = None) -> RerankLists
         hist_cols["timestamp"].extend(times[block][:h].tolist())
         rated_set = set(u_items.tolist())
         candidates = catalogue[~np.isin(catalogue, u_items)]
-        if len(candidates) < cfg.n_negatives:
+        most_negatives = cfg.list_len - min(cfg.chunk, n - h - (n_lists - 1) * cfg.chunk)
+        if len(candidates) < most_negatives:
             raise DataError(
                 f"{data.name}: user {uid} rated all but {len(candidates)} of the catalogue's "
-                f"items; cannot sample {cfg.n_negatives} negatives"
+                f"items; cannot sample {most_negatives} negatives"
             )
         for c in range(n_lists):
             lo = h + c * cfg.chunk
             pos_items = u_items[lo : lo + cfg.chunk]
             pos_labels = (u_ratings[lo : lo + cfg.chunk] > cfg.positive_above).astype(np.int8)
-            negs = candidates[rng.choice(len(candidates), cfg.n_negatives, replace=False)]
+            n_neg = cfg.list_len - len(pos_items)  # n_negatives, more for a short last chunk
+            negs = candidates[rng.choice(len(candidates), n_neg, replace=False)]
             all_items = np.concatenate([pos_items, negs])
-            all_labels = np.concatenate([pos_labels, np.zeros(cfg.n_negatives, np.int8)])
+            all_labels = np.concatenate([pos_labels, np.zeros(n_neg, np.int8)])
             order = rng.permutation(len(all_items))
             list_cols["user_id"].append(uid)
             list_cols["chunk_idx"].append(c)

@@ -11,6 +11,16 @@ Also here:
 - :func:`item_prompt` / :func:`item_prompt_table`: KAR's item factual-knowledge prompt.
 - :func:`direct_prompt`: the prompt of the second pipeline (You et al., Figure 2): demographics,
   liked and hated movies, a release-date cut-off, an answer of k titles as a list.
+
+Two styles (``style``): ``"default"``, this project's first texts, and ``"kar"``, KAR's code
+word for word (``preprocess/generate_data_and_prompt.py``, ``preprocess/pre_utils.py``): titles
+rewritten by :func:`correct_title` ("American President, The (1995)" -> "The American
+President (1995)"), KAR's ML-1M age and occupation phrases ("56+", "in clerical/admin
+department", ...), every entry ``"title", r stars`` (plural always) followed by ``"; "``, the
+instruction straight after the last entry's ``"; "``, and KAR's item prompt. In both styles
+``prefix`` is the profile and the entries joined by ``"; "``, which is what KAR's
+``knowledge_encoding/lm_encoding.py`` keeps of the prompt (cut at its last ``;``) before
+``". " + answer``.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, Literal
 
 import polars as pl
 
@@ -39,6 +49,71 @@ ML1M_AGE_BUCKETS = {
     56: "above 56",
 }
 GENDER_WORDS = {"M": "male", "F": "female"}
+
+PromptStyle = Literal["default", "kar"]
+PROMPT_STYLES: tuple[str, ...] = ("default", "kar")
+
+# KAR's AGE_MAPPING and OCCUPATION_MAPPING (preprocess/pre_utils.py), word for word; the
+# occupations keyed by the ML-1M names of tasks.data.datasets.ML1M_OCCUPATIONS (codes 0..20).
+KAR_AGE_BUCKETS = {1: "under 18", 18: "18-24", 25: "25-34", 35: "35-44", 45: "45-49"}
+KAR_AGE_BUCKETS |= {50: "50-55", 56: "56+"}
+KAR_OCCUPATIONS = {
+    "other": "in an unknown occupation",
+    "academic/educator": "an academic/educator",
+    "artist": "an artist",
+    "clerical/admin": "in clerical/admin department",
+    "college/grad student": "a college/grad student",
+    "customer service": "a customer service staff",
+    "doctor/health care": "a doctor/health care",
+    "executive/managerial": "an executive/managerial",
+    "farmer": "a farmer",
+    "homemaker": "a homemaker",
+    "K-12 student": "a K-12 student",
+    "lawyer": "a lawyer",
+    "programmer": "a programmer",
+    "retired": "retired",
+    "sales/marketing": "in sales/marketing department",
+    "scientist": "a scientist",
+    "self-employed": "self-employed",
+    "technician/engineer": "a technician/engineer",
+    "tradesman/craftsman": "a tradesman/craftsman",
+    "unemployed": "unemployed",
+    "writer": "a writer",
+}
+KAR_BOOK_HEAD = "Given user's book rating history: "
+KAR_BOOK_INSTRUCTION = (  # sic: KAR's text opens a parenthesis it never closes
+    "Analyze user's preferences on books about factors like genre, author, writing style, "
+    "theme, setting, length and complexity, time period, literary quality, critical acclaim "
+    "(Provide clear explanations based on relevant details from the user's book viewing "
+    "history and other pertinent factors."
+)
+KAR_MOVIE_ITEM_PROMPT = (
+    "Introduce movie {title} and describe its attributes (including but not limited to genre, "
+    "director/cast, country, character, plot/theme, mood/tone, critical acclaim/award, "
+    "production quality, and soundtrack)."
+)
+
+
+def _check_style(style: str) -> None:
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
+
+
+def correct_title(title: str) -> str:
+    """KAR's ``correct_title`` (``preprocess/pre_utils.py``): a trailing ", The" or ", A"
+    before the year moves to the front. "American President, The (1995)" -> "The American
+    President (1995)". A title without exactly one "(" is returned unchanged, as in KAR
+    ("City of Lost Children, The (Cité des enfants perdus, La) (1995)" stays), and only
+    "the" and "a" move ("Misérables, Les (1995)" stays)."""
+    parts = title.strip().split("(")
+    if len(parts) != 2:
+        return title
+    pure_title, year = parts
+    spl = pure_title.strip().split(",")
+    if spl[-1].strip().lower() in ("the", "a"):
+        return spl[-1].strip() + " " + ",".join(spl[:-1]) + " (" + year
+    return title
+
 
 MOVIE_INSTRUCTION = (
     "Analyze user's preferences on movies (consider factors like genre, director/actors, "
@@ -62,60 +137,93 @@ class HistoryEntry:
     rating: int
 
 
-def _with_article(occupation: str) -> str:
+def _with_article(occupation: str, style: PromptStyle = "default") -> str:
     occupation = occupation.strip()
+    if style == "kar" and occupation in KAR_OCCUPATIONS:
+        return KAR_OCCUPATIONS[occupation]
     if occupation.lower() in ("", "none", "other"):
         return "in an unspecified occupation"
     article = "an" if occupation[0].lower() in "aeiou" else "a"
     return f"{article} {occupation}"
 
 
-def describe_age(age: int | None, dataset: str) -> str:
+def describe_age(age: int | None, dataset: str, style: PromptStyle = "default") -> str:
     """ML-1M stores an age-bucket code; ML-100K the raw age in years."""
     if age is None:
         return "unknown"
     if dataset == "ml-1m":
-        return ML1M_AGE_BUCKETS.get(int(age), str(age))
+        buckets = KAR_AGE_BUCKETS if style == "kar" else ML1M_AGE_BUCKETS
+        return buckets.get(int(age), str(age))
     return str(age)
 
 
-def history_text(history: Sequence[HistoryEntry]) -> str:
-    """``"title", r stars; "title", r stars`` (one star is singular)."""
+def history_text(history: Sequence[HistoryEntry], style: PromptStyle = "default") -> str:
+    """``"title", r stars; "title", r stars`` (default: one star is singular; ``"kar"``:
+    KAR's ``'"{}", {} stars'`` always, its titles through :func:`correct_title`)."""
+    _check_style(style)
+    if style == "kar":
+        return "; ".join(f'"{correct_title(h.title)}", {h.rating} stars' for h in history)
     return "; ".join(f'"{h.title}", {h.rating} star{"" if h.rating == 1 else "s"}' for h in history)
 
 
 def profile_and_history(
-    user: dict, history: Sequence[HistoryEntry], dataset: str = "ml-100k"
+    user: dict,
+    history: Sequence[HistoryEntry],
+    dataset: str = "ml-100k",
+    style: PromptStyle = "default",
 ) -> str:
-    """The profile-and-history part of KAR's prompt (no trailing period).
+    """The profile-and-history part of KAR's prompt (no trailing period or separator).
 
     Args:
         user: a row of ``users.parquet`` (``gender``, ``age``, ``occupation``; may be null).
         history: the prompt history, oldest first.
         dataset: ``ml-100k``, ``ml-1m`` or ``amazon-books``.
+        style: ``"default"`` or ``"kar"`` (module docstring).
     """
+    _check_style(style)
     if dataset == "amazon-books":
-        head = "Given a user, this user's book reading history over time is listed below. "
-        return head + history_text(history)
+        head = (
+            KAR_BOOK_HEAD
+            if style == "kar"
+            else "Given a user, this user's book reading history over time is listed below. "
+        )
+        return head + history_text(history, style)
     gender = GENDER_WORDS.get(user.get("gender") or "", "")
     who = f"{gender} user" if gender else "user"
-    age = describe_age(user.get("age"), dataset)
-    occupation = _with_article(user.get("occupation") or "")
+    age = describe_age(user.get("age"), dataset, style)
+    occupation = _with_article(user.get("occupation") or "", style)
     head = (
         f"Given a {who} who is aged {age} and {occupation}, this user's movie viewing "
         "history over time is listed below. "
     )
-    return head + history_text(history)
+    return head + history_text(history, style)
 
 
-def instruction(dataset: str) -> str:
+def instruction(dataset: str, style: PromptStyle = "default") -> str:
     """The analysis instruction that follows the history."""
-    return BOOK_INSTRUCTION if dataset == "amazon-books" else MOVIE_INSTRUCTION
+    if dataset == "amazon-books":
+        return KAR_BOOK_INSTRUCTION if style == "kar" else BOOK_INSTRUCTION
+    return MOVIE_INSTRUCTION
 
 
-def preference_prompt(user: dict, history: Sequence[HistoryEntry], dataset: str = "ml-100k") -> str:
+def join_prompt(prefix: str, n_entries: int, dataset: str, style: PromptStyle = "default") -> str:
+    """``prefix`` and the instruction: default ``prefix + ". " + instruction``; ``"kar"``
+    ``prefix + "; " + instruction`` (KAR ends every entry with ``"; "``), or the bare
+    concatenation when the history is empty (KAR's head already ends with ``". "``)."""
+    if style == "kar":
+        return prefix + ("; " if n_entries else "") + instruction(dataset, style)
+    return prefix + ". " + instruction(dataset, style)
+
+
+def preference_prompt(
+    user: dict,
+    history: Sequence[HistoryEntry],
+    dataset: str = "ml-100k",
+    style: PromptStyle = "default",
+) -> str:
     """KAR's full user-preference prompt (the user message; the chat template is applied later)."""
-    return profile_and_history(user, history, dataset) + ". " + instruction(dataset)
+    prefix = profile_and_history(user, history, dataset, style)
+    return join_prompt(prefix, len(history), dataset, style)
 
 
 def knowledge_text(prefix: str, answer: str) -> str:
@@ -131,6 +239,7 @@ def prompt_table(
     user_ids: Sequence[int] | None = None,
     max_prompt_tokens: int | None = None,
     tokenizer: Any = None,
+    style: PromptStyle = "default",
 ) -> pl.DataFrame:
     """One prompt per user from the prepared frames.
 
@@ -143,10 +252,12 @@ def prompt_table(
             (:func:`fit_history`); ``prefix`` then holds the kept history only.
         tokenizer: the policy's tokenizer (an object or a path / model id) used to count tokens;
             default the default policy model (:func:`tasks.data.assets.policy_model`).
+        style: ``"default"`` or ``"kar"`` (module docstring).
 
     Returns a frame with ``user_id``, ``split``, ``prefix`` (profile and history) and
     ``prompt`` (prefix + instruction), in user-id order.
     """
+    _check_style(style)
     if max_prompt_tokens is not None:
         if max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
@@ -173,15 +284,15 @@ def prompt_table(
                 entries,
                 max_prompt_tokens,
                 tokenizer,
-                functools.partial(preference_prompt, user, dataset=dataset),
+                functools.partial(preference_prompt, user, dataset=dataset, style=style),
             )
-        prefix = profile_and_history(user, entries, dataset)
+        prefix = profile_and_history(user, entries, dataset, style)
         rows.append(
             {
                 "user_id": user["user_id"],
                 "split": user.get("split"),
                 "prefix": prefix,
-                "prompt": prefix + ". " + instruction(dataset),
+                "prompt": join_prompt(prefix, len(entries), dataset, style),
             }
         )
     return pl.DataFrame(
@@ -263,14 +374,25 @@ BOOK_ITEM_PROMPT = (
 )
 
 
-def item_prompt(title: str, dataset: str = "ml-100k") -> str:
-    """KAR's item factual-knowledge prompt (a user message) for one item title."""
-    template = BOOK_ITEM_PROMPT if dataset == "amazon-books" else MOVIE_ITEM_PROMPT
-    return template.format(title=title)
+def item_prompt(title: str, dataset: str = "ml-100k", style: PromptStyle = "default") -> str:
+    """KAR's item factual-knowledge prompt (a user message) for one item title.
+
+    ``"kar"``: KAR's code's ML-1M text (:data:`KAR_MOVIE_ITEM_PROMPT`) on the corrected title;
+    for books KAR's text names the brand, which the data here lacks, so books keep the
+    default text."""
+    _check_style(style)
+    if dataset == "amazon-books":
+        return BOOK_ITEM_PROMPT.format(title=title)
+    if style == "kar":
+        return KAR_MOVIE_ITEM_PROMPT.format(title=correct_title(title))
+    return MOVIE_ITEM_PROMPT.format(title=title)
 
 
 def item_prompt_table(
-    items: pl.DataFrame, dataset: str, item_ids: Sequence[int] | None = None
+    items: pl.DataFrame,
+    dataset: str,
+    item_ids: Sequence[int] | None = None,
+    style: PromptStyle = "default",
 ) -> pl.DataFrame:
     """One factual-knowledge prompt per item: ``item_id``, ``prompt``, in item-id order.
 
@@ -281,7 +403,7 @@ def item_prompt_table(
     return pl.DataFrame(
         {
             "item_id": selected["item_id"],
-            "prompt": [item_prompt(t, dataset) for t in selected["title"].to_list()],
+            "prompt": [item_prompt(t, dataset, style) for t in selected["title"].to_list()],
         },
         schema={"item_id": pl.Int64, "prompt": pl.Utf8},
     )

@@ -7,6 +7,7 @@ serves it again only when its parameters, its upstream artefacts and its code ar
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,9 +82,11 @@ def build_prompts(
     *,
     max_prompt_tokens: int | None = None,
     tokenizer: InputRef | None = None,
+    style: str = "default",
     out: Path,
 ) -> Artefact:
-    """One KAR preference prompt per user: ``user_id, split, prefix, prompt``.
+    """One KAR preference prompt per user: ``user_id, split, prefix, prompt``, in ``style``
+    (:mod:`tasks.rlrf4rec.prompts`: ``"default"`` or KAR's texts, ``"kar"``).
 
     With ``max_prompt_tokens`` the policy's ``prompt`` keeps the most recent history entries
     that fit in that many tokens (counted with ``tokenizer``, the policy's, in its chat
@@ -97,7 +100,10 @@ def build_prompts(
 
     prepared = load_prepared(run_folder(data))
     kar_books = (prepared.meta.get("amazon") or {}).get("build") == "kar"
-    make_table = kar_book_prompt_table if kar_books else prompt_table  # same arguments, columns
+    # same arguments and columns; the style is MovieLens' (KAR's book prompts have one text)
+    make_table = (
+        kar_book_prompt_table if kar_books else functools.partial(prompt_table, style=style)
+    )
     frames = (prepared.users, prepared.history, prepared.items, dataset)
     table = make_table(*frames)
     if max_prompt_tokens is not None:

@@ -242,6 +242,40 @@ def test_dpo_settings_reach_the_trainer_config() -> None:
     assert cfg.gradient_checkpointing is True and cfg.grad_accum == 8
 
 
+def test_paper_profile_takes_kars_settings() -> None:
+    """The paper profile: KAR's backbones, short last chunks and prompt texts; the others
+    keep today's."""
+    from flows.iterate import IterateParams, LoopConfig
+
+    paper = LoopConfig.of(IterateParams(profile="paper").resolved())
+    assert (paper.reranker.arch, paper.reranker.dropout, paper.reranker.mlp) == (
+        "kar", 0.0, (200, 80)
+    )  # fmt: skip
+    assert paper.reward.arch == "kar" and paper.reranker_for("prm", 2).arch == "kar"
+    assert paper.lists.keep_short_chunk and paper.prompt_style == "kar"
+    quick = LoopConfig.of(IterateParams().resolved())
+    assert (quick.reranker.arch, quick.reranker.dropout) == ("default", 0.1)
+    assert not quick.lists.keep_short_chunk and quick.prompt_style == "default"
+
+
+def test_knowledge_temperature_is_apart_from_sampling() -> None:
+    """The one text per user: --temperature unless knowledge_temperature is set (0 = greedy);
+    the N samples of a round keep --temperature."""
+    from pydantic import ValidationError
+
+    from flows.iterate import IterateParams, LoopConfig
+
+    same = LoopConfig.of(IterateParams(temperature=0.7).resolved())
+    assert same.knowledge_sampling_for(0) == same.sampling_for(0, 1)
+    assert same.knowledge_sampling_for(2).temperature == 0.7
+    greedy = LoopConfig.of(IterateParams(temperature=0.7, knowledge_temperature=0).resolved())
+    know = greedy.knowledge_sampling_for(3)
+    assert (know.temperature, know.n, know.seed) == (0.0, 1, 42 + 3000)
+    assert greedy.sampling_for(3, 4).temperature == 0.7
+    with pytest.raises(ValidationError, match="knowledge_temperature"):
+        IterateParams(knowledge_temperature=-1)
+
+
 def test_configs_are_built_at_parse_time(capsys, monkeypatch, tmp_path) -> None:
     """A preset value that only a stage's config rejects fails when the parameters are
     parsed, before any work."""

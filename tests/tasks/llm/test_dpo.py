@@ -45,6 +45,7 @@ def test_config_presets() -> None:
     assert (paper.batch_size, paper.grad_accum, paper.lr, paper.epochs) == (2, 8, 5e-5, 3.0)
     assert paper.beta == DPOConfig().beta == 0.01 and DPOConfig().ref == "base"
     assert DPOConfig.paper(seed=3).seed == 3
+    assert paper.max_length == 2048 and DPOConfig().max_length == 1024
     # A JSON round trip (Prefect parameters) gives the same config back.
     assert DPOConfig(**json.loads(json.dumps(paper.to_dict()))) == paper
     for bad in ({"beta": 0}, {"ref": "sft"}, {"batch_size": 0}, {"lr": -1.0}):
@@ -130,3 +131,35 @@ def test_policy_and_reference_logps_in_one_load(tiny_llm_path: str, first_round:
     assert mine == pytest.approx(alone, abs=1e-4) and ref == pytest.approx(base, abs=1e-4)
     assert counts == alone_counts and min(counts) > 5  # the answer and its end-of-turn tokens
     assert mine[0] > ref[0]  # DPO raised the chosen answer's probability
+
+
+def test_paper_max_length_keeps_a_long_pair_whole(default_policy_path: str) -> None:
+    """A 512-token answer after a 30-item history, through TRL's preference collator (what
+    DPOTrainer truncates with): every answer token survives at the paper's max_length, and
+    today's default 1,024 would cut the answer."""
+    from transformers import AutoTokenizer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from tasks.llm.chat import chat_prompt
+    from tasks.rlrf4rec.prompts import HistoryEntry, preference_prompt
+
+    tok = AutoTokenizer.from_pretrained(default_policy_path)
+    history = [
+        HistoryEntry(f"Adventures of a Long Sequel Title, Part {i}: Return, The (19{60 + i})", 4)
+        for i in range(30)
+    ]
+    user = {"gender": "F", "age": 25, "occupation": "writer"}
+    prompt = preference_prompt(user, history, "ml-1m", style="kar")
+    prompt_ids = tok(chat_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+    filler = "The user enjoys character-driven dramas with a strong score and a twist. " * 80
+    answer_ids = tok(filler, add_special_tokens=False)["input_ids"][:512]
+    end_ids = tok("<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    chosen = answer_ids + end_ids
+    example = {"prompt_ids": prompt_ids, "chosen_ids": chosen, "rejected_ids": chosen}
+    total = len(prompt_ids) + len(chosen)
+    assert len(answer_ids) == 512 and 1024 < total <= 2048, total
+    for max_length, whole in ((DPOConfig.paper().max_length, True), (1024, False)):
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        batch = DataCollatorForPreference(pad_token_id=pad, max_length=max_length)([example])
+        kept = int(batch["completion_mask"][0].sum())
+        assert (kept == len(chosen)) is whole, (max_length, kept, len(chosen))

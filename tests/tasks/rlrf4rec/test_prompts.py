@@ -11,6 +11,7 @@ import pytest
 from tasks.llm.chat import chat_prompt
 from tasks.rlrf4rec.prompts import (
     HistoryEntry,
+    correct_title,
     count_prompt_tokens,
     direct_prompt,
     fit_history,
@@ -113,6 +114,10 @@ def test_prompt_table_with_token_budget(
         assert count_prompt_tokens(default_policy_path, p) <= longest - 20
     assert (cut["prompt"].str.len_chars() <= table["prompt"].str.len_chars()).all()
     assert (cut["prompt"] != table["prompt"]).any()
+    kar = prompt_table(data.users, data.history, data.items, "ml-100k", style="kar")
+    row = kar.row(0, named=True)
+    assert row["prompt"] == row["prefix"] + "; " + INSTRUCTION
+    assert kar["user_id"].to_list() == table["user_id"].to_list()
 
 
 def test_item_prompt() -> None:
@@ -169,3 +174,89 @@ def test_direct_prompt_exact_text() -> None:
 )
 def test_format_cutoff(when: date | int, text: str) -> None:
     assert format_cutoff(when) == text
+
+
+# --------------------------------------------------------------------------- style="kar"
+
+
+@pytest.mark.parametrize(
+    ("title", "expected"),
+    [
+        ("American President, The (1995)", "The American President (1995)"),
+        ("Man for All Seasons, A (1966)", "A Man for All Seasons (1966)"),
+        ("Good, the Bad and the Ugly, The (1966)", "The Good, the Bad and the Ugly (1966)"),
+        ("Toy Story (1995)", "Toy Story (1995)"),
+        ("Misérables, Les (1995)", "Misérables, Les (1995)"),  # only "the" and "a" move
+        ("Amityville 1992: It's About Time (1992)", "Amityville 1992: It's About Time (1992)"),
+        # two "(" : KAR's split("(") fails and the title is kept as it is
+        (
+            "City of Lost Children, The (Cité des enfants perdus, La) (1995)",
+            "City of Lost Children, The (Cité des enfants perdus, La) (1995)",
+        ),
+    ],
+)
+def test_correct_title(title: str, expected: str) -> None:
+    assert correct_title(title) == expected
+
+
+def test_kar_preference_prompt_exact_text() -> None:
+    """KAR: every entry '"{}", {} stars; ' (plural for 1 star too), then the question."""
+    user = {"gender": "M", "age": 56, "occupation": "clerical/admin"}
+    expected = (
+        "Given a male user who is aged 56+ and in clerical/admin department, this user's movie "
+        'viewing history over time is listed below. "Toy Story (1995)", 5 stars; "The American '
+        'President (1995)", 1 stars; ' + INSTRUCTION
+    )
+    assert preference_prompt(user, HISTORY, "ml-1m", style="kar") == expected
+    prefix = profile_and_history(user, HISTORY, "ml-1m", style="kar")
+    # what KAR encodes: the prompt cut at its last ";" (lm_encoding.get_history_text)
+    assert prefix == expected.rsplit(";", 1)[0]
+    assert knowledge_text(prefix, "Likes comedies.") == prefix + ". Likes comedies."
+
+
+@pytest.mark.parametrize(
+    ("age", "occupation", "phrase"),
+    [
+        (1, "other", "aged under 18 and in an unknown occupation"),
+        (18, "customer service", "aged 18-24 and a customer service staff"),
+        (35, "sales/marketing", "aged 35-44 and in sales/marketing department"),
+        (50, "retired", "aged 50-55 and retired"),
+        (25, "executive/managerial", "aged 25-34 and an executive/managerial"),
+    ],
+)
+def test_kar_age_and_occupation_phrases(age: int, occupation: str, phrase: str) -> None:
+    user = {"gender": "F", "age": age, "occupation": occupation}
+    text = profile_and_history(user, [], "ml-1m", style="kar")
+    assert text == (
+        f"Given a female user who is {phrase}, this user's movie viewing history over time is "
+        "listed below. "
+    )
+    # an empty history: KAR's head (ending ". ") then the question, nothing between
+    assert preference_prompt(user, [], "ml-1m", style="kar") == text + INSTRUCTION
+
+
+def test_kar_books_and_item_prompt() -> None:
+    books = preference_prompt({}, HISTORY[:1], "amazon-books", style="kar")
+    assert books == (
+        "Given user's book rating history: \"Toy Story (1995)\", 5 stars; Analyze user's "
+        "preferences on books about factors like genre, author, writing style, theme, setting, "
+        "length and complexity, time period, literary quality, critical acclaim (Provide clear "
+        "explanations based on relevant details from the user's book viewing history and other "
+        "pertinent factors."
+    )
+    assert item_prompt("American President, The (1995)", "ml-1m", style="kar") == (
+        "Introduce movie The American President (1995) and describe its attributes (including "
+        "but not limited to genre, director/cast, country, character, plot/theme, mood/tone, "
+        "critical acclaim/award, production quality, and soundtrack)."
+    )
+    with pytest.raises(ValueError, match="prompt style"):
+        preference_prompt({}, [], "ml-1m", style="llama")  # type: ignore[arg-type]
+
+
+def test_default_style_is_unchanged() -> None:
+    user = {"gender": "M", "age": 56, "occupation": "other"}
+    assert preference_prompt(user, HISTORY, "ml-1m") == preference_prompt(
+        user, HISTORY, "ml-1m", style="default"
+    )
+    assert "above 56" in preference_prompt(user, HISTORY, "ml-1m")
+    assert '"American President, The (1995)", 1 star. ' in preference_prompt(user, HISTORY)

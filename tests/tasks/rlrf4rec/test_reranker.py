@@ -151,6 +151,11 @@ def test_folds_and_training_lists(run: Path) -> None:
 def test_config() -> None:
     paper = TrainConfig.paper("prm")
     assert (paper.batch_size, paper.lr, paper.epochs) == (64, 1e-3, 50)
+    # KAR's architecture (RS/main_rerank.py defaults); today's stays the default
+    assert (paper.arch, paper.dropout, paper.mlp) == ("kar", 0.0, (200, 80))
+    assert (TrainConfig().arch, TrainConfig().dropout, TrainConfig().mlp) == ("default", 0.1, (64,))
+    model_cfg = paper.model_config(10, 3, 384, 384)
+    assert (model_cfg.arch, model_cfg.input_dim, model_cfg.n_heads) == ("kar", 128, 2)
     assert TrainConfig().epochs < paper.epochs
     with pytest.raises(ValueError, match="backbone"):
         TrainConfig(backbone="gru")  # type: ignore[arg-type]
@@ -179,3 +184,17 @@ def test_table1_cli(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str
     # a second run reuses the finished models
     assert main(args) == 0
     assert main([*args[:3], "missing.parquet", *args[4:]]) == 1
+
+
+@pytest.mark.parametrize("backbone", ["dlcm", "prm"])
+def test_kar_arch_trains_with_a_last_batch_of_one(backbone: str, run: Path, tmp_path: Path) -> None:
+    """36 train lists in batches of 35 leave a last batch of 1, which KAR's BatchNorm cannot
+    take in training mode: it is skipped, and the saved model is KAR's."""
+    users, items = random_vectors(run)
+    cfg = TrainConfig.paper(backbone, **{**FAST, "batch_size": 35, "epochs": 2, "patience": 2})
+    summary = train_reranker(run, tmp_path / "m", cfg, users, items)
+    assert summary["train_lists"] == 36 and summary["epochs_run"] == 2
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert (saved["arch"], saved["dropout"], saved["mlp"]) == ("kar", 0.0, [200, 80])
+    result = evaluate_reranker(tmp_path / "m", run, users)
+    assert 0.0 <= result.metrics["map@5"] <= 1.0
