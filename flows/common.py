@@ -417,7 +417,9 @@ class RunParams(BaseModel):
         description="policy LLM: the offline default, a local model folder or a HF id",
     )
     backend: Literal["auto", "vllm", "transformers"] = Field(
-        "auto", description="generation backend; auto = vLLM when it starts, else transformers"
+        "auto",
+        description="generation backend; auto = chosen once per run folder: vLLM where its "
+        "engine starts, else transformers; a resume keeps it",
     )
     task_runner: Literal["threads", "ray"] = Field(
         "threads", description="threads, or Ray (prefect-ray) with one GPU per sampling shard"

@@ -33,7 +33,7 @@ from flows.common import (
 )
 from flows.metric_shapes import log_training_curve
 from flows.prefect_ui import progress, publish_report
-from tasks.common.stage import Artefact, InputRef
+from tasks.common.stage import Artefact, InputRef, measured_seconds
 from tasks.direct import report as direct_report
 from tasks.direct import stages
 from tasks.direct.baselines import BaselineConfig
@@ -339,7 +339,7 @@ class SeedRun:
 
     def record(self, name: str, artefact: Artefact, results: Results) -> None:
         """Time, MLflow child run and report details of one finished stage."""
-        results.timings[f"seed{self.seed}.{name}"] = artefact.seconds
+        results.timings[f"seed{self.seed}.{name}"] = measured_seconds(artefact)
         tracker = self.ctx.tracker
         child = tracker.start(
             f"seed{self.seed}.{name}", self.ctx.parent_run_id, tags={"stage": name}
@@ -348,7 +348,7 @@ class SeedRun:
         if name == "data":  # counts of the data: parameters, not metrics
             tracker.params(child, logged)
             logged = {}
-        tracker.metrics(child, {"seconds": artefact.seconds, **logged})
+        tracker.metrics(child, {"seconds": measured_seconds(artefact), **logged})
         if name in TRAINED and artefact.skipped is None:
             log_training_curve(tracker, child, artefact, name)
         tracker.end(child)

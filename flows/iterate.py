@@ -30,7 +30,7 @@ from flows.common import (
 )
 from flows.metric_shapes import log_training_curve, per_stage
 from flows.prefect_ui import progress, publish_report
-from tasks.common.stage import Artefact, InputRef
+from tasks.common.stage import Artefact, InputRef, measured_seconds
 from tasks.data.datasets import AmazonConfig
 from tasks.data.prepare import lists_config_for
 from tasks.llm import stages as llm_stages
@@ -349,8 +349,10 @@ class Knowledge:
     vectors: Artefact
 
     def seconds(self, prefix: str) -> dict[str, float]:
-        sampling = self.samples.seconds + self.samples.stats.get("sample_seconds", 0.0)
-        return {f"{prefix}.sample": sampling, f"{prefix}.encode": self.vectors.seconds}
+        sampling = measured_seconds(self.samples)
+        if not self.samples.cached:
+            sampling += self.samples.stats.get("sample_seconds", 0.0)
+        return {f"{prefix}.sample": sampling, f"{prefix}.encode": measured_seconds(self.vectors)}
 
 
 @dataclass(frozen=True)
@@ -386,7 +388,7 @@ class Round:
     def seconds(self) -> dict[str, float]:
         out = self.knowledge.seconds(self.tag)
         for name, stage in (("score", self.scored), ("pair", self.pairs), ("dpo", self.dpo)):
-            out[f"{self.tag}.{name}"] = stage.seconds
+            out[f"{self.tag}.{name}"] = measured_seconds(stage)
         if self.final_knowledge is not None:
             out.update(self.final_knowledge.seconds(f"{self.tag}.knowledge"))
         return out
@@ -445,11 +447,11 @@ def rlrf4rec_loop(p: IterateParams, ctx: RunContext) -> dict:
     learning = measure_learning(loop, policies, rounds, reward_model)
     evaluation = evaluate_table1(loop, knowledge0, rounds)
     timings = {
-        "prepare": loop.inputs.data.seconds,
-        "prompts": loop.inputs.prompts.seconds,
-        "encode_items": loop.inputs.items.seconds,
+        "prepare": measured_seconds(loop.inputs.data),
+        "prompts": measured_seconds(loop.inputs.prompts),
+        "encode_items": measured_seconds(loop.inputs.items),
         **knowledge0.seconds("round_00"),
-        "round_00.train_reward_model": reward_model.seconds,
+        "round_00.train_reward_model": measured_seconds(reward_model),
         **{k: v for this in rounds for k, v in this.seconds().items()},
         **learning.timings,
         **evaluation.timings,
@@ -584,7 +586,7 @@ def train_reward_model(loop: Loop, knowledge0: Knowledge) -> Artefact:
         child, {"generation": knowledge0.samples.stats, "reward_model": reward_model.stats}
     )
     seconds = per_stage(knowledge0.seconds("round_00"), "round_00")
-    seconds["train_reward_model"] = reward_model.seconds
+    seconds["train_reward_model"] = measured_seconds(reward_model)
     tracker.metrics(child, {"seconds": seconds}, step=0)
     tracker.metrics(loop.ctx.parent_run_id, {"seconds": seconds}, step=0)
     tracker.end(child)
@@ -694,7 +696,7 @@ def measure_learning(
     final_train = score(loop, reward_model, last, out=rd / "final_knowledge_scored.parquet")
     own = [this.scored for this in rounds] + [final]  # own[r]: what policy r wrote
     timings.update(heldout.seconds("heldout"))
-    timings["heldout.score"] = final.seconds + final_train.seconds
+    timings["heldout.score"] = measured_seconds(final, final_train)
     data = load_prepared(stages.run_folder(loop.inputs.data))
     titles = learning.history_titles(data.history, data.items)
     frames = [pl.read_parquet(a.path) for a in own]
@@ -715,7 +717,7 @@ def measure_learning(
         record["examples"] = learning.example_texts(valid, shown, reward_col)
         if r >= 1 and cfg.diagnostic_users:
             drift = policy_drift(loop, policies[r], own[r], own[r - 1], r)
-            timings[f"heldout.drift_{r}"] = drift.seconds
+            timings[f"heldout.drift_{r}"] = measured_seconds(drift)
             record["drift"] = learning.drift_figures(pl.read_parquet(drift.path), cfg.dpo.beta)
         records.append(record)
     track_learning(loop, records)
@@ -826,7 +828,7 @@ def train_and_evaluate(
     cfg = loop.cfg.reranker_for(backbone, seed)
     model = stages.train_reranker(data, vectors, items, cfg=cfg, out=out / "model")
     metrics = stages.evaluate_reranker(model, data, vectors, items, out=out / "metrics.json")
-    ev.timings["eval." + "/".join(out.parts[-3:])] = model.seconds + metrics.seconds
+    ev.timings["eval." + "/".join(out.parts[-3:])] = measured_seconds(model, metrics)
     return metrics
 
 

@@ -394,6 +394,13 @@ def where() -> str:
     return ("stage " if len(names) == 1 else "stages ") + ", ".join(f"'{n}'" for n in names)
 
 
+def measured_seconds(*artefacts: Artefact) -> float:
+    """Seconds this process spent making ``artefacts``: 0 for one served from its manifest (its
+    ``seconds`` are those of the run that made it), so that a run's stage seconds add up to at
+    most its wall time, also after a resume."""
+    return sum(0.0 if a.cached else a.seconds for a in artefacts)
+
+
 def stage(name: str, **task_options: Any) -> Callable[[Callable[P, A]], Any]:
     """Make ``fn`` (which takes ``out`` and returns an :class:`Artefact`) a Prefect task run
     through :func:`run_stage`. Prefect's own caching is off: the manifest is the cache.

@@ -160,11 +160,15 @@ def test_second_run_is_cached(tiny_run) -> None:
     watched = [p for p in run.rglob("*.parquet")] + list(run.rglob("*.safetensors"))
     before = {p: p.stat().st_mtime_ns for p in watched}
     t0 = time.perf_counter()
-    iterate(**tiny_run["params"])
+    again = iterate(**tiny_run["params"])
     second = time.perf_counter() - t0
     after = {p: p.stat().st_mtime_ns for p in watched}
     assert before == after  # nothing recomputed
     assert second < tiny_run["wall"]
+    # the stage seconds of a run are the ones it measured: a cached run spent ~0 in stages
+    first = tiny_run["result"]
+    assert first["stage_seconds"] <= first["wall_seconds"]
+    assert again["stage_seconds"] <= again["wall_seconds"] and again["stage_seconds"] < 1.0
 
 
 def test_second_writer_is_refused(tiny_run) -> None:
