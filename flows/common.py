@@ -674,10 +674,10 @@ def _arm_stop(p: RunParams, tracker: Tracker, parent: str, run_dir: Path) -> Non
     KILLED and the Prefect flow runs CANCELLED, remove temporaries, exit with one line."""
     from tasks.common.stage import where
 
-    if sys.argv and Path(sys.argv[0]).name != "pytest" and getattr(sys, "orig_argv", None):
+    if sys.argv and Path(sys.argv[0]).parent.name == "flows" and getattr(sys, "orig_argv", None):
         hint = f"Resume with the same command: {shlex.join(sys.orig_argv)}"
-    else:
-        hint = f"Resume by starting the same flow with run_name={p.run_name} again."
+    else:  # a deployment's run on a worker, or a flow called from Python
+        hint = f"Resume by running the flow again with the same parameters (run_name={p.run_name})."
     if not stopping.arm(where=where, resume_hint=hint):
         return
     flow_run_id = _prefect_flow_run_id()
