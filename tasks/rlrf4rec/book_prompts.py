@@ -21,7 +21,7 @@ from typing import Any
 import polars as pl
 
 from tasks.llm.chat import load_tokenizer
-from tasks.rlrf4rec.prompts import HistoryEntry, fit_history
+from tasks.rlrf4rec.prompts import HistoryEntry, fit_history, user_histories
 
 KAR_BOOK_USER_HEAD = "Given user's book rating history: "
 KAR_BOOK_INSTRUCTION = (
@@ -70,19 +70,7 @@ def kar_book_prompt_table(
         if max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
         tokenizer = load_tokenizer(tokenizer)
-    titles = dict(zip(items["item_id"].to_list(), items["title"].to_list(), strict=True))
-    hist = (
-        history.sort(["user_id", "position"])
-        .group_by("user_id", maintain_order=True)
-        .agg("item_id", "rating")
-    )
-    by_user = {
-        row["user_id"]: [
-            HistoryEntry(titles[i], int(r))
-            for i, r in zip(row["item_id"], row["rating"], strict=True)
-        ]
-        for row in hist.iter_rows(named=True)
-    }
+    by_user = user_histories(history, items)
     selected = users if user_ids is None else users.filter(pl.col("user_id").is_in(list(user_ids)))
     rows = []
     for user in selected.sort("user_id").iter_rows(named=True):

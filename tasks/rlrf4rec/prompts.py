@@ -231,6 +231,23 @@ def knowledge_text(prefix: str, answer: str) -> str:
     return prefix + ". " + answer.strip()
 
 
+def user_histories(history: pl.DataFrame, items: pl.DataFrame) -> dict[int, list[HistoryEntry]]:
+    """Each user's prompt history in time order, as (title, rating) entries."""
+    titles = dict(zip(items["item_id"].to_list(), items["title"].to_list(), strict=True))
+    hist = (
+        history.sort(["user_id", "position"])
+        .group_by("user_id", maintain_order=True)
+        .agg("item_id", "rating")
+    )
+    return {
+        row["user_id"]: [
+            HistoryEntry(titles[i], int(r))
+            for i, r in zip(row["item_id"], row["rating"], strict=True)
+        ]
+        for row in hist.iter_rows(named=True)
+    }
+
+
 def prompt_table(
     users: pl.DataFrame,
     history: pl.DataFrame,
@@ -262,19 +279,7 @@ def prompt_table(
         if max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
         tokenizer = load_tokenizer(tokenizer)
-    titles = dict(zip(items["item_id"].to_list(), items["title"].to_list(), strict=True))
-    hist = (
-        history.sort(["user_id", "position"])
-        .group_by("user_id", maintain_order=True)
-        .agg("item_id", "rating")
-    )
-    by_user = {
-        row["user_id"]: [
-            HistoryEntry(titles[i], int(r))
-            for i, r in zip(row["item_id"], row["rating"], strict=True)
-        ]
-        for row in hist.iter_rows(named=True)
-    }
+    by_user = user_histories(history, items)
     selected = users if user_ids is None else users.filter(pl.col("user_id").is_in(list(user_ids)))
     rows = []
     for user in selected.sort("user_id").iter_rows(named=True):
