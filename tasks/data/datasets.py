@@ -534,11 +534,26 @@ def load_amazon_books(folder: str | Path, min_interactions: int = 5) -> RatingDa
             f"{reviews_path}: no user left after filtering to users and items with at least "
             f"{min_interactions} interactions (min_interactions)"
         )
+    users, item_ids, ratings = _amazon_ids(frame)
+    items = item_ids.select(
+        pl.col("item_id").cast(pl.Int64),
+        pl.col("asin").map_elements(lambda a: titles[a][0], return_dtype=pl.Utf8).alias("title"),
+        pl.col("asin")
+        .map_elements(lambda a: titles[a][1], return_dtype=pl.List(pl.Utf8))
+        .alias("genres"),
+        pl.col("asin").alias("source_id"),
+    )
+    return RatingData("amazon-books", users, items, ratings, cleaning)
+
+
+def _amazon_ids(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """Integer ids for the ``user`` and ``asin`` strings of ``frame`` (in sorted order, from 1):
+    the users frame (no profile), the ``asin -> item_id`` table and the ratings frame."""
     user_ids = frame.select(pl.col("user").unique().sort()).with_row_index("user_id", offset=1)
     item_ids = frame.select(pl.col("asin").unique().sort()).with_row_index("item_id", offset=1)
     ratings = (
-        frame.join(user_ids, on="user")
-        .join(item_ids, on="asin")
+        frame.join(user_ids, on="user", maintain_order="left")
+        .join(item_ids, on="asin", maintain_order="left")
         .select(
             pl.col("user_id").cast(pl.Int64),
             pl.col("item_id").cast(pl.Int64),
@@ -554,15 +569,7 @@ def load_amazon_books(folder: str | Path, min_interactions: int = 5) -> RatingDa
         pl.lit(None, pl.Utf8).alias("zip"),
         pl.col("user").alias("source_id"),
     )
-    items = item_ids.select(
-        pl.col("item_id").cast(pl.Int64),
-        pl.col("asin").map_elements(lambda a: titles[a][0], return_dtype=pl.Utf8).alias("title"),
-        pl.col("asin")
-        .map_elements(lambda a: titles[a][1], return_dtype=pl.List(pl.Utf8))
-        .alias("genres"),
-        pl.col("asin").alias("source_id"),
-    )
-    return RatingData("amazon-books", users, items, ratings, cleaning)
+    return users, item_ids, ratings
 
 
 def k_core(
@@ -761,26 +768,7 @@ def load_amazon_books_kar(folder: str | Path, cfg: AmazonConfig | None = None) -
         .drop("_line")
     )
     cleaning["duplicate_ratings_merged"] = with_meta.height - merged.height
-    user_ids = merged.select(pl.col("user").unique().sort()).with_row_index("user_id", offset=1)
-    item_ids = merged.select(pl.col("asin").unique().sort()).with_row_index("item_id", offset=1)
-    ratings = (
-        merged.join(user_ids, on="user", maintain_order="left")
-        .join(item_ids, on="asin", maintain_order="left")
-        .select(
-            pl.col("user_id").cast(pl.Int64),
-            pl.col("item_id").cast(pl.Int64),
-            "rating",
-            "timestamp",
-        )
-    )
-    users = user_ids.select(
-        pl.col("user_id").cast(pl.Int64),
-        pl.lit(None, pl.Utf8).alias("gender"),
-        pl.lit(None, pl.Int64).alias("age"),
-        pl.lit(None, pl.Utf8).alias("occupation"),
-        pl.lit(None, pl.Utf8).alias("zip"),
-        pl.col("user").alias("source_id"),
-    )
+    users, item_ids, ratings = _amazon_ids(merged)
     asins = item_ids["asin"].to_list()
     items = pl.DataFrame(
         {

@@ -20,8 +20,7 @@ from typing import Any
 
 import polars as pl
 
-from tasks.llm.chat import load_tokenizer
-from tasks.rlrf4rec.prompts import HistoryEntry, fit_history, user_histories
+from tasks.rlrf4rec.prompts import HistoryEntry, user_prompt_table
 
 KAR_BOOK_USER_HEAD = "Given user's book rating history: "
 KAR_BOOK_INSTRUCTION = (
@@ -66,29 +65,10 @@ def kar_book_prompt_table(
     """:func:`tasks.rlrf4rec.prompts.prompt_table` with KAR's book prompts (same arguments and
     columns: ``user_id``, ``split``, ``prefix``, ``prompt``; ``dataset`` is unused)."""
     del dataset
-    if max_prompt_tokens is not None:
-        if max_prompt_tokens < 1:
-            raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
-        tokenizer = load_tokenizer(tokenizer)
-    by_user = user_histories(history, items)
-    selected = users if user_ids is None else users.filter(pl.col("user_id").is_in(list(user_ids)))
-    rows = []
-    for user in selected.sort("user_id").iter_rows(named=True):
-        entries = by_user.get(user["user_id"], [])
-        if max_prompt_tokens is not None:
-            entries = fit_history(entries, max_prompt_tokens, tokenizer, kar_book_prompt)
-        rows.append(
-            {
-                "user_id": user["user_id"],
-                "split": user.get("split"),
-                "prefix": kar_book_prefix(entries),
-                "prompt": kar_book_prompt(entries),
-            }
-        )
-    return pl.DataFrame(
-        rows,
-        schema={"user_id": pl.Int64, "split": pl.Utf8, "prefix": pl.Utf8, "prompt": pl.Utf8},
-    )
+    return user_prompt_table(
+        users, history, items, lambda _, e: (kar_book_prefix(e), kar_book_prompt(e)),
+        user_ids=user_ids, max_prompt_tokens=max_prompt_tokens, tokenizer=tokenizer,
+    )  # fmt: skip
 
 
 def kar_book_item_prompt_table(

@@ -25,7 +25,6 @@ instruction straight after the last entry's ``"; "``, and KAR's item prompt. In 
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -275,6 +274,31 @@ def prompt_table(
     ``prompt`` (prefix + instruction), in user-id order.
     """
     _check_style(style)
+
+    def texts(user: dict, entries: list[HistoryEntry]) -> tuple[str, str]:
+        prefix = profile_and_history(user, entries, dataset, style)
+        return prefix, join_prompt(prefix, len(entries), dataset, style)
+
+    return user_prompt_table(
+        users, history, items, texts, user_ids=user_ids, max_prompt_tokens=max_prompt_tokens,
+        tokenizer=tokenizer,
+    )  # fmt: skip
+
+
+def user_prompt_table(
+    users: pl.DataFrame,
+    history: pl.DataFrame,
+    items: pl.DataFrame,
+    texts: Callable[[dict, list[HistoryEntry]], tuple[str, str]],
+    *,
+    user_ids: Sequence[int] | None = None,
+    max_prompt_tokens: int | None = None,
+    tokenizer: Any = None,
+) -> pl.DataFrame:
+    """One prompt per user: ``texts(user, history)`` gives the ``(prefix, prompt)`` of a user
+    row and its history entries; with ``max_prompt_tokens`` the history is first cut from the
+    oldest side until the prompt fits (:func:`fit_history`). Columns ``user_id``, ``split``,
+    ``prefix``, ``prompt``, in user-id order."""
     if max_prompt_tokens is not None:
         if max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
@@ -286,20 +310,13 @@ def prompt_table(
         entries = by_user.get(user["user_id"], [])
         if max_prompt_tokens is not None:
             entries = fit_history(
-                entries,
-                max_prompt_tokens,
-                tokenizer,
-                functools.partial(preference_prompt, user, dataset=dataset, style=style),
+                entries, max_prompt_tokens, tokenizer, lambda e, u=user: texts(u, e)[1]
             )
-        prefix = profile_and_history(user, entries, dataset, style)
+        prefix, prompt = texts(user, entries)
         rows.append(
-            {
-                "user_id": user["user_id"],
-                "split": user.get("split"),
-                "prefix": prefix,
-                "prompt": join_prompt(prefix, len(entries), dataset, style),
-            }
-        )
+            {"user_id": user["user_id"], "split": user.get("split"), "prefix": prefix,
+             "prompt": prompt}
+        )  # fmt: skip
     return pl.DataFrame(
         rows,
         schema={"user_id": pl.Int64, "split": pl.Utf8, "prefix": pl.Utf8, "prompt": pl.Utf8},
