@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from tasks.common.hardware import cpu_dtype, cpu_flags  # noqa: E402
+from tasks.common.hardware import cpu_dtype, cpu_flags, cpu_model  # noqa: E402
 
 FLAGS_SHOWN = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "fma")
 
@@ -64,16 +64,6 @@ class Ceilings:
 
     def matmul_gflops(self, dtype: str) -> float:
         return self.matmul_bf16_gflops if dtype == "bfloat16" else self.matmul_fp32_gflops
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def _timed(fn, min_seconds: float = 1.0, max_reps: int = 1000) -> float:
@@ -120,7 +110,7 @@ def measure_ceilings() -> Ceilings:
     choice = cpu_dtype(flags)
     copy, triad = measure_bandwidth()
     return Ceilings(
-        cpu=_cpu_name(),
+        cpu=cpu_model(),
         threads=torch.get_num_threads(),
         flags=tuple(f for f in FLAGS_SHOWN if f in flags),
         dtype=choice.name,

@@ -9,7 +9,6 @@ dataset log leave a tag out (with a warning), never the run.
 from __future__ import annotations
 
 import logging
-import platform
 import subprocess
 import warnings
 from pathlib import Path
@@ -43,23 +42,10 @@ def git_commit(root: Path = PROJECT_ROOT) -> tuple[str, bool]:
     return head, bool(status)
 
 
-def cpu_model(cpuinfo: str | None = None) -> str:
-    """The CPU's model name from ``/proc/cpuinfo`` (else :func:`platform.processor`)."""
-    try:
-        text = cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and value.strip():
-            return value.strip()
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def provenance_tags(p: Any, run_dir: Path) -> dict[str, str]:
     """The tags of a run's MLflow parent run (``p``: the resolved parameters)."""
     from flows.prefect_ui import flow_run_info
-    from tasks.common.hardware import cpu_dtype
+    from tasks.common.hardware import cpu_dtype, cpu_model
 
     commit, dirty = git_commit()
     tags = {

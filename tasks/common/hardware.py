@@ -14,6 +14,7 @@ the preference signal, whatever the CPU's instructions.
 from __future__ import annotations
 
 import os
+import platform
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,19 @@ def cpu_flags(cpuinfo_text: str | None = None) -> frozenset[str]:
         if sep and key.strip() == "flags":
             return frozenset(value.split())
     return frozenset()
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (else :func:`platform.processor`)."""
+    try:
+        text = cpuinfo if cpuinfo is not None else CPUINFO.read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            return value.strip()
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def native_bf16(flags: Iterable[str]) -> bool:
@@ -129,6 +143,7 @@ __all__ = [
     "DtypeName",
     "cpu_dtype",
     "cpu_flags",
+    "cpu_model",
     "native_bf16",
     "torch_dtype",
     "train_dtype",

@@ -15,7 +15,8 @@ import pytest
 
 from flows.common import Tracker
 from flows.metric_shapes import log_training_curve, per_stage, step_history
-from flows.provenance import cpu_model, git_commit, log_dataset, mlflow_run_url, tag_run
+from flows.provenance import git_commit, log_dataset, mlflow_run_url, tag_run
+from tasks.common.hardware import cpu_model
 from tasks.common.stage import Artefact, stage
 
 
@@ -39,11 +40,6 @@ def test_provenance_tags(tracker: Tracker, tmp_path: Path) -> None:
 
     tags = tag_run(tracker, run, IterateParams(), tmp_path)
     assert tags["mlflow.source.name"] == "flows.iterate"
-
-
-def test_cpu_model_reads_cpuinfo() -> None:
-    assert cpu_model("processor: 0\nmodel name\t: AMD EPYC 7B13\n") == "AMD EPYC 7B13"
-    assert cpu_model("")  # falls back to platform
 
 
 def test_the_data_set_is_an_mlflow_input(tracker: Tracker, tmp_path: Path) -> None:

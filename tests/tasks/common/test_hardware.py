@@ -12,6 +12,7 @@ from tasks.common.hardware import (
     DtypeChoice,
     cpu_dtype,
     cpu_flags,
+    cpu_model,
     native_bf16,
     torch_dtype,
     train_dtype,
@@ -217,3 +218,8 @@ def test_merged_checkpoint_is_saved_in_the_cpu_dtype(
     cpu(XEON_AMX)
     bf16 = lora.merge_lora(tiny_llm_path, tmp_path / "adapter", tmp_path / "amx")
     assert saved_dtype(bf16) is torch.bfloat16
+
+
+def test_cpu_model_reads_cpuinfo() -> None:
+    assert cpu_model("processor: 0\nmodel name\t: AMD EPYC 7B13\n") == "AMD EPYC 7B13"
+    assert cpu_model("")  # falls back to platform
