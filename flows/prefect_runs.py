@@ -107,12 +107,7 @@ def _set_unfinished(flow_run_id: str, state: Callable[[], Any], depth: int = 4) 
 
 def mark_crashed(flow_run_id: str, message: str) -> bool:
     """Mark ``flow_run_id`` and its unfinished subflow runs CRASHED (a start that was killed
-    outright); returns whether it was unfinished."""
-    from prefect.client.orchestration import get_client
+    outright); returns whether any was unfinished."""
     from prefect.states import Crashed
 
-    with get_client(sync_client=True) as client:
-        run = client.read_flow_run(flow_run_id)
-        if run.state is not None and run.state.is_final():
-            return False
     return _set_unfinished(flow_run_id, lambda: Crashed(message=message)) > 0

@@ -78,10 +78,6 @@ def on_stop(cleanup: Callable[[str], None]) -> None:
     _cleanups.append(cleanup)
 
 
-def armed() -> bool:
-    return _armed
-
-
 def _handle(signum: int, frame: object) -> None:
     global _stopping
     if _stopping:
