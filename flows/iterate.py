@@ -66,6 +66,7 @@ class IterateParams(RunParams):
             "reranker_settings": "fast",
             "dpo_settings": "fast",
             "eval_each_round": False,
+            "item_knowledge": "title",
         },
         "study": {
             "max_users": 0,
@@ -81,6 +82,7 @@ class IterateParams(RunParams):
             "reranker_settings": "fast",
             "dpo_settings": "fast",
             "eval_each_round": False,
+            "item_knowledge": "title",
         },
         "paper": {
             "max_users": 0,
@@ -96,6 +98,7 @@ class IterateParams(RunParams):
             "amazon_build": "kar",
             "keep_short_chunk": True,
             "prompt_style": "kar",
+            "item_knowledge": "llm",
         },
     }
 
@@ -206,6 +209,16 @@ class IterateParams(RunParams):
     prompt_style: Literal["default", "kar"] | None = Field(
         None, description="prompt texts: default or KAR's word for word (profile; paper: kar)"
     )
+    item_knowledge: str | None = Field(
+        None,
+        description="what each item's vector is encoded from: title (title and genres), llm "
+        "(the base policy's greedy answer to KAR's item prompt, as KAR) or the PATH of a parquet "
+        "(item_id, text) or JSON file ({item id: text}, or KAR's item.klg) (profile; paper: llm, "
+        "else title)",
+    )
+    item_knowledge_tokens: int | None = Field(
+        None, ge=1, description="token budget of each item answer (llm); unset = max_new_tokens"
+    )
 
     @field_validator("backbones")
     @classmethod
@@ -220,6 +233,20 @@ class IterateParams(RunParams):
         if v is not None and (not v or len(set(v)) != len(v)):
             raise ValueError("give at least one seed, without repeats")
         return v
+
+    @field_validator("item_knowledge")
+    @classmethod
+    def _item_knowledge(cls, v: str | None) -> str | None:
+        from tasks.rlrf4rec.item_knowledge import SOURCES
+
+        if v is None or v in SOURCES:
+            return v
+        path = Path(v).expanduser()
+        if not path.is_file() or path.suffix not in (".parquet", ".json"):
+            raise ValueError(
+                f"{v!r}: expected title, llm or the path of an existing .parquet or .json file"
+            )
+        return str(path.resolve())
 
     @field_validator("encoder")
     @classmethod
@@ -257,6 +284,8 @@ class LoopConfig:
     amazon: AmazonConfig | None = None  # how amazon-books is built; None for the other sets
     prompt_style: str = "default"
     knowledge_temperature: float | None = None
+    item_knowledge: str = "title"  # title, llm or a file path
+    item_sampling: SamplingConfig = SamplingConfig(n=1, temperature=0.0)  # greedy, as KAR
 
     @classmethod
     def of(cls, p: IterateParams) -> LoopConfig:
@@ -269,6 +298,7 @@ class LoopConfig:
             dpo = replace(dpo, max_steps=p.dpo_max_steps)
         if p.dpo_gradient_checkpointing is not None:
             dpo = replace(dpo, gradient_checkpointing=p.dpo_gradient_checkpointing)
+        answer_tokens = _given(p.max_new_tokens, "max_new_tokens")
         amazon = (
             AmazonConfig(build=p.amazon_build or "kcore") if p.dataset == "amazon-books" else None
         )
@@ -282,7 +312,7 @@ class LoopConfig:
                 n=_given(p.n_samples, "n_samples"),
                 temperature=p.temperature,
                 top_p=p.top_p,
-                max_new_tokens=_given(p.max_new_tokens, "max_new_tokens"),
+                max_new_tokens=answer_tokens,
                 seed=p.seed,
             ),
             reward=replace(base, backbone=p.reward_backbone, seed=p.seed),
@@ -301,6 +331,13 @@ class LoopConfig:
             amazon=amazon,
             prompt_style=p.prompt_style or "default",
             knowledge_temperature=p.knowledge_temperature,
+            item_knowledge=p.item_knowledge or "title",
+            item_sampling=SamplingConfig(
+                n=1,
+                temperature=0.0,
+                max_new_tokens=p.item_knowledge_tokens or answer_tokens,
+                seed=p.seed,
+            ),
         )
 
     def sampling_for(self, round_idx: int, n: int) -> SamplingConfig:
@@ -334,11 +371,13 @@ def _given(value: T | None, name: str) -> T:
 
 @dataclass(frozen=True)
 class Inputs:
-    """What every round reads: the prepared data, the prompts, the item vectors."""
+    """What every round reads: the prepared data, the prompts, the item vectors (and the item
+    knowledge they were encoded from; None: titles)."""
 
     data: Artefact
     prompts: Artefact
     items: Artefact
+    item_knowledge: Artefact | None = None
 
 
 @dataclass(frozen=True)
@@ -449,6 +488,7 @@ def rlrf4rec_loop(p: IterateParams, ctx: RunContext) -> dict:
     timings = {
         "prepare": measured_seconds(loop.inputs.data),
         "prompts": measured_seconds(loop.inputs.prompts),
+        "item_knowledge": measured_seconds(loop.inputs.item_knowledge),
         "encode_items": measured_seconds(loop.inputs.items),
         **knowledge0.seconds("round_00"),
         "round_00.train_reward_model": measured_seconds(reward_model),
@@ -492,7 +532,10 @@ def prepare_inputs(p: IterateParams, cfg: LoopConfig, ctx: RunContext) -> Inputs
         style=cfg.prompt_style,
         out=ctx.run_dir / "prompts.parquet",
     )
-    items = stages.encode_items(data, encoder=ctx.encoder, out=ctx.run_dir / "item_vectors.parquet")
+    knowledge = write_item_knowledge(cfg, ctx, data, dataset=p.dataset, backend=p.backend)
+    items = stages.encode_items(
+        data, knowledge, encoder=ctx.encoder, out=ctx.run_dir / "item_vectors.parquet"
+    )
     # Counts of the data are parameters (fixed for the run), not metrics.
     ctx.tracker.params(ctx.parent_run_id, {"data": data.stats})
     from flows.provenance import log_dataset
@@ -506,7 +549,38 @@ def prepare_inputs(p: IterateParams, cfg: LoopConfig, ctx: RunContext) -> Inputs
         *(splits.get(s, {}).get("users") for s in ALL_SPLITS),
         splits.get("test", {}).get("lists"),
     )
-    return Inputs(data, prompts, items)
+    return Inputs(data, prompts, items, knowledge)
+
+
+def write_item_knowledge(
+    cfg: LoopConfig, ctx: RunContext, data: Artefact, *, dataset: str, backend: str
+) -> Artefact | None:
+    """The item knowledge the item vectors are encoded from: the base policy's greedy answers
+    to KAR's item prompt (``llm``), a user's file, or None (titles)."""
+    out = ctx.run_dir / "item_knowledge.parquet"
+    if cfg.item_knowledge == "title":
+        return None
+    if cfg.item_knowledge != "llm":
+        return stages.read_item_knowledge(InputRef.of(cfg.item_knowledge), out=out)
+    knowledge = stages.item_knowledge(
+        data,
+        Policy(ctx.policy),
+        dataset=dataset,
+        style=cfg.prompt_style,
+        sampling=cfg.item_sampling,
+        backend=backend,
+        out=out,
+    )
+    stats = knowledge.stats
+    progress(
+        "item knowledge: %s items, %s tokens in %.0f s (%.0f tokens/s, %.0f%% cut at the budget)",
+        stats.get("items"),
+        stats.get("generated_tokens"),
+        measured_seconds(knowledge),
+        stats.get("tokens_per_s", 0.0),
+        100 * stats.get("degenerate_share", 0.0),
+    )
+    return knowledge
 
 
 def sample_users(
@@ -866,6 +940,7 @@ def report(
             "round_train_users": len(loop.train_users) if loop.train_users else "all",
             "diagnostic_users": loop.cfg.diagnostic_users,
             "run": loop.ctx.settings,
+            **components(loop),
         },
         "data": loop.inputs.data.stats,
         "timings": timings,
@@ -881,6 +956,37 @@ def report(
         "results": written["results"],
         "wall_seconds": wall,
         "stage_seconds": stage_seconds,
+    }
+
+
+def components(loop: Loop) -> dict[str, Any]:
+    """What the report names of a run: its encoder, item knowledge, reranker settings and the
+    decoding of the knowledge texts the rerankers read."""
+    items = loop.inputs.items.stats
+    knowledge = loop.inputs.item_knowledge
+    item_record: dict[str, Any] = {
+        "source": loop.cfg.item_knowledge,
+        **{k: items.get(k) for k in ("items", "from_knowledge", "from_title")},
+    }
+    if knowledge is not None and loop.cfg.item_knowledge == "llm":
+        item_record.update(
+            max_new_tokens=loop.cfg.item_sampling.max_new_tokens,
+            **{k: knowledge.stats.get(k) for k in ("mean_tokens", "degenerate_share")},
+        )
+    reranker = loop.cfg.reranker
+    decoding = loop.cfg.knowledge_sampling_for(loop.cfg.rounds)
+    return {
+        "encoder": loop.p.encoder,
+        "item_knowledge": item_record,
+        "reranker": {
+            "settings": loop.p.reranker_settings,
+            **{k: getattr(reranker, k) for k in ("arch", "dropout", "epochs", "lr", "batch_size")},
+        },
+        "knowledge_decoding": {
+            "temperature": decoding.temperature,
+            "top_p": decoding.top_p,
+            "max_new_tokens": decoding.max_new_tokens,
+        },
     }
 
 

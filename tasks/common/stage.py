@@ -394,11 +394,11 @@ def where() -> str:
     return ("stage " if len(names) == 1 else "stages ") + ", ".join(f"'{n}'" for n in names)
 
 
-def measured_seconds(*artefacts: Artefact) -> float:
+def measured_seconds(*artefacts: Artefact | None) -> float:
     """Seconds this process spent making ``artefacts``: 0 for one served from its manifest (its
     ``seconds`` are those of the run that made it), so that a run's stage seconds add up to at
-    most its wall time, also after a resume."""
-    return sum(0.0 if a.cached else a.seconds for a in artefacts)
+    most its wall time, also after a resume; 0 for None (a stage the run did not need)."""
+    return sum(0.0 if a is None or a.cached else a.seconds for a in artefacts)
 
 
 def stage(name: str, **task_options: Any) -> Callable[[Callable[P, A]], Any]:

@@ -83,6 +83,7 @@ def markdown(results: dict, tables: dict, params: dict | None = None) -> str:
         lines.append(" · ".join(f"{k}: `{params[k]}`" for k in keys if k in params))
         lines.append("")
     lines += settings_lines(results.get("settings", {}).get("run", {}))
+    lines += components_lines(results.get("settings", {}))
     seeds = {len(v) for b in results.get("table1", {}).values() for v in b.values()}
     n_seeds = max(seeds) if seeds else 0
     test_set = test_set_size(results)
@@ -200,6 +201,40 @@ def _tied(reward: dict) -> str:
     if "tied_users" not in reward or not reward.get("users"):
         return ""
     return f"{reward['tied_users']} of {reward['users']}"
+
+
+def components_lines(settings: dict) -> list[str]:
+    """One line naming the encoder, the item knowledge, the reranker settings and the decoding
+    of the knowledge texts the rerankers read (empty for results without them)."""
+    if "item_knowledge" not in settings:
+        return []
+    items, rr = settings["item_knowledge"], settings["reranker"]
+    dec = settings["knowledge_decoding"]
+    source = items["source"]
+    if source == "llm":
+        what = (
+            f"the base policy's greedy answers to KAR's item prompt (at most "
+            f"{items['max_new_tokens']} tokens, mean {items['mean_tokens']:.0f}, "
+            f"{100 * items['degenerate_share']:.0f}% cut at the budget), answer only"
+        )
+    elif source == "title":
+        what = "title and genres"
+    else:
+        what = f"the file `{source}`"
+    if items.get("from_knowledge") and items.get("from_title"):
+        what += (
+            f"; {items['from_knowledge']} of {items['items']} items from it, the other "
+            f"{items['from_title']} from title and genres"
+        )
+    temperature = dec["temperature"]
+    decoding = "greedy" if temperature == 0 else f"temperature {temperature}, top-p {dec['top_p']}"
+    return [
+        f"Encoder `{settings['encoder']}`. Item knowledge: {what}. Rerankers: "
+        f"`{rr['settings']}` settings (arch `{rr['arch']}`, dropout {rr['dropout']}, up to "
+        f"{rr['epochs']} epochs, lr {rr['lr']}, batch {rr['batch_size']} lists). Knowledge texts "
+        f"of the KAR and RLRF4Rec rows: {decoding}, at most {dec['max_new_tokens']} tokens.",
+        "",
+    ]
 
 
 def _diff(d: dict | None) -> str:

@@ -212,16 +212,77 @@ def encode_knowledge(
     return Artefact(str(out), stats={"texts": frame.height, "encoding": encoding})
 
 
-@stage("encode-items")
-def encode_items(data: Artefact, *, encoder: InputRef, out: Path) -> Artefact:
-    """Every item's text (title and genres) as a vector: ``item_id, vector``."""
+@stage("item-knowledge")
+def item_knowledge(
+    data: Artefact,
+    policy: Policy,
+    *,
+    dataset: str,
+    style: str,
+    sampling: SamplingConfig,
+    backend: str,
+    out: Path,
+) -> Artefact:
+    """The policy's answer to KAR's item prompt for every listed item (:mod:`tasks.rlrf4rec.
+    item_knowledge`): ``item_id, prompt, text, n_tokens, finish_reason, degenerate``."""
     from tasks.data.prepare import load_prepared
-    from tasks.rlrf4rec.encode import encode_texts, item_texts
+    from tasks.llm.generate import generate
+    from tasks.rlrf4rec.item_knowledge import item_prompts
+
+    prompts = item_prompts(load_prepared(run_folder(data)), dataset, style)  # type: ignore[arg-type]
+    model, adapter = policy.serving()
+    samples, gen = generate(
+        prompts,
+        model,
+        sampling,
+        backend=backend,  # type: ignore[arg-type]
+        adapter=adapter,
+        key="item_id",
+    )
+    answers = samples.select("item_id", "text", "n_tokens", "finish_reason", "degenerate")
+    frame = prompts.join(answers, on="item_id", how="left").sort("item_id")
+    write_parquet(frame, Path(out))
+    stats = {
+        "source": "llm",
+        "items": frame.height,
+        "mean_tokens": float(frame["n_tokens"].mean()),
+        "degenerate_share": float(frame["degenerate"].mean()),
+        **{k: gen[k] for k in ("backend", "generated_tokens", "prompt_tokens", "tokens_per_s")},
+        "load_seconds": gen["load_seconds"],
+        "generate_seconds": gen["generate_seconds"],
+    }
+    return Artefact(str(out), stats=stats)
+
+
+@stage("read-item-knowledge")
+def read_item_knowledge(source: InputRef, *, out: Path) -> Artefact:
+    """A user's item-knowledge file (parquet or JSON, :func:`tasks.rlrf4rec.item_knowledge.
+    read_item_knowledge`) as ``item_id, text``."""
+    from tasks.rlrf4rec.item_knowledge import read_item_knowledge as read
+
+    frame = read(source.path)
+    write_parquet(frame, Path(out))
+    return Artefact(str(out), stats={"source": source.path, "items": frame.height})
+
+
+@stage("encode-items")
+def encode_items(
+    data: Artefact, knowledge: Artefact | None = None, *, encoder: InputRef, out: Path
+) -> Artefact:
+    """Every item's vector: ``item_id, vector``; from its ``knowledge`` text (answer only, as
+    KAR encodes it) where it has one, else from its title and genres."""
+    from tasks.data.prepare import load_prepared
+    from tasks.rlrf4rec.encode import encode_texts
+    from tasks.rlrf4rec.item_knowledge import knowledge_texts
 
     items = load_prepared(run_folder(data)).items
-    vectors = encode_texts(item_texts(items), encoder.path)
+    source = str(knowledge.stats.get("source", "file")) if knowledge else "title"
+    texts, counts = knowledge_texts(
+        items, pl.read_parquet(knowledge.path) if knowledge else None, source=source
+    )
+    vectors = encode_texts(texts, encoder.path)
     write_parquet(items.select("item_id").with_columns(_vector_column(vectors)), Path(out))
-    return Artefact(str(out), stats={"items": items.height})
+    return Artefact(str(out), stats={"source": source, **counts})
 
 
 def _vector_column(vectors: np.ndarray) -> pl.Series:

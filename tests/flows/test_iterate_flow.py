@@ -6,20 +6,27 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
 from tests.conftest import write_grouplens
 
+ITEM_1_ANSWER = "Toy Story is a 1995 computer-animated film about toys that come to life."
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_llm_path: str, prefect_harness):
     """Run the flow once: 60 real MovieLens-100K users, a tiny random LLM, N=3, 48 new tokens,
-    one DPO step per round, 2 rounds. (A hand-made data set this small gives a reward model
-    too weak to tell samples apart, so no pair would survive.)"""
+    one DPO step per round, 2 rounds, item knowledge from a file for two items. (A hand-made
+    data set this small gives a reward model too weak to tell samples apart, so no pair would
+    survive.)"""
     import os
 
     root = tmp_path_factory.mktemp("flow")
+    knowledge = root / "item.klg.json"  # KAR's layout
+    knowledge.write_text(json.dumps({"1": {"prompt": "Introduce ...", "ans": ITEM_1_ANSWER},
+                                     "50": {"ans": "A space opera."}}))  # fmt: skip
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     params = {
         "run_name": "tiny",
@@ -35,6 +42,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_llm_path: str, prefe
         "reranker_epochs": 6,
         "dpo_max_steps": 1,
         "experiment": "tiny-e2e",
+        "item_knowledge": str(knowledge),
     }
     from flows.iterate import iterate
 
@@ -44,7 +52,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_llm_path: str, prefe
     return {"root": root, "params": params, "result": first, "wall": first_wall}
 
 
-def test_artefacts(tiny_run) -> None:
+def test_artefacts(tiny_run, encoder_path: str) -> None:
     run = Path(tiny_run["result"]["run_dir"])
     for rel in (
         "data/lists.parquet",
@@ -105,6 +113,15 @@ def test_artefacts(tiny_run) -> None:
         if not (run / f"round_0{r['policy']}" / "dpo" / "adapter").exists():
             assert r["drift"]["kl_per_token"] == 0.0  # an untrained policy is its reference
     assert "## Learning" in report and (run / "learning.png").exists()
+    # the item vectors of the knowledge rows: the file's answer alone for items 1 and 50
+    from tasks.rlrf4rec.encode import encode_texts, frame_vectors
+
+    items = pl.read_parquet(run / "item_vectors.parquet").filter(pl.col("item_id") == 1)
+    want = encode_texts([ITEM_1_ANSWER], encoder_path)
+    assert np.allclose(frame_vectors(items), want, atol=1e-5)
+    n_items = pl.read_parquet(run / "data" / "items.parquet").height
+    assert f"2 of {n_items} items from it" in report and "Encoder `" in report
+    assert "Rerankers: `fast` settings (arch `default`" in report
 
 
 def test_mlflow_metrics_per_round(tiny_run) -> None:
@@ -326,3 +343,25 @@ def test_profiles_belong_to_their_flow() -> None:
     assert IterateParams().resolved().knowledge_encoding is None  # quick: KAR's text (default)
     with pytest.raises(ValidationError, match="profiles quick, paper"):
         DirectParams(profile="study")
+
+
+def test_item_knowledge_by_profile_and_bad_paths_refused(tmp_path: Path) -> None:
+    """paper: the LLM's answers (greedy, the profile's token budget); quick: titles; a path
+    must be an existing parquet or JSON file."""
+    from pydantic import ValidationError
+
+    from flows.iterate import IterateParams, LoopConfig
+
+    paper = LoopConfig.of(IterateParams(profile="paper").resolved())
+    assert paper.item_knowledge == "llm"
+    assert (paper.item_sampling.temperature, paper.item_sampling.max_new_tokens) == (0.0, 512)
+    short = IterateParams(profile="paper", item_knowledge_tokens=128).resolved()
+    assert LoopConfig.of(short).item_sampling.max_new_tokens == 128
+    assert LoopConfig.of(IterateParams().resolved()).item_knowledge == "title"
+    table = tmp_path / "k.parquet"
+    table.write_bytes(b"")
+    given = LoopConfig.of(IterateParams(item_knowledge=str(table)).resolved())
+    assert given.item_knowledge == str(table.resolve())
+    for bad in (str(tmp_path / "absent.json"), str(tmp_path), "bert"):
+        with pytest.raises(ValidationError, match="expected title, llm or the path"):
+            IterateParams(item_knowledge=bad)
