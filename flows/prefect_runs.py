@@ -47,6 +47,9 @@ def _children_die_with_this_thread() -> Iterator[None]:
         subprocess.Popen = original  # type: ignore[misc]
 
 
+STARTUP_TIMEOUT_S = 120  # seconds the temporary API may take to answer /health
+
+
 def start_temporary_prefect_api() -> str | None:
     """Start Prefect's temporary API server now, tied to this process (main thread only).
 
@@ -56,11 +59,14 @@ def start_temporary_prefect_api() -> str | None:
     if threading.current_thread() is not threading.main_thread() or not _temporary_api_wanted():
         return None
     from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
     server = SubprocessASGIServer()
     if not server.running:
+        # Prefect waits 20 s by default: on two busy cores its server has needed more.
+        timeout = max(STARTUP_TIMEOUT_S, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
         with _children_die_with_this_thread():
-            server.start()
+            server.start(timeout=timeout)
     return server.api_url
 
 

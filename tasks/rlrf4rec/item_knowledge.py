@@ -115,7 +115,7 @@ def _json_knowledge(path: Path) -> pl.DataFrame:
     return pl.DataFrame({"item_id": ids, "text": texts}, schema=KNOWLEDGE_SCHEMA)
 
 
-def knowledge_texts(
+def item_knowledge_texts(
     items: pl.DataFrame, knowledge: pl.DataFrame | None, *, source: str = "llm"
 ) -> tuple[list[str], dict[str, int]]:
     """The text of every item of ``items`` (in its order) and counts of where they came from.
@@ -148,7 +148,7 @@ def knowledge_texts(
 __all__ = [
     "SOURCES",
     "item_prompts",
-    "knowledge_texts",
+    "item_knowledge_texts",
     "listed_items",
     "read_item_knowledge",
 ]

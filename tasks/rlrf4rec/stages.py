@@ -273,11 +273,11 @@ def encode_items(
     KAR encodes it) where it has one, else from its title and genres."""
     from tasks.data.prepare import load_prepared
     from tasks.rlrf4rec.encode import encode_texts
-    from tasks.rlrf4rec.item_knowledge import knowledge_texts
+    from tasks.rlrf4rec.item_knowledge import item_knowledge_texts
 
     items = load_prepared(run_folder(data)).items
     source = str(knowledge.stats.get("source", "file")) if knowledge else "title"
-    texts, counts = knowledge_texts(
+    texts, counts = item_knowledge_texts(
         items, pl.read_parquet(knowledge.path) if knowledge else None, source=source
     )
     vectors = encode_texts(texts, encoder.path)

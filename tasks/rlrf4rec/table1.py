@@ -13,7 +13,10 @@ Command line::
 
 ``--knowledge profile`` uses the profile-and-history part of KAR's prompt alone (no LLM answer);
 otherwise it is a parquet file with ``user_id`` and ``text`` (the knowledge text of each user).
-Items get a knowledge vector from their title and genres unless ``--no-item-text``.
+Items get a knowledge vector from their title and genres unless ``--no-item-text``, or from
+``--item-knowledge FILE`` (a parquet ``item_id, text`` or a JSON ``{id: text}`` / KAR's
+``item.klg``, e.g. the ``item_knowledge.parquet`` of a ``--item-knowledge llm`` run; items it
+lacks keep their title text).
 Artefacts go under ``--out`` (default ``<run>/table1``): one model folder per
 (backbone, row, seed), ``eval/*.json`` (+ per-list parquet), ``results.json`` and ``table.md``.
 """
@@ -38,7 +41,8 @@ from tasks.common.io import write_json
 from tasks.data.assets import DEFAULT_ENCODER, AssetError
 from tasks.data.datasets import DataError
 from tasks.data.prepare import load_prepared
-from tasks.rlrf4rec.encode import encode_frame, encode_texts, item_texts, vectors_frame
+from tasks.rlrf4rec.encode import encode_frame, encode_texts, vectors_frame
+from tasks.rlrf4rec.item_knowledge import item_knowledge_texts, read_item_knowledge
 from tasks.rlrf4rec.prompts import prompt_table
 from tasks.rlrf4rec.reranker import (
     TRAIN_LOG,
@@ -96,20 +100,31 @@ def build_vectors(
     item_text: bool,
     show_progress: bool = True,
     cache_dir: Path | None = None,
+    item_knowledge: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame | None]:
-    """User vectors of ``texts`` and (optionally) item vectors of titles and genres."""
+    """User vectors of ``texts`` and (optionally) item vectors: of ``item_knowledge``'s texts
+    (``item_id, text``) where an item has one, else of its title and genres."""
     users = encode_frame(texts, "user_id", "text", encoder, cache_dir, show_progress=show_progress)
     items = None
     if item_text:
         data = load_prepared(run)
-        vecs = encode_texts(item_texts(data.items), encoder, cache_dir, show_progress=show_progress)
+        item_strings, counts = item_knowledge_texts(data.items, item_knowledge, source="file")
+        if item_knowledge is not None:
+            log.info("item knowledge: %s", counts)
+        vecs = encode_texts(item_strings, encoder, cache_dir, show_progress=show_progress)
         items = vectors_frame(data.items["item_id"].to_list(), vecs, id_col="item_id")
     return users, items
 
 
-def fingerprint(texts: pl.DataFrame, encoder: str, item_text: bool) -> str:
-    """sha256 of the inputs that define the knowledge rows (texts, encoder, item flag)."""
+def fingerprint(
+    texts: pl.DataFrame, encoder: str, item_text: bool, items: pl.DataFrame | None = None
+) -> str:
+    """sha256 of the inputs that define the knowledge rows (texts, encoder, item flag, item
+    knowledge texts)."""
     h = hashlib.sha256(f"{encoder}|{item_text}|".encode())
+    if items is not None:
+        for iid, text in items.sort("item_id").iter_rows():
+            h.update(f"item{iid}\x00{text}\x01".encode())
     for uid, text in texts.sort("user_id").iter_rows():
         h.update(f"{uid}\x00{text}\x01".encode())
     return h.hexdigest()
@@ -140,11 +155,17 @@ def run_table(
     resume: bool = True,
     n_boot: int = 2000,
     cache_dir: Path | None = None,
+    item_knowledge: Path | None = None,
 ) -> dict:
     """Train and evaluate every (backbone, row, seed); return the aggregated results."""
     out.mkdir(parents=True, exist_ok=True)
-    fp = fingerprint(texts, encoder, item_text)
+    items_known = read_item_knowledge(item_knowledge) if item_knowledge else None
+    if items_known is not None:
+        items_known = items_known.select("item_id", "text")
+    fp = fingerprint(texts, encoder, item_text, items_known)
     inputs = {"fingerprint": fp, "encoder": encoder, "item_text": item_text, "label": label}
+    if item_knowledge:
+        inputs["item_knowledge"] = str(item_knowledge)
     marker = out / "inputs.json"
     if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") != fp:
         if resume:
@@ -153,7 +174,9 @@ def run_table(
                 "or --no-resume"
             )
     write_json(inputs, marker)
-    users, items = build_vectors(run, texts, encoder, item_text, cache_dir=cache_dir)
+    users, items = build_vectors(
+        run, texts, encoder, item_text, cache_dir=cache_dir, item_knowledge=items_known
+    )
     refs = reference_results(run, "test")
     for name, res in refs.items():
         write_eval(res, out / "eval" / f"reference_{name}.json")
@@ -320,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no item knowledge vectors (by default items are encoded from title + genres)",
     )
+    p.add_argument(
+        "--item-knowledge",
+        type=Path,
+        default=None,
+        help="item texts to encode instead of title + genres: a parquet (item_id, text) or a "
+        "JSON ({id: text}, or KAR's item.klg); items it lacks keep their title text",
+    )
     p.add_argument("--label", default=None, help="name of the knowledge row (default: from input)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default <run>/table1)")
     p.add_argument("--paper", action="store_true", help="paper settings: batch 64, lr 1e-3, 50 ep")
@@ -371,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             resume=not args.no_resume,
             n_boot=args.n_boot,
             cache_dir=args.cache_dir,
+            item_knowledge=args.item_knowledge,
         )
     except (ValueError, DataError, AssetError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -7,6 +7,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from tasks.data.assets import MANIFEST
 from tasks.rlrf4rec import encode
 from tasks.rlrf4rec.encode import (
     encode_texts,
@@ -70,12 +71,16 @@ def test_compaction_keeps_everything(
     assert pl.read_parquet(list(folder.glob("part-*.parquet"))).height == 4
 
 
+# the sentence-transformers files, and the asset cache's manifest that lists them
+PLAIN_HF_LEAVES_OUT = ("modules.json", "sentence_bert_config.json", MANIFEST)
+
+
 def test_plain_hf_encoder_mean_pooling(encoder_path: str, tmp_path: Path) -> None:
     # the same weights without the sentence-transformers files: a plain HF encoder
     plain = tmp_path / "plain-bert"
     plain.mkdir()
     for f in Path(encoder_path).iterdir():
-        if f.is_file() and f.name not in ("modules.json", "sentence_bert_config.json"):
+        if f.is_file() and f.name not in PLAIN_HF_LEAVES_OUT:
             shutil.copy(f, plain / f.name)
     assert encoder_key(str(plain)) != encoder_key(encoder_path)
     raw = encode_texts(TEXTS[:2], str(plain), cache_dir=tmp_path)

@@ -13,8 +13,8 @@ import pytest
 from tasks.data.datasets import DataError
 from tasks.data.prepare import PreparedData, load_prepared
 from tasks.rlrf4rec.item_knowledge import (
+    item_knowledge_texts,
     item_prompts,
-    knowledge_texts,
     listed_items,
     read_item_knowledge,
 )
@@ -108,7 +108,7 @@ def test_bad_parquet_columns_and_repeats(tmp_path: Path) -> None:
 
 def test_knowledge_texts_fill_missing_and_blank_items_with_titles() -> None:
     knowledge = pl.DataFrame({"item_id": [2, 3, 99], "text": ["  A heist film.  ", " ", "x"]})
-    texts, counts = knowledge_texts(_items(), knowledge)
+    texts, counts = item_knowledge_texts(_items(), knowledge)
     # item 2 its answer (stripped); item 3's blank answer and item 1's missing one: titles
     assert texts == [
         "American President, The (1995); genres: Comedy",
@@ -116,14 +116,14 @@ def test_knowledge_texts_fill_missing_and_blank_items_with_titles() -> None:
         "Unlisted (1990)",
     ]
     assert counts == {"items": 3, "from_knowledge": 1, "from_title": 2, "blank": 1}
-    titles, counts = knowledge_texts(_items(), None)
+    titles, counts = item_knowledge_texts(_items(), None)
     assert titles[1] == "Heat (1995); genres: Action, Crime" and counts["from_title"] == 3
 
 
 def test_knowledge_of_another_catalogue_is_refused() -> None:
     other = pl.DataFrame({"item_id": [101, 102], "text": ["a", "b"]})
     with pytest.raises(DataError, match="none of its 2 ids is an item of the catalogue"):
-        knowledge_texts(_items(), other, source="kar.json")
+        item_knowledge_texts(_items(), other, source="kar.json")
 
 
 def test_item_knowledge_stage_answers_every_listed_item(
