@@ -235,7 +235,9 @@ def online_rl(
 
     windows, catalogue = load_direct(data.path)
     train = select(windows, "train", max_train_users)
-    prompts = train.select("prompt", "ground_truth_item_ids", "context_item_ids")
+    prompts = train.select(
+        "prompt", "ground_truth_item_ids", "context_item_ids", "history_item_ids"
+    )
     reward: Callable[..., list[float]]
     if reward_model is not None:
         reward = RewardModelScore(policy.base.path, reward_model.path)
