@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import polars as pl
 from prefect import flow
 from pydantic import Field, field_validator, model_validator
 
@@ -62,14 +63,42 @@ PROFILES: dict[str, dict] = {
         "max_rl_users": 8,
         "max_eval_users": 32,
         "n_samples": 4,
+        "temperature": 1.0,
+        "top_p": 0.95,
         "max_new_tokens": 96,
         "stages": ["sft", "dpo", "rl"],
         "train_settings": "fast",
+        "sft_epochs": 1.0,
+        "sft_lr": 1e-3,
         "sft_max_steps": 0,
         "dpo_max_steps": 4,
         "rl_max_steps": 1,
         "rm_max_steps": 4,
         "format_bonus": 0.005,
+    },
+    # Every ML-100K user on a 2-core CPU in at most about 90 minutes (README, "The study profile"):
+    # SFT on every train window for You et al.'s 3 epochs, DPO pairs sampled from the SFT policy
+    # with their settings, capped DPO / RL / RLHF steps, every test user evaluated. One seed: a
+    # seed reruns every stage (its own split and windows), and three do not fit in the budget.
+    "study": {
+        "seeds": [0],
+        "max_train_users": 0,
+        "max_pref_users": 160,
+        "max_rl_users": 0,
+        "max_eval_users": 0,
+        "n_samples": 5,
+        "temperature": 0.6,
+        "top_p": 0.9,
+        "max_new_tokens": 72,
+        "stages": ["sft", "dpo", "rl", "rlhf"],
+        "train_settings": "fast",
+        "sft_epochs": 3.0,
+        "sft_lr": 2e-4,
+        "sft_max_steps": 0,
+        "dpo_max_steps": 40,
+        "rl_max_steps": 12,
+        "rm_max_steps": 0,
+        "format_bonus": 0.0,
     },
     "paper": {
         "seeds": [0, 1, 2],
@@ -78,9 +107,13 @@ PROFILES: dict[str, dict] = {
         "max_rl_users": 0,
         "max_eval_users": 0,
         "n_samples": 5,
+        "temperature": 0.6,
+        "top_p": 0.9,
         "max_new_tokens": 128,
         "stages": ["sft", "dpo", "rl", "rlhf"],
         "train_settings": "paper",
+        "sft_epochs": 3.0,
+        "sft_lr": 5e-5,
         "sft_max_steps": 0,
         "dpo_max_steps": 0,
         "rl_max_steps": 0,
@@ -148,10 +181,20 @@ class DirectParams(RunParams):
         0.0, ge=0, description="decoding temperature of every evaluation; 0 = greedy"
     )
     n_samples: int | None = Field(
-        None, ge=2, description="answers sampled per train prompt for the DPO pairs (profile)"
+        None,
+        ge=2,
+        description="answers sampled per train prompt from the SFT policy for the DPO pairs "
+        "(You et al.: 5; profile)",
     )
-    temperature: float = Field(1.0, gt=0, description="sampling temperature of the DPO samples")
-    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling top-p")
+    temperature: float | None = Field(
+        None,
+        gt=0,
+        description="sampling temperature of the DPO samples and the RL rollouts "
+        "(You et al.: 0.6; profile)",
+    )
+    top_p: float | None = Field(
+        None, gt=0, le=1, description="nucleus sampling top-p (You et al.: 0.9; profile)"
+    )
     pairing: Literal["all_pairs", "best_worst", "mu_2sigma"] = Field(
         "all_pairs",
         description="all_pairs: every pair of samples with different NDCG@5 (the paper); "
@@ -178,17 +221,43 @@ class DirectParams(RunParams):
         description="WRatio score below which a title counts as unmapped (none = the paper)",
     )
     exclude_context: bool = Field(
-        False, description="map titles only onto movies outside the user's prompt window"
+        True,
+        description="map titles only onto movies the user has not rated before the window's "
+        "end (the prompt's own window and every earlier rating); a departure from You et al., "
+        "whose mapping lets an answer score with a movie already seen; --no-exclude-context "
+        "maps onto the whole catalogue, as they do",
+    )
+    you_et_al_exact: bool = Field(
+        False,
+        description="build windows and prompt as You et al.'s code does: a cut-off once 5 "
+        "ratings >= 4 or 5 ratings <= 2 came up to it, ground truth strictly after it (at least "
+        "1 liked), movies newest first, their prompt with its 'Do not repeat' line; "
+        "context_size 10, k_min and min_ground_truth are then theirs",
     )
     train_settings: Literal["fast", "paper"] | None = Field(
         None,
         description="LoRA trainers: fast CPU defaults or the paper's settings (profile)",
     )
+    sft_epochs: float | None = Field(
+        None, gt=0, description="SFT passes over every train window (You et al.: 3; profile)"
+    )
+    sft_lr: float | None = Field(None, gt=0, description="SFT learning rate (profile)")
     sft_max_steps: int | None = Field(None, ge=0, description="cap SFT steps; 0 = epochs")
     dpo_max_steps: int | None = Field(None, ge=0, description="cap DPO steps; 0 = epochs")
     dpo_beta: float = Field(0.1, gt=0, description="DPO beta (TRL's default; the paper gives none)")
     rl_algorithm: Literal["grpo", "rloo"] = Field("grpo", description="online RL algorithm")
+    rl_beta: float = Field(
+        0.04,
+        ge=0,
+        description="KL coefficient of online RL and RLHF towards the SFT policy (TRL's "
+        "default 0.04; 0 = no KL term)",
+    )
     rl_max_steps: int | None = Field(None, ge=0, description="cap online-RL steps; 0 = epochs")
+    rm_input: Literal["answer", "prompt_answer"] = Field(
+        "answer",
+        description="what the RLHF reward model reads: the answer alone (You et al.) or the "
+        "prompt and the answer",
+    )
     rm_max_steps: int | None = Field(None, ge=0, description="cap reward-model steps; 0 = epochs")
     baseline_history: Literal["full", "context"] = Field(
         "full",
@@ -256,46 +325,59 @@ class StageConfigs:
     def of(cls, p: DirectParams, seed: int) -> StageConfigs:
         paper = p.train_settings == "paper"
         tokens = p.max_new_tokens or 64
+        top_p = p.top_p or 0.95
+        temperature = p.temperature or 1.0
         sampling = SamplingConfig(
-            n=1, temperature=p.eval_temperature, top_p=p.top_p, max_new_tokens=tokens, seed=seed
+            n=1, temperature=p.eval_temperature, top_p=top_p, max_new_tokens=tokens, seed=seed
         )
+        exact = p.you_et_al_exact
         sft = SFTConfig.you_et_al() if paper else SFTConfig.direct_cpu()
         dpo = DPOConfig.you_et_al() if paper else DPOConfig.direct_cpu()
         rl = OnlineRLConfig.you_et_al() if paper else OnlineRLConfig.direct_cpu()
         return cls(
             windows=WindowConfig(
                 seed=seed,
-                context_size=p.context_size,
+                context_size=10 if exact else p.context_size,
                 k_min=p.k_min,
-                liked_cap=p.liked_cap,
-                hated_cap=p.hated_cap,
-                min_ground_truth=p.min_ground_truth,
+                liked_cap=5 if exact else p.liked_cap,
+                hated_cap=5 if exact else p.hated_cap,
+                min_ground_truth=1 if exact else p.min_ground_truth,
                 windows_per_train_user=p.windows_per_train_user,
                 release_cutoff=p.release_cutoff,
+                you_et_al_exact=exact,
             ),
             baselines=BaselineConfig(history=p.baseline_history, neighbours=p.knn_neighbours),
             mapping=MappingConfig(score_cutoff=p.score_cutoff, exclude_context=p.exclude_context),
             eval_sampling=sampling,
             pref_sampling=replace(
-                sampling, n=p.n_samples or 4, temperature=p.temperature, seed=seed + 1
+                sampling, n=p.n_samples or 4, temperature=temperature, seed=seed + 1
             ),
             format_bonus=p.format_bonus or 0.0,
             pairing=PairingConfig.direct(p.pairing, p.min_margin, p.max_pairs_per_prompt),
-            sft=replace(sft, seed=seed, max_steps=p.sft_max_steps or -1),
-            # The reference policy is the one DPO starts from (the SFT policy).
+            sft=replace(
+                sft,
+                seed=seed,
+                epochs=p.sft_epochs or sft.epochs,
+                lr=p.sft_lr or sft.lr,
+                max_steps=p.sft_max_steps or -1,
+            ),
+            # The reference policy is the one DPO starts from (the SFT policy): TRL keeps a
+            # frozen copy of the adapter it trains further (tasks.llm.dpo.dpo_reference).
             dpo=replace(
                 dpo, seed=seed, beta=p.dpo_beta, ref="previous", max_steps=p.dpo_max_steps or -1
             ),
-            # No KL term: the trainer's reference is the base model, and RL starts from SFT.
+            # RL trains the SFT adapter further; with beta > 0 TRL keeps a frozen copy of it as
+            # the KL reference, so the KL term pulls towards the SFT policy
+            # (tasks.llm.online_rl.rl_reference).
             rl=replace(
                 rl,
                 seed=seed,
                 algorithm=p.rl_algorithm,
                 num_generations=4,
                 max_completion_length=tokens,
-                beta=0.0,
-                temperature=p.temperature,
-                top_p=p.top_p,
+                beta=p.rl_beta,
+                temperature=temperature,
+                top_p=top_p,
                 max_steps=p.rl_max_steps or -1,
             ),
             reward_model=RewardModelConfig(
@@ -303,6 +385,7 @@ class StageConfigs:
                 seed=seed,
                 max_length=512,
                 max_steps=p.rm_max_steps or -1,
+                rm_input=p.rm_input,
             ),
         )
 
@@ -323,6 +406,8 @@ class Results:
     notes: list[str]
     examples: list
     test_windows: int = 0
+    # per_user[stage][seed][user_id] = that test user's NDCG@5, Precision@5, Recall@5
+    per_user: dict[str, dict[int, dict[str, dict[str, float]]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -468,6 +553,8 @@ def run_seed(run: SeedRun, results: Results) -> None:
         run.record("sft", sft, results)
         start = start.after(sft)
         answers["sft"] = evaluate(run, "sft", start, results)
+    if run.first:
+        results.details["references"] = stage_references(cfg, start)
     prefs = None
     if "dpo" in wanted or "rlhf" in wanted:
         prefs = stages.preferences(
@@ -507,6 +594,16 @@ def run_seed(run: SeedRun, results: Results) -> None:
         results.test_windows = results.per_seed["base"][run.seed].get("answers", 0)
 
 
+def stage_references(cfg: StageConfigs, start: Policy) -> dict[str, str | None]:
+    """The reference policy of DPO and of online RL / RLHF when they start from ``start``: the
+    adapter of the SFT policy (TRL's frozen copy of it), ``base`` without SFT, None for RL
+    without a KL term (``rl_beta`` 0)."""
+    from tasks.llm.dpo import dpo_reference
+    from tasks.llm.online_rl import rl_reference
+
+    return {"dpo": dpo_reference(cfg.dpo, start.adapter), "rl": rl_reference(cfg.rl, start.adapter)}
+
+
 def online_rl(run: SeedRun, start: Policy, reward_model: Artefact | None, name: str) -> Artefact:
     """Online RL from ``start`` with the NDCG@5 reward, or a reward model's score (RLHF)."""
     return stages.online_rl(
@@ -535,8 +632,17 @@ def evaluate(run: SeedRun, name: str, policy: Policy, results: Results) -> str:
     )
     run.record(f"{name}.eval", ev, results)
     results.per_seed.setdefault(name, {})[run.seed] = ev.stats["metrics"]
+    results.per_user.setdefault(name, {})[run.seed] = per_user_metrics(ev.path)
     run.ctx.tracker.metrics(run.ctx.parent_run_id, {f"seed{run.seed}.{name}": ev.stats["metrics"]})
     return ev.path
+
+
+def per_user_metrics(answers_path: str) -> dict[str, dict[str, float]]:
+    """Each evaluated test user's NDCG@5, Precision@5 and Recall@5 (one window per test user)."""
+    frame = pl.read_parquet(answers_path, columns=["user_id", "ndcg", "precision", "recall"])
+    return {
+        str(u): {"ndcg@5": n, "precision@5": p, "recall@5": r} for u, n, p, r in frame.iter_rows()
+    }
 
 
 def _evaluated_or_noted(
@@ -551,6 +657,7 @@ def _evaluated_or_noted(
 def report(p: DirectParams, ctx: RunContext, results: Results, t_start: float) -> dict:
     """``report.md`` and ``results.json``, with Table 1's means in MLflow."""
     table = direct_report.summarise(results.per_seed)
+    differences = direct_report.paired_differences(results.per_user)
     wall = time.perf_counter() - t_start
     out = {
         "dataset": p.dataset,
@@ -559,7 +666,12 @@ def report(p: DirectParams, ctx: RunContext, results: Results, t_start: float) -
         "seeds": p.seeds or [0],
         "test_windows": results.test_windows,
         "table": table,
+        "differences": differences,
+        "setup": setup_of(p),
         "per_seed": {row: {str(s): m for s, m in v.items()} for row, v in results.per_seed.items()},
+        "per_user": {
+            row: {str(s): users for s, users in v.items()} for row, v in results.per_user.items()
+        },
         "stages": results.details,
         "timings": results.timings,
         "wall_seconds": wall,
@@ -576,6 +688,23 @@ def report(p: DirectParams, ctx: RunContext, results: Results, t_start: float) -
     for path in paths.values():
         tracker.artifact(ctx.parent_run_id, path)
     return {"run_dir": str(ctx.run_dir), **paths, "wall_seconds": wall}
+
+
+def setup_of(p: DirectParams) -> dict[str, Any]:
+    """The settings the report states (window mode, exclusion, sampling, KL, reward model)."""
+    cfg = StageConfigs.of(p, seed=0)
+    return {
+        "you_et_al_exact": p.you_et_al_exact,
+        "exclude_context": cfg.mapping.exclude_context,
+        "n_samples": cfg.pref_sampling.n,
+        "temperature": cfg.pref_sampling.temperature,
+        "top_p": cfg.pref_sampling.top_p,
+        "pairing": p.pairing,
+        "dpo_reference": cfg.dpo.ref,
+        "rl_beta": cfg.rl.beta,
+        "rm_input": cfg.reward_model.rm_input,
+        "sft_epochs": cfg.sft.epochs,
+    }
 
 
 def _users(n: int | None) -> int | None:
@@ -603,6 +732,11 @@ BRIEF_KEYS = (
     "prompts",
     "prompts_with_pairs",
     "prompts_all_zero",
+    "repeat_share",
+    "answers_repeating_prompt",
+    "beta",
+    "reference",
+    "rm_input",
     "mean_ndcg",
     "mean_best_ndcg",
     "backend",
@@ -619,6 +753,9 @@ def _brief(artefact: Artefact) -> dict:
         value = artefact.stats.get(part)
         if isinstance(value, dict):
             flat.update({k: v for k, v in value.items() if not isinstance(v, dict)})
+    for key in ("reference", "rm_input"):  # a trainer's reference policy, the RM's input
+        if isinstance(artefact.stats.get(key), str):
+            flat[key] = artefact.stats[key]
     if artefact.skipped:
         flat["skipped"] = artefact.skipped
     out = {k: flat[k] for k in BRIEF_KEYS if k in flat and flat[k] is not None}

@@ -1,5 +1,6 @@
 """The second pipeline's report: the paper's Table 1 layout with our rows, the paper's numbers
-beside, the mean and 95% CI over seeds, and a sample recommendation of every stage.
+beside, the mean and 95% CI over seeds, the paired per-user 95% CI of each stage against the one
+before it, and two example answers of every stage for the same two test users.
 """
 
 from __future__ import annotations
@@ -35,7 +36,42 @@ ROW_NAMES = {
 PAPER_ROW = {"base": "Base", "sft": "SFT", "dpo": "DPO", "rl": "RLHF", "rlhf": "RLHF"}
 
 METRICS = ("ndcg@5", "precision@5", "recall@5")
-RATES = ("mapped_title_rate", "parse_failure_rate")
+RATES = ("mapped_title_rate", "parse_failure_rate", "repeat_share")
+# Each trained stage against the stage it starts from: the paired differences of the report.
+DIFFERENCES = (("sft", "base"), ("dpo", "sft"), ("rl", "sft"), ("rlhf", "sft"))
+
+
+def paired_differences(
+    per_user: dict[str, dict[int, dict[str, dict[str, float]]]],
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Mean and paired 95% CI of each stage minus the stage before it, per metric.
+
+    ``per_user[stage][seed][user]`` holds that user's metrics (one test window per user). The
+    differences are taken user by user within a seed (the same test windows), pooled over the
+    seeds, and summarised with the Student-t interval of their mean (:func:`models.stats.mean_ci`
+    on the differences: the paired t interval). Returns ``{"sft-base": {"ndcg@5": {"mean",
+    "ci95", "ci_low", "ci_high", "n"}, ...}, ...}`` for the pairs both of whose stages ran.
+    """
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for stage, before in DIFFERENCES:
+        if stage not in per_user or before not in per_user:
+            continue
+        row: dict[str, dict[str, float]] = {}
+        for metric in METRICS:
+            diffs = []
+            for seed in sorted(set(per_user[stage]) & set(per_user[before])):
+                a, b = per_user[stage][seed], per_user[before][seed]
+                diffs += [a[u][metric] - b[u][metric] for u in sorted(set(a) & set(b))]
+            mean, half = mean_ci(diffs)
+            row[metric] = {
+                "mean": mean,
+                "ci95": half,
+                "ci_low": mean - half,
+                "ci_high": mean + half,
+                "n": len(diffs),
+            }
+        out[f"{stage}-{before}"] = row
+    return out
 
 
 def summarise(per_seed: dict[str, dict[int, dict[str, float]]]) -> dict[str, dict[str, dict]]:
@@ -79,8 +115,8 @@ def render_report(results: dict) -> str:
         f"## Table 1: metrics in %{ci}",
         "",
         "| Row | NDCG@5 | Precision@5 | Recall@5 | mapped-title rate | parse-failure rate "
-        "| paper NDCG@5 |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| repeats the prompt | paper NDCG@5 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in ("base", "sft", "dpo", "rl", "rlhf", "popular", "item_knn"):
         if row not in table:
@@ -92,11 +128,13 @@ def render_report(results: dict) -> str:
             paper_txt += " (RLHF)"
         rates = [_pct(t[r], n_seeds) for r in RATES]
         if row in ("popular", "item_knn"):
-            rates = ["n/a", "n/a"]
+            rates = ["n/a"] * len(RATES)
         lines.append(
             f"| {ROW_NAMES[row]} | "
             + " | ".join(_pct(t[m], n_seeds) for m in METRICS)
-            + f" | {rates[0]} | {rates[1]} | {paper_txt} |"
+            + " | "
+            + " | ".join(rates)
+            + f" | {paper_txt} |"
         )
     lines += [
         "",
@@ -109,8 +147,30 @@ def render_report(results: dict) -> str:
         "",
         "Mapped-title rate: distinct catalogue titles the answers' titles mapped to, over the "
         "titles parsed. Parse-failure rate: answers from which no title could be read. "
-        "Duplicates after mapping count once; a title below the score cut-off is unmapped.",
+        "Repeats the prompt: answers with at least one title that maps (before exclusion) to a "
+        "movie of their own prompt. Duplicates after mapping count once; a title below the "
+        "score cut-off is unmapped.",
     ]
+    lines += _setup_lines(results)
+    diffs = results.get("differences") or {}
+    if diffs:
+        lines += [
+            "",
+            "## Each stage against the stage it starts from (paired per test user, in %)",
+            "",
+            "Mean difference and 95% CI (paired t over the test users"
+            + (", pooled over the seeds" if n_seeds > 1 else "")
+            + "); an interval that holds 0 shows no difference at this size.",
+            "",
+            "| Difference | NDCG@5 | Precision@5 | Recall@5 | users |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, row in diffs.items():
+            stage, before = name.split("-")
+            cells = [_diff(row[m]) for m in METRICS]
+            n = row[METRICS[0]]["n"]
+            label = f"{ROW_NAMES[stage]} - {ROW_NAMES[before]}"
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {n} |")
     notes = results.get("notes") or []
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
@@ -127,12 +187,60 @@ def render_report(results: dict) -> str:
         lines.append(f"| **wall (flow)** | {results.get('wall_seconds', 0.0):.1f} |")
     examples = results.get("examples") or []
     if examples:
-        lines += ["", "## Sample recommendations (first test user, first seed)", ""]
-        lines += ["| stage | answer (mapped titles) |", "|---|---|"]
-        for stage, titles in examples:
-            cell = "; ".join(t if t else "(unmapped/duplicate)" for t in titles) or "(none)"
-            lines.append(f"| {stage} | {cell.replace('|', '/')} |")
+        lines += ["", "## Example answers (two test users, first seed)", ""]
+        for ex in examples:
+            lines += [f"Test user {ex['user_id']}:", "", "| stage | answer (mapped titles) |"]
+            lines.append("|---|---|")
+            for stage, titles in ex["rows"]:
+                cell = "; ".join(t if t else "(unmapped/duplicate)" for t in titles) or "(none)"
+                lines.append(f"| {stage} | {cell.replace('|', '/')} |")
+            lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _diff(summary: dict) -> str:
+    mean, low, high = summary["mean"], summary["ci_low"], summary["ci_high"]
+    if mean is None or not math.isfinite(mean):
+        return "-"
+    return f"{100 * mean:+.3f} [{100 * low:+.3f}, {100 * high:+.3f}]"
+
+
+def _setup_lines(results: dict) -> list[str]:
+    """How this run departs from or follows You et al.: the lines under Table 1."""
+    setup = results.get("setup") or {}
+    if not setup:
+        return []
+    windows = (
+        "You et al.'s code (--you-et-al-exact: a cut-off once 5 ratings >= 4 or 5 ratings <= 2 "
+        "came up to it, ground truth strictly after it, movies newest first, their prompt with "
+        "its 'Do not repeat' line)"
+        if setup.get("you_et_al_exact")
+        else "this project's rules (docs/design.md, section 3)"
+    )
+    exclusion = (
+        "titles of the prompt's window and of every earlier rating of the user are excluded at "
+        "mapping (a departure from You et al.; --no-exclude-context maps as they do)"
+        if setup.get("exclude_context")
+        else "titles map onto the whole catalogue, seen movies included (You et al.)"
+    )
+    rm = {
+        "answer": "the answers alone (You et al.)",
+        "prompt_answer": "the (prompt, answer) conversations",
+    }.get(setup.get("rm_input", ""), str(setup.get("rm_input")))
+    return [
+        "",
+        "## Setup",
+        "",
+        f"- Windows and prompt: {windows}.",
+        f"- Mapping: {exclusion}.",
+        "- DPO: pairs sampled from the SFT policy "
+        f"(n {setup.get('n_samples')}, temperature {setup.get('temperature')}, top-p "
+        f"{setup.get('top_p')}, pairing {setup.get('pairing')}); reference: the SFT policy.",
+        f"- Online RL and RLHF: start from the SFT policy, KL coefficient {setup.get('rl_beta')} "
+        "towards the SFT policy"
+        + (" (no KL term)" if not setup.get("rl_beta") else "")
+        + f"; RLHF's reward model reads {rm}.",
+    ]
 
 
 def write_report(results: dict, out_dir: str | Path) -> dict[str, str]:
@@ -145,21 +253,26 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, str]:
     return {"report": str(report), "results": str(out / "results.json")}
 
 
-def example_rows(stage_paths: dict[str, str], windows: pl.DataFrame) -> list[tuple[str, list]]:
-    """Ground truth and each stage's mapped answer for the first evaluated test window."""
-    first = select(windows, "test", 1)
-    if first.height == 0:
-        return []
-    wid = first["window_id"][0]
-    out: list[tuple[str, list]] = [("ground truth", first["ground_truth_titles"][0].to_list())]
-    for name, path in stage_paths.items():
-        if not path or not Path(path).is_file():
-            continue
-        ans = pl.read_parquet(path).filter(pl.col("window_id") == wid)
-        if ans.height:
-            ids, matched = ans["item_ids"][0].to_list(), ans["matched"][0].to_list()
-            shown = [m if i is not None else None for i, m in zip(ids, matched, strict=True)]
-            out.append((name, shown))
+def example_rows(
+    stage_paths: dict[str, str], windows: pl.DataFrame, n_users: int = 2
+) -> list[dict]:
+    """Ground truth and each stage's mapped answer for the first ``n_users`` test windows."""
+    out: list[dict] = []
+    test = select(windows, "test", n_users)
+    answers = {
+        name: pl.read_parquet(path)
+        for name, path in stage_paths.items()
+        if path and Path(path).is_file()
+    }
+    for row in test.head(n_users).iter_rows(named=True):
+        rows: list[tuple[str, list]] = [("ground truth", list(row["ground_truth_titles"]))]
+        for name, frame in answers.items():
+            ans = frame.filter(pl.col("window_id") == row["window_id"])
+            if ans.height:
+                ids, matched = ans["item_ids"][0].to_list(), ans["matched"][0].to_list()
+                shown = [m if i is not None else None for i, m in zip(ids, matched, strict=True)]
+                rows.append((name, shown))
+        out.append({"user_id": row["user_id"], "rows": rows})
     return out
 
 

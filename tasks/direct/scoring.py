@@ -31,6 +31,7 @@ ANSWER_SCHEMA = {
     "n_mapped": pl.Int64,
     "n_unmapped": pl.Int64,
     "n_duplicates": pl.Int64,
+    "n_repeats": pl.Int64,
     "ndcg": pl.Float64,
     "precision": pl.Float64,
     "recall": pl.Float64,
@@ -75,18 +76,15 @@ def score_answers(
     mapping = mapping or MappingConfig()
     check_format_bonus(format_bonus)
     k = mapping.k
-    by_window = {
-        row["window_id"]: row
-        for row in windows.select(
-            "window_id", "user_id", "ground_truth_item_ids", "context_item_ids"
-        ).iter_rows(named=True)
-    }
+    by_window = {row["window_id"]: row for row in _mapping_inputs(windows).iter_rows(named=True)}
     rows, answers = [], []
     for wid, sidx, text in samples.select("window_id", "sample_idx", "text").iter_rows():
         w = by_window.get(wid)
         if w is None:
             raise ValueError(f"samples: window_id {wid} is not in the windows")
-        ans = catalogue.map_answer(text, mapping, context=w["context_item_ids"])
+        ans = catalogue.map_answer(
+            text, mapping, context=w["prompt_item_ids"], history=w["history_item_ids"]
+        )
         answers.append(ans)
         m = metrics_at_k(ans.item_ids, catalogue.canonical(w["ground_truth_item_ids"]), k)
         rows.append(
@@ -102,6 +100,7 @@ def score_answers(
                 "n_mapped": ans.n_mapped,
                 "n_unmapped": ans.n_unmapped,
                 "n_duplicates": ans.n_duplicates,
+                "n_repeats": ans.n_repeats,
                 "ndcg": m[f"ndcg@{k}"],
                 "precision": m[f"precision@{k}"],
                 "recall": m[f"recall@{k}"],
@@ -116,6 +115,29 @@ def score_answers(
     }
     summary.update(mapping_counts(answers, k))
     return frame, summary
+
+
+def _mapping_inputs(windows: pl.DataFrame) -> pl.DataFrame:
+    """Per window: its ground truth, the prompt's own movies and the movies rated before it.
+
+    The prompt's movies are the liked and hated ones it shows (the window's ratings when those
+    columns are absent); the history is every movie rated before the window's end (the window
+    itself when ``history_item_ids`` is absent).
+    """
+    cols = set(windows.columns)
+    shown = (
+        pl.concat_list("liked_item_ids", "hated_item_ids")
+        if {"liked_item_ids", "hated_item_ids"} <= cols
+        else pl.col("context_item_ids")
+    )
+    history = pl.col("history_item_ids") if "history_item_ids" in cols else shown
+    return windows.select(
+        "window_id",
+        "user_id",
+        "ground_truth_item_ids",
+        shown.alias("prompt_item_ids"),
+        pl.concat_list(history, "context_item_ids").alias("history_item_ids"),
+    )
 
 
 def score_lists(
@@ -135,6 +157,7 @@ def score_lists(
         answers=len(rows),
         parse_failure_rate=0.0,
         mapped_title_rate=1.0,
+        repeat_share=0.0,
         slot_fill_rate=float(np.mean([len(r) for r in recommended]) / k) if rows else 0.0,
     )
     return out
@@ -203,7 +226,8 @@ class NDCGReward:
     """Reward of an answer = NDCG@k of its mapped titles against the window's ground truth.
 
     Called by the online-RL trainer as ``reward(prompts, completions, extra)`` where ``extra``
-    holds the per-prompt columns ``ground_truth_item_ids`` and ``context_item_ids``.
+    holds the per-prompt columns ``ground_truth_item_ids``, ``context_item_ids`` and, where
+    given, ``history_item_ids`` (excluded at mapping together with the context, by default).
     """
 
     def __init__(
@@ -218,9 +242,17 @@ class NDCGReward:
         self.format_bonus = format_bonus
         self.__name__ = f"ndcg@{self.mapping.k}"
 
-    def score(self, completion: str, ground_truth: Sequence[int], context: Sequence[int]) -> float:
+    def score(
+        self,
+        completion: str,
+        ground_truth: Sequence[int],
+        context: Sequence[int],
+        history: Sequence[int] = (),
+    ) -> float:
         k = self.mapping.k
-        ans = self.catalogue.map_answer(completion, self.mapping, context=context or ())
+        ans = self.catalogue.map_answer(
+            completion, self.mapping, context=context or (), history=history or ()
+        )
         ndcg = metrics_at_k(ans.item_ids, self.catalogue.canonical(ground_truth), k)[f"ndcg@{k}"]
         return reward_of(ndcg, ans.n_mapped, k, self.format_bonus)
 
@@ -229,7 +261,8 @@ class NDCGReward:
     ) -> list[float]:
         gts = extra["ground_truth_item_ids"]
         ctx = extra.get("context_item_ids") or [()] * len(completions)
+        hist = extra.get("history_item_ids") or [()] * len(completions)
         return [
-            self.score(completion_text(c), list(g), list(x or ()))
-            for c, g, x in zip(completions, gts, ctx, strict=True)
+            self.score(completion_text(c), list(g), list(x or ()), list(h or ()))
+            for c, g, x, h in zip(completions, gts, ctx, hist, strict=True)
         ]

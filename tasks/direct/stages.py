@@ -14,10 +14,12 @@ only when its parameters, upstream artefacts and code are unchanged.
   NDCG@5 (plus the optional format bonus) and paired by :func:`tasks.pairing.build_pairs`
   (``all_pairs``, the paper: every pair with different rewards, the higher one chosen).
 - **DPO**: on those pairs, continuing the SFT adapter, with the SFT policy as reference.
-- **online RL**: TRL GRPO/RLOO from the SFT adapter, reward = NDCG@5 of the mapped answer.
+- **online RL**: TRL GRPO/RLOO training the SFT adapter further, reward = NDCG@5 of the mapped
+  answer, with a KL term (``beta``) towards the SFT policy (TRL's frozen copy of that adapter).
 - **RLHF** (the paper's PPO row, with a reward model): a reward model (the base LLM with a
-  scalar head and LoRA, TRL ``RewardTrainer``) trained on the preference pairs, then online RL
-  with that model's score as the reward.
+  scalar head and LoRA, TRL ``RewardTrainer``) trained on the preference pairs (on the answers
+  alone by default, as You et al.; ``rm_input``), then online RL with that model's score as the
+  reward, with the same KL term.
 """
 
 from __future__ import annotations
@@ -211,7 +213,8 @@ def reward_model(base: InputRef, pairs: Artefact, *, cfg: RewardModelConfig, out
         log.warning("reward model skipped: no preference pairs")
         return Artefact(str(out), skipped="no preference pairs")
     result = train_llm_reward_model(base.path, frame, out, cfg)
-    return trained_artefact(result, out, {"metrics": result["metrics"]})
+    stats = {"metrics": result["metrics"], "rm_input": cfg.rm_input}
+    return trained_artefact(result, out, stats, extra=(str(Path(out) / "rm_input.json"),))
 
 
 @stage("direct-online-rl")
@@ -235,10 +238,14 @@ def online_rl(
 
     windows, catalogue = load_direct(data.path)
     train = select(windows, "train", max_train_users)
-    prompts = train.select("prompt", "ground_truth_item_ids", "context_item_ids")
+    prompts = train.select(
+        "prompt", "ground_truth_item_ids", "context_item_ids", "history_item_ids"
+    )
     reward: Callable[..., list[float]]
     if reward_model is not None:
-        reward = RewardModelScore(policy.base.path, reward_model.path)
+        reward = RewardModelScore(
+            policy.base.path, reward_model.path, rm_input=reward_model.stats.get("rm_input")
+        )
     else:
         reward = NDCGReward(catalogue, mapping, format_bonus)
     if cfg.batch_size > prompts.height:
@@ -249,7 +256,8 @@ def online_rl(
     result = train_online_rl(
         policy.base.path, prompts, reward, Path(out), cfg, init_adapter=policy.adapter
     )
-    return trained_artefact(result, out, {"metrics": result.get("metrics", {})})
+    stats = {"metrics": result.get("metrics", {}), "reference": result.get("reference")}
+    return trained_artefact(result, out, stats)
 
 
 def _plain(obj: Any) -> Any:

@@ -26,8 +26,12 @@ documented refinements that can be switched off:
 - ties on the best score are broken by the plain ``fuzz.ratio`` (extractOne keeps the first
   choice in catalogue order, so "Alien" would become "Aliens (1986)").
 
-An optional ``score_cutoff`` marks a title below it as unmapped; optional exclusion of the
-user's context movies maps a title onto the best catalogue title outside the context. Titles
+An optional ``score_cutoff`` marks a title below it as unmapped. Exclusion (on by default, a
+departure from You et al., whose mapping lets an answer score with a movie the user has already
+rated): a title maps onto the best catalogue title outside the user's prompt window and every
+movie the user rated before the window's end (``history``); ``exclude_context=False`` restores the
+paper. Whether an answer repeats one of the prompt's own movies is decided before exclusion
+(``n_repeats``), so the report can say how often the model copies its prompt. Titles
 that map to an item already recommended earlier in the same answer are duplicates: the item
 counts once (the later position scores nothing). Catalogue entries that share a title (ML-100K
 has 18 such pairs) are one canonical item (the smallest id); ground truth is canonicalised the
@@ -37,8 +41,10 @@ same way (:meth:`Catalogue.canonical`).
 from __future__ import annotations
 
 import ast
+import io
 import logging
 import re
+import tokenize
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -70,6 +76,7 @@ _PLACEHOLDER = re.compile(
 )
 _DESCRIPTION_TAIL = re.compile(r"\s+[-\u2013\u2014]\s+.*$")
 _QUOTES = "'\"`\u2018\u2019\u201c\u201d"
+_ENDS_WITH_YEAR = re.compile(r"\(\d{4}\)$")
 MAX_TITLE_WORDS = 16
 
 # Genre words as the prompt shows them (lower case, apostrophes dropped) and common variants.
@@ -115,22 +122,29 @@ def _strip_genre_tags(title: str) -> str:
             return title
 
 
-def clean_title(raw: str) -> str:
-    """Tidy one extracted title: quotes, markdown, genre tags, description tails."""
+def clean_title(raw: str, literal: bool = False) -> str:
+    """Tidy one extracted title: quotes, markdown, genre tags, description tails.
+
+    ``literal``: the title is a string of a Python list literal, so its quotes are already gone
+    and a leading or trailing quote is part of the title ("'Til There Was You (1997)"). A
+    `` - ...`` tail that ends in a year is part of the title ("Pink Floyd - The Wall (1982)").
+    """
+    quotes = " " if literal else _QUOTES + " "
     t = raw.strip()
     bold = re.search(r"\*\*(.+?)\*\*|__(.+?)__", t)
     if bold:
         t = bold.group(1) or bold.group(2)
     t = t.replace("\\'", "'").replace('\\"', '"')
     t = t.strip().strip("[]").strip()
-    t = t.strip(_QUOTES + " ").strip()
+    t = t.strip(quotes).strip()
     t = re.sub(r"^(?:title|movie|film)\s*#?\s*\d*\s*[:.)-]\s*", "", t, flags=re.I)
-    t = t.strip(_QUOTES + " ").strip()
-    t = _DESCRIPTION_TAIL.sub("", t)
+    t = t.strip(quotes).strip()
+    if not _ENDS_WITH_YEAR.search(t):
+        t = _DESCRIPTION_TAIL.sub("", t)
     while t.count("(") > t.count(")"):  # an answer cut mid-parenthesis
         t = t[: t.rindex("(")].rstrip()
     t = _strip_genre_tags(t)
-    t = t.strip(_QUOTES + " ,;*").strip()
+    t = t.strip(quotes + ",;*").strip()
     if not t.endswith("..."):
         t = t.rstrip(".").strip()
     return " ".join(t.split())
@@ -166,30 +180,40 @@ def _glue_articles(parts: list[str]) -> list[str]:
     return out
 
 
-def _list_items(text: str, start: int) -> tuple[list[str], bool]:
-    """Items of the bracketed list opening at ``text[start]`` and whether it is unclosed."""
+def _list_items(text: str, start: int) -> tuple[list[str], bool, bool]:
+    """Items of the bracketed list opening at ``text[start]``, whether it is unclosed, and
+    whether it parsed as a Python literal (its strings are then exact)."""
     # Whole literal first: the cleanest case.
     for end in [m.start() for m in re.finditer(r"\]", text[start:])]:
         chunk = text[start : start + end + 1]
-        if re.search(r"""['"]\s*['"]""", chunk):
-            break  # adjacent literals would be concatenated by Python: split them below
         try:
             value = ast.literal_eval(chunk)
         except (ValueError, SyntaxError, MemoryError, RecursionError):
             continue
         if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-            return [str(v) for v in value], False
+            if _string_tokens(chunk) != len(value):
+                break  # adjacent literals were concatenated by Python: split them below
+            return [str(v) for v in value], False, True
     close = _closing_bracket(text, start)
     truncated = close < 0
     body = text[start + 1 :] if truncated else text[start + 1 : close]
     body = body.strip()
     if not body:
-        return [], truncated
+        return [], truncated, False
     if body[0] in _QUOTES:
         items = _QUOTED_SEP.split(body)
     else:
         items = _glue_articles(_split_top_level(body))
-    return items, truncated
+    return items, truncated, False
+
+
+def _string_tokens(chunk: str) -> int:
+    """How many string literals ``chunk`` holds (Python joins adjacent ones into one)."""
+    try:
+        tokens = tokenize.generate_tokens(io.StringIO(chunk).readline)
+        return sum(tok.type == tokenize.STRING for tok in tokens)
+    except (tokenize.TokenError, SyntaxError):
+        return -1
 
 
 def _closing_bracket(text: str, start: int) -> int:
@@ -237,8 +261,8 @@ def parse_answer(text: str | None, k: int = K_DEFAULT) -> ParsedAnswer:
     fmt = "failed"
     truncated = False
     for m in re.finditer(r"\[", text):
-        items, truncated = _list_items(text, m.start())
-        candidates = [t for t in (clean_title(i) for i in items) if _plausible(t)]
+        items, truncated, literal = _list_items(text, m.start())
+        candidates = [t for t in (clean_title(i, literal) for i in items) if _plausible(t)]
         if candidates:
             fmt = "list"
             break
@@ -306,6 +330,7 @@ class MappedAnswer:
     n_duplicates: int
     n_context: int
     truncated: bool = False
+    n_repeats: int = 0
 
     @property
     def failed(self) -> bool:
@@ -316,13 +341,18 @@ class MappedAnswer:
         return list(self.item_ids)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MappingConfig:
-    """How titles are mapped (``score_cutoff`` None = the paper: every title maps)."""
+    """How titles are mapped (``score_cutoff`` None = the paper: every title maps).
+
+    ``exclude_context`` (default True, a departure from You et al.): titles map only onto movies
+    outside the prompt's window and the user's earlier ratings (everything rated before the
+    window's end); False maps onto the whole catalogue, as the paper does.
+    """
 
     k: int = K_DEFAULT
     score_cutoff: float | None = None
-    exclude_context: bool = False
+    exclude_context: bool = True
     normalise: bool = True
     tie_break: bool = True
 
@@ -429,19 +459,29 @@ class Catalogue:
         text: str | None,
         cfg: MappingConfig | None = None,
         context: Collection[int] = (),
+        history: Collection[int] = (),
     ) -> MappedAnswer:
-        """Parse ``text`` and map its titles (see the module docstring)."""
+        """Parse ``text`` and map its titles (see the module docstring).
+
+        ``context``: the prompt's own movies (a title matching one of them, before exclusion,
+        is a repeat); ``history``: every movie the user rated before the window's end. With
+        ``cfg.exclude_context`` neither can be returned.
+        """
         cfg = cfg or MappingConfig()
         parsed = parse_answer(text, cfg.k)
         context_ids = set(self.canonical(context))
-        exclude = context_ids if cfg.exclude_context else set()
+        exclude = (context_ids | set(self.canonical(history))) if cfg.exclude_context else set()
         ids: list[int | None] = []
         matched: list[str | None] = []
         scores: list[float] = []
         seen: set[int] = set()
-        n_unmapped = n_dup = n_ctx = 0
+        n_unmapped = n_dup = n_ctx = n_rep = 0
         for title in parsed.titles:
-            hit = self.match(title, exclude, cfg.normalise, cfg.tie_break)
+            hit = self.match(title, (), cfg.normalise, cfg.tie_break)
+            if hit is not None and hit[0] in context_ids:
+                n_rep += 1  # decided before exclusion
+            if hit is not None and hit[0] in exclude:
+                hit = self.match(title, exclude, cfg.normalise, cfg.tie_break)
             if hit is None or (cfg.score_cutoff is not None and hit[2] < cfg.score_cutoff):
                 n_unmapped += 1
                 ids.append(None)
@@ -471,6 +511,7 @@ class Catalogue:
             n_duplicates=n_dup,
             n_context=n_ctx,
             truncated=parsed.truncated,
+            n_repeats=n_rep,
         )
 
 
@@ -480,8 +521,11 @@ def mapping_counts(answers: Sequence[MappedAnswer], k: int = K_DEFAULT) -> dict[
     - ``parse_failure_rate``: answers with no title / answers;
     - ``mapped_title_rate``: distinct mapped titles / parsed titles (0 with no title);
     - ``slot_fill_rate``: distinct mapped titles / (k * answers);
+    - ``repeat_share``: answers with at least one title that matches (before exclusion) a
+      movie of their own prompt / answers;
     - counts of answers, parse failures, parsed titles, titles beyond ``k``, mapped,
-      unmapped, duplicates, context hits and truncated lists, and answers per format.
+      unmapped, duplicates, context hits, titles repeating the prompt and truncated lists, and
+      answers per format.
     """
     n = len(answers)
     parsed = sum(len(a.titles) for a in answers)
@@ -497,6 +541,9 @@ def mapping_counts(answers: Sequence[MappedAnswer], k: int = K_DEFAULT) -> dict[
         "titles_unmapped": sum(a.n_unmapped for a in answers),
         "duplicates": sum(a.n_duplicates for a in answers),
         "context_hits": sum(a.n_context for a in answers),
+        "titles_repeating_prompt": sum(a.n_repeats for a in answers),
+        "answers_repeating_prompt": sum(a.n_repeats > 0 for a in answers),
+        "repeat_share": sum(a.n_repeats > 0 for a in answers) / n if n else 0.0,
         "truncated_lists": sum(a.truncated for a in answers),
         "mapped_title_rate": mapped / parsed if parsed else 0.0,
         "slot_fill_rate": mapped / (k * n) if n else 0.0,

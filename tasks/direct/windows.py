@@ -19,6 +19,15 @@ Rules (docs/design.md, "The second pipeline"; the paper's section 3.1 and Figure
   permutation; ``rank`` orders the users of a split at random (seeded), so "the first N users
   of a split" is ``rank < N`` and smaller subsets nest in larger ones.
 
+``you_et_al_exact`` (``--you-et-al-exact``) builds the windows as You et al.'s code does
+(``baseline/baseline_LLM/main.py`` and ``generate_prompt.py`` of github.com/fanyuy2/LLM-RL4Rec,
+and the instruction their SFT notebook appends), see :func:`you_et_al_cutoffs` and
+:func:`you_et_al_prompt`: a rating is a valid cut-off once at least 5 ratings >= 4 or at least 5
+ratings <= 2 came up to it (their cumulative count includes the cut-off rating itself); the
+context is the 10 most recent ratings strictly before its timestamp, the ground truth the first
+5 liked (>= 3) ratings strictly after it (at least 1); the prompt lists the movies newest first
+and ends with "Do not repeat the movies given in the prompt. ...".
+
 Titles, ground truth and context are kept as lists (parquet list columns), never joined with
 commas: "American President, The (1995)" stays one title.
 
@@ -90,6 +99,7 @@ class WindowConfig:
     windows_per_train_user: int = 1
     release_cutoff: str = "dataset"
     top_k: int = 5
+    you_et_al_exact: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -173,6 +183,66 @@ def valid_cutoffs(ts: np.ndarray, ratings: np.ndarray, cfg: WindowConfig) -> np.
     return first[ok]
 
 
+# You et al.'s code: thresholds of the cut-off rule (their defaults) and their prompt's tail.
+YOU_ET_AL_LIKED = 4
+YOU_ET_AL_HATED = 2
+YOU_ET_AL_COUNT = 5
+YOU_ET_AL_INSTRUCTION = (
+    " Do not repeat the movies given in the prompt. Recommend movies based on the preference "
+    "given. "
+)
+
+
+def you_et_al_cutoffs(ts: np.ndarray, ratings: np.ndarray, cfg: WindowConfig) -> np.ndarray:
+    """Valid cut-offs as You et al.'s code finds them, as indices ``j`` like :func:`valid_cutoffs`.
+
+    A rating (time order) is a valid point when, counting it and every earlier rating, at least
+    5 are >= 4 or at least 5 are <= 2; its timestamp ``t`` is the cut-off and ``j`` the first
+    rating at ``t``. The context is the ratings strictly before ``t`` (``[j - C, j)``) and the
+    ground truth the liked (>= ``like_min``) ratings strictly after ``t``: a cut-off needs at
+    least ``min_ground_truth`` of them (1 in their code, which drops a user whose drawn cut-off
+    has none; here such cut-offs are never drawn).
+    """
+    n = len(ts)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    pos = np.cumsum(ratings >= YOU_ET_AL_LIKED)
+    neg = np.cumsum(ratings <= YOU_ET_AL_HATED)
+    valid_ts = np.unique(ts[(pos >= YOU_ET_AL_COUNT) | (neg >= YOU_ET_AL_COUNT)])
+    first = np.searchsorted(ts, valid_ts, side="left")
+    after = np.searchsorted(ts, valid_ts, side="right")
+    liked = np.r_[0, np.cumsum(ratings >= cfg.like_min)]
+    ok = (liked[n] - liked[after]) >= cfg.min_ground_truth
+    return first[ok].astype(np.int64)
+
+
+def you_et_al_prompt(profile: dict, liked: Sequence[str], hated: Sequence[str], cutoff: int) -> str:
+    """You et al.'s prompt text (``generate_prompt`` of their code plus the instruction their SFT
+    notebook appends): ``liked`` / ``hated`` as display strings, newest first, shown as Python
+    lists; gender as ``male`` / ``female``; age as the number."""
+    gender = {"M": "male", "F": "female"}.get(profile.get("gender") or "", "unknown gender")
+    age = profile.get("age")
+    location = profile.get("location") or "an unknown location"
+    occupation = profile.get("occupation") or "an unknown occupation"
+    prompt = f"I am a {gender}, aged {age}, from {location}, working as {occupation}."
+    if liked:
+        prompt += f"I have previously watched and liked the movies: {[str(t) for t in liked]}."
+    if hated:
+        prompt += f"\nI have watched and HATED the movies: {[str(t) for t in hated]}."
+    prompt += (
+        f"Please provide recommendations for movies released before {format_cutoff(cutoff)}, "
+        "based on my history.\n"
+        "Based on my profile, recommend the top 5 movies I am most likely to watch next.\n"
+        "Please provide the output in a list of strings format, containing only the movie "
+        "titles.\n"
+        "Make sure to strictly adhere to the output format given below. Strictly do not generate "
+        "any additional information other than the movie names.\n"
+        "Format:  ['movie_name', 'movie_name', ... 'movie_name']\n"
+        "Make sure to limit the recommendations to movies available in the MovieLens dataset."
+    )
+    return prompt + YOU_ET_AL_INSTRUCTION
+
+
 def split_users(user_ids: Sequence[int], cfg: WindowConfig) -> dict[int, str]:
     """Seeded 70/15/15 split of the users (sorted ids, then a permutation)."""
     ids = np.sort(np.asarray(list(user_ids), dtype=np.int64))
@@ -217,7 +287,7 @@ def build_windows(
         it_a = np.asarray(it, dtype=np.int64)
         rt_a = np.asarray(rt, dtype=np.int64)
         ts_a = np.asarray(ts, dtype=np.int64)
-        cut = valid_cutoffs(ts_a, rt_a, cfg)
+        cut = (you_et_al_cutoffs if cfg.you_et_al_exact else valid_cutoffs)(ts_a, rt_a, cfg)
         if len(cut):
             per_user[int(uid)] = (it_a, rt_a, ts_a, cut)
     if not per_user:
@@ -247,7 +317,11 @@ def build_windows(
             hated = [i for i, r in zip(ctx_items, ctx_ratings, strict=True) if r <= cfg.hate_max]
             liked = liked[max(0, len(liked) - cfg.liked_cap) :] if cfg.liked_cap else []
             hated = hated[max(0, len(hated) - cfg.hated_cap) :] if cfg.hated_cap else []
-            future = it_a[j:][rt_a[j:] >= cfg.like_min][: cfg.n_ground_truth].tolist()
+            # the ground truth from the cut-off on (default) or strictly after it (You et al.)
+            start = int(np.searchsorted(ts_a, ts_a[j], side="right")) if cfg.you_et_al_exact else j
+            future = it_a[start:][rt_a[start:] >= cfg.like_min][: cfg.n_ground_truth].tolist()
+            if cfg.you_et_al_exact:  # newest first, as their prompt lists them
+                liked, hated = liked[::-1], hated[::-1]
             cutoff_ts = int(ts_a[j])
             location = location_of(user.get("zip"), zip_table)
             release_ts = last_ts if cfg.release_cutoff == "dataset" else cutoff_ts
@@ -278,7 +352,9 @@ def build_windows(
                     "history_item_ids": it_a[:j].tolist(),
                     **profile,
                     "release_cutoff": format_cutoff(release_ts),
-                    "prompt": direct_prompt(
+                    "prompt": you_et_al_prompt(profile, liked_txt, hated_txt, release_ts)
+                    if cfg.you_et_al_exact
+                    else direct_prompt(
                         profile, liked_txt, hated_txt, release_ts, cfg.top_k, data.name
                     ),
                 }

@@ -191,6 +191,12 @@ def train_dpo(
             # reference is the base model: drop the copy, so the adapter is disabled instead.
             peft_model.delete_adapter("ref")
             peft_model.set_adapter("default")
+        reference = dpo_reference(cfg, init_adapter)
+        if reference != "base" and "ref" not in getattr(peft_model, "peft_config", {}):
+            raise RuntimeError(
+                f"DPO: the reference should be a frozen copy of {init_adapter}, but the trainer "
+                "holds no 'ref' adapter: this TRL version builds its reference differently"
+            )
         log.info(
             "DPO: %d pairs, ref=%s, init_adapter=%s, device=%s",
             pairs.height,
@@ -215,7 +221,14 @@ def train_dpo(
         out = save_outputs(trainer, tmp, out_dir, model, cfg, metrics, "dpo")
         del trainer
     log.info("DPO done in %.1f s: %s", train_seconds, {k: round(v, 4) for k, v in metrics.items()})
-    return out
+    return {**out, "reference": reference}
+
+
+def dpo_reference(cfg: DPOConfig, init_adapter: str | None) -> str:
+    """The reference policy of a DPO run: ``init_adapter`` (the policy the run starts from, e.g.
+    the SFT adapter; TRL 1.x keeps a frozen copy of it named ``ref``) with ``ref="previous"``,
+    else ``"base"`` (the adapter disabled)."""
+    return str(init_adapter) if cfg.ref == "previous" and init_adapter else "base"
 
 
 # --------------------------------------------------------------------------- evaluation helper
@@ -339,6 +352,7 @@ def _completion_logps(
 
 __all__ = [
     "DPOConfig",
+    "dpo_reference",
     "completion_logps",
     "completion_token_logps",
     "dpo_dataset",

@@ -176,10 +176,11 @@ def load_policy(
 
 
 def trainer_args(cfg: LoraTrainConfig, output_dir: Path, device: Any) -> dict[str, Any]:
-    """The TRL / transformers training arguments every wrapper shares."""
+    """The TRL / transformers training arguments every wrapper shares (``device``: a
+    ``torch.device`` or its name, ``cpu`` / ``cuda:1``)."""
     from tasks.common.hardware import cpu_flags, native_bf16
 
-    on_gpu = device.type == "cuda"
+    on_gpu = getattr(device, "type", str(device).split(":")[0]) == "cuda"
     checkpointing = cfg.gradient_checkpointing is not False
     autocast = cfg.cpu_bf16_autocast and not on_gpu
     if autocast and not native_bf16(cpu_flags()):

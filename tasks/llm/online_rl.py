@@ -64,7 +64,9 @@ class OnlineRLConfig(LoraTrainConfig):
         num_generations: completions sampled per prompt (>= 2).
         max_completion_length: token budget of a completion.
         temperature, top_p: sampling of the completions.
-        beta: KL coefficient towards the reference (the base model, adapter disabled).
+        beta: KL coefficient towards the reference (:func:`rl_reference`): the policy training
+            starts from (a frozen copy of ``init_adapter``, e.g. the SFT policy), or the base
+            model without one; 0 drops the KL term.
         lr: 5e-5 by default.
         max_length is not used here (prompts are not truncated).
     """
@@ -175,10 +177,8 @@ def train_online_rl(
         raise TypeError(f"reward_fn: expected a callable, got {type(reward_fn).__name__}")
     require_columns(prompts, ("prompt",), "prompts")
     if cfg.algorithm == "grpo":
-        from trl import GRPOConfig as TRLConfig
         from trl import GRPOTrainer as Trainer
     else:
-        from trl import RLOOConfig as TRLConfig
         from trl import RLOOTrainer as Trainer
 
     out_dir = Path(out_dir)
@@ -186,19 +186,9 @@ def train_online_rl(
     policy, lora, tokenizer = load_policy(model, cfg, init_adapter, device)
     extra_columns = [c for c in prompts.columns if c != "prompt"]
     dataset = rl_dataset(prompts)
+    reference = rl_reference(cfg, init_adapter)
     with atomic_dir(out_dir) as tmp:
-        args = trainer_args(cfg, tmp / "trainer", device)
-        args["per_device_train_batch_size"] = cfg.batch_size * cfg.num_generations
-        trl_args = TRLConfig(
-            **args,
-            num_generations=cfg.num_generations,
-            max_completion_length=cfg.max_completion_length,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            beta=cfg.beta,
-            remove_unused_columns=False,
-            log_completions=False,
-        )
+        trl_args = trl_config(cfg, tmp / "trainer", device)
         trainer = Trainer(
             model=policy,
             reward_funcs=wrap_reward(reward_fn, extra_columns),
@@ -207,11 +197,14 @@ def train_online_rl(
             processing_class=tokenizer,
             peft_config=lora,
         )
+        check_reference(trainer.model, reference, init_adapter)
         log.info(
-            "%s: %d prompts x %d generations, device=%s",
+            "%s: %d prompts x %d generations, beta %s, reference %s, device=%s",
             cfg.algorithm.upper(),
             prompts.height,
             cfg.num_generations,
+            cfg.beta,
+            reference,
             device,
         )
         t0 = time.perf_counter()
@@ -224,8 +217,59 @@ def train_online_rl(
             seconds_per_prompt=train_seconds / (prompts.height * cfg.epochs),
             n_prompts=prompts.height,
             steps=int(trainer.state.global_step),
+            beta=cfg.beta,
         )
         out = save_outputs(trainer, tmp, out_dir, model, cfg, metrics, cfg.algorithm)
         del trainer
     log.info("%s done in %.1f s", cfg.algorithm.upper(), train_seconds)
-    return out
+    return {**out, "reference": reference}
+
+
+def rl_reference(cfg: OnlineRLConfig, init_adapter: str | None) -> str | None:
+    """The policy the KL term pulls towards: ``init_adapter`` (the policy training starts from,
+    e.g. the SFT adapter), ``"base"`` without one, None when ``cfg.beta`` is 0 (no KL term).
+
+    What TRL 1.x does with a PEFT model: a model loaded with a trained adapter gets a frozen
+    copy of it, named ``ref``, that computes the reference log-probabilities; a fresh LoRA is
+    disabled instead (the base model). :func:`check_reference` checks it on the built trainer.
+    """
+    if cfg.beta == 0:
+        return None
+    return str(init_adapter) if init_adapter else "base"
+
+
+def check_reference(peft_model: Any, reference: str | None, init_adapter: str | None) -> None:
+    """Fail when the trainer's reference is not the one :func:`rl_reference` names."""
+    adapters = set(getattr(peft_model, "peft_config", {}) or {})
+    if reference is not None and init_adapter and "ref" not in adapters:
+        raise RuntimeError(
+            f"online RL: the KL reference should be a frozen copy of {init_adapter}, but the "
+            f"trainer holds the adapters {sorted(adapters)}: this TRL version builds its "
+            "reference differently"
+        )
+
+
+def trl_config_kwargs(cfg: OnlineRLConfig, output_dir: Path, device: Any) -> dict[str, Any]:
+    """The arguments of TRL's ``GRPOConfig`` / ``RLOOConfig`` for ``cfg``: ``beta`` is the KL
+    coefficient towards the reference (:func:`rl_reference`)."""
+    args = trainer_args(cfg, output_dir, device)
+    args["per_device_train_batch_size"] = cfg.batch_size * cfg.num_generations
+    return {
+        **args,
+        "num_generations": cfg.num_generations,
+        "max_completion_length": cfg.max_completion_length,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "beta": cfg.beta,
+        "remove_unused_columns": False,
+        "log_completions": False,
+    }
+
+
+def trl_config(cfg: OnlineRLConfig, output_dir: Path, device: Any) -> Any:
+    """TRL's ``GRPOConfig`` or ``RLOOConfig`` built from :func:`trl_config_kwargs`."""
+    if cfg.algorithm == "grpo":
+        from trl import GRPOConfig as TRLConfig
+    else:
+        from trl import RLOOConfig as TRLConfig
+    return TRLConfig(**trl_config_kwargs(cfg, output_dir, device))

@@ -4,6 +4,11 @@ The base LLM with a one-output classification head and a LoRA adapter, trained w
 ``RewardTrainer`` on preference pairs (:func:`train_llm_reward_model`, the LLM twin of
 :func:`tasks.rlrf4rec.reward.train_reward_model`), then used as the online-RL reward
 (:class:`RewardModelScore`).
+
+What the model reads (``RewardModelConfig.rm_input``): ``answer``, the answer alone as an
+assistant message (You et al. train their reward model on the pairs without the prompt), or
+``prompt_answer``, the (prompt, answer) conversation. Training and scoring build the same
+messages (:func:`rm_messages`).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
@@ -35,6 +40,38 @@ class RewardModelConfig:
     lora_dropout: float = 0.1
     max_length: int = 1024
     seed: int = 0
+    rm_input: Literal["answer", "prompt_answer"] = "answer"
+
+    def __post_init__(self) -> None:
+        if self.rm_input not in RM_INPUTS:
+            raise ValueError(f"rm_input must be one of {RM_INPUTS}, got {self.rm_input!r}")
+
+
+RM_INPUTS = ("answer", "prompt_answer")
+
+
+def rm_messages(prompt: str, answer: str, rm_input: str) -> list[dict[str, str]]:
+    """The conversation the reward model reads for one answer (training and scoring alike)."""
+    if rm_input not in RM_INPUTS:
+        raise ValueError(f"rm_input must be one of {RM_INPUTS}, got {rm_input!r}")
+    reply = {"role": "assistant", "content": answer}
+    return [reply] if rm_input == "answer" else [{"role": "user", "content": prompt}, reply]
+
+
+def rm_dataset_columns(pairs: pl.DataFrame, rm_input: str) -> dict[str, list]:
+    """TRL ``RewardTrainer`` columns: ``chosen`` / ``rejected`` conversations, with a separate
+    ``prompt`` only for ``prompt_answer`` (``answer`` leaves the prompt out entirely)."""
+    from tasks.llm.chat import assistant_messages, user_messages
+
+    cols: dict[str, list] = {
+        "chosen": assistant_messages(pairs["chosen"].to_list()),
+        "rejected": assistant_messages(pairs["rejected"].to_list()),
+    }
+    if rm_input == "prompt_answer":
+        cols = {"prompt": user_messages(pairs["prompt"].to_list()), **cols}
+    elif rm_input not in RM_INPUTS:
+        raise ValueError(f"rm_input must be one of {RM_INPUTS}, got {rm_input!r}")
+    return cols
 
 
 def train_llm_reward_model(
@@ -54,7 +91,7 @@ def train_llm_reward_model(
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    from tasks.llm.chat import assistant_messages, load_tokenizer, user_messages
+    from tasks.llm.chat import load_tokenizer
     from tasks.llm.lora import require_columns
 
     c = cfg or RewardModelConfig()
@@ -68,13 +105,7 @@ def train_llm_reward_model(
         model, num_labels=1, dtype=torch.float32
     )
     base.config.pad_token_id = tok.pad_token_id
-    data = Dataset.from_dict(
-        {
-            "prompt": user_messages(pairs["prompt"].to_list()),
-            "chosen": assistant_messages(pairs["chosen"].to_list()),
-            "rejected": assistant_messages(pairs["rejected"].to_list()),
-        }
-    )
+    data = Dataset.from_dict(rm_dataset_columns(pairs, c.rm_input))
     lora = LoraConfig(
         r=c.lora_r,
         lora_alpha=c.lora_alpha,
@@ -112,22 +143,27 @@ def train_llm_reward_model(
             "steps": int(trainer.state.global_step),
             "train_seconds": time.perf_counter() - t0,
         }
+        (tmp / "rm_input.json").write_text(json.dumps({"rm_input": c.rm_input}) + "\n")
         trainer.model.save_pretrained(str(tmp / "adapter"))
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
         (tmp / "metrics.json").write_text(
             json.dumps({"metrics": metrics, "log_history": history}, indent=2, default=str)
         )
-    return {"adapter_dir": str(out_dir / "adapter"), "metrics": metrics}
+    return {"adapter_dir": str(out_dir / "adapter"), "metrics": metrics, "rm_input": c.rm_input}
 
 
 class RewardModelScore:
     """Reward of an answer = the scalar score of a trained reward model (the RLHF row).
 
     The model is the base LLM with a one-output classification head and a LoRA adapter
-    (:func:`train_llm_reward_model`); it scores the chat-formatted (prompt, answer) conversation.
+    (:func:`train_llm_reward_model`); it scores what it was trained on (:func:`rm_messages`):
+    the answer alone or the (prompt, answer) conversation, as ``rm_input.json`` beside the
+    adapter says (``prompt_answer`` for a model trained before that file existed).
     """
 
-    def __init__(self, model: str, adapter_dir: str, batch_size: int = 8) -> None:
+    def __init__(
+        self, model: str, adapter_dir: str, batch_size: int = 8, rm_input: str | None = None
+    ) -> None:
         import torch
         from peft import PeftModel
         from transformers import AutoModelForSequenceClassification
@@ -142,16 +178,14 @@ class RewardModelScore:
             base.config.pad_token_id = self.tok.pad_token_id or self.tok.eos_token_id
         self.model = PeftModel.from_pretrained(base, adapter_dir).eval()
         self.batch_size = batch_size
+        self.rm_input = rm_input or _saved_rm_input(adapter_dir)
         self.__name__ = "reward_model"
 
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
         import torch
 
         texts = [
-            self.tok.apply_chat_template(
-                [{"role": "user", "content": p}, {"role": "assistant", "content": c}],
-                tokenize=False,
-            )
+            self.tok.apply_chat_template(rm_messages(p, c, self.rm_input), tokenize=False)
             for p, c in zip(prompts, completions, strict=True)
         ]
         out: list[float] = []
@@ -178,6 +212,11 @@ class RewardModelScore:
         return self.score(
             [completion_text(p) for p in prompts], [completion_text(c) for c in completions]
         )
+
+
+def _saved_rm_input(adapter_dir: str) -> str:
+    saved = Path(adapter_dir).parent / "rm_input.json"
+    return json.loads(saved.read_text())["rm_input"] if saved.is_file() else "prompt_answer"
 
 
 def completion_text(completion: Any) -> str:

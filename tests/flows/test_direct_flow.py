@@ -27,8 +27,10 @@ def test_help_lists_the_parameters(capsys):
         main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--profile {quick,paper}", "--max-eval-users", "--pairing", "--score-cutoff",
-                 "--stages", "--zip-table"):  # fmt: skip
+    for flag in ("--profile {quick,study,paper}", "--max-eval-users", "--pairing",
+                 "--score-cutoff", "--stages", "--zip-table", "--no-exclude-context",
+                 "--you-et-al-exact", "--rl-beta", "--rm-input {answer,prompt_answer}",
+                 "--sft-epochs"):  # fmt: skip
         assert flag in out
     assert DESCRIPTION.split(":")[0] in out
 
@@ -72,6 +74,67 @@ def test_profiles_fill_unset_parameters():
     )
     with pytest.raises(ValidationError, match="stage"):
         DirectParams(stages=["sft", "sft"])
+
+
+def test_study_profile_and_you_et_al_settings():
+    study = DirectParams(profile="study").resolved()
+    cfg = StageConfigs.of(study, seed=0)
+    assert study.max_train_users == 0 and study.max_eval_users == 0  # every train window
+    assert study.stages == ["sft", "dpo", "rl", "rlhf"] and study.seeds == [0]
+    assert cfg.sft.epochs == 3.0 and cfg.sft.max_steps == -1
+    # DPO samples from the SFT policy as You et al.: n 5, temperature 0.6, top-p 0.9
+    for c in (cfg, StageConfigs.of(DirectParams(profile="paper").resolved(), seed=0)):
+        assert (c.pref_sampling.n, c.pref_sampling.temperature, c.pref_sampling.top_p) == (
+            5, 0.6, 0.9
+        )  # fmt: skip
+        assert c.pairing.strategy == "all_pairs" and c.reward_model.rm_input == "answer"
+    quick = StageConfigs.of(DirectParams().resolved(), seed=0)  # the smoke run as it was
+    assert (quick.pref_sampling.n, quick.pref_sampling.temperature, quick.sft.epochs) == (
+        4,
+        1.0,
+        1.0,
+    )
+    # exclusion is on by default and switched off on the command line
+    assert cfg.mapping.exclude_context is True
+    off, _ = parse_params(DirectParams, ["--no-exclude-context", "--rm-input", "prompt_answer",
+                                         "--you-et-al-exact"], "prog", "d")  # fmt: skip
+    off_cfg = StageConfigs.of(off.resolved(), seed=0)
+    assert off_cfg.mapping.exclude_context is False
+    assert off_cfg.reward_model.rm_input == "prompt_answer"
+    assert off_cfg.windows.you_et_al_exact and off_cfg.windows.min_ground_truth == 1
+
+
+def test_dpo_and_rl_take_the_sft_policy_as_reference(tmp_path):
+    """DPO's reference and RL's KL reference are the SFT adapter the stages start from, and
+    rl_beta reaches the arguments of the TRL config the RL trainer is built with (building the
+    GRPOConfig itself is in tests/tasks/llm: importing TRL takes seconds)."""
+    from flows.direct import stage_references
+    from tasks.common.stage import Artefact, InputRef
+    from tasks.llm.online_rl import check_reference, trl_config_kwargs
+    from tasks.llm.policy import Policy
+
+    sft_adapter = str(tmp_path / "sft" / "model" / "adapter")
+    base = Policy(InputRef.of(tmp_path / "base-model"))
+    after_sft = base.after(Artefact(sft_adapter))
+    cfg = StageConfigs.of(DirectParams(profile="study").resolved(), seed=0)
+    assert cfg.dpo.ref == "previous" and cfg.rl.beta == 0.04
+    assert stage_references(cfg, after_sft) == {"dpo": sft_adapter, "rl": sft_adapter}
+    assert stage_references(cfg, base) == {"dpo": "base", "rl": "base"}  # no SFT stage
+    no_kl = StageConfigs.of(DirectParams(profile="study", rl_beta=0.0).resolved(), seed=0)
+    assert stage_references(no_kl, after_sft)["rl"] is None
+    for beta in (0.04, 0.2):
+        rl = StageConfigs.of(DirectParams(profile="study", rl_beta=beta).resolved(), seed=0).rl
+        args = trl_config_kwargs(rl, tmp_path / "trainer", "cpu")
+        assert args["beta"] == beta and args["num_generations"] == 4
+        assert args["temperature"] == 0.6 and args["use_cpu"] is True
+
+    class Trained:  # what check_reference reads of a built trainer's model
+        peft_config = {"default": None}
+
+    with pytest.raises(RuntimeError, match="frozen copy"):
+        check_reference(Trained(), sft_adapter, sft_adapter)
+    Trained.peft_config = {"default": None, "ref": None}
+    check_reference(Trained(), sft_adapter, sft_adapter)
 
 
 # --------------------------------------------------------------------------- the flow on CPU

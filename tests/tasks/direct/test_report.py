@@ -7,7 +7,13 @@ import math
 
 import pytest
 
-from tasks.direct.report import plain, render_report, summarise, write_report
+from tasks.direct.report import (
+    paired_differences,
+    plain,
+    render_report,
+    summarise,
+    write_report,
+)
 
 
 def _table() -> dict:
@@ -49,3 +55,61 @@ def test_write_report_is_json_safe(tmp_path):
     assert saved["table"]["sft"]["precision@5"]["mean"] is None  # NaN written as null
     assert set(paths) == {"report", "results"}
     assert plain({1: (float("nan"), 2)}) == {"1": [None, 2]}
+
+
+def _user(ndcg: float) -> dict:
+    return {"ndcg@5": ndcg, "precision@5": ndcg / 2, "recall@5": 0.0}
+
+
+def test_paired_differences_by_hand():
+    """Each stage minus the stage it starts from, user by user, pooled over seeds."""
+    per_user = {
+        "base": {0: {"1": _user(0.0), "2": _user(0.2), "3": _user(0.0)}, 1: {"1": _user(0.5)}},
+        "sft": {0: {"1": _user(0.3), "2": _user(0.2), "3": _user(0.1)}, 1: {"1": _user(0.5)}},
+        "dpo": {0: {"1": _user(0.3), "2": _user(0.5), "3": _user(0.1)}},
+    }
+    diffs = paired_differences(per_user)
+    assert set(diffs) == {"sft-base", "dpo-sft"}  # no RL row ran
+    # SFT - Base: 0.3, 0.0, 0.1 (seed 0) and 0.0 (seed 1): mean 0.1; deviations 0.2, -0.1, 0,
+    # -0.1 -> sample variance 0.06 / 3 = 0.02, sd 0.141421, se 0.0707107; t(0.975, 3) = 3.182446
+    sft = diffs["sft-base"]["ndcg@5"]
+    assert sft["n"] == 4 and sft["mean"] == pytest.approx(0.1)
+    assert sft["ci95"] == pytest.approx(3.182446 * 0.0707107, rel=1e-5)
+    assert sft["ci_low"] == pytest.approx(0.1 - 0.225032, abs=1e-6)
+    # DPO - SFT (seed 0 only): 0, 0.3, 0: mean 0.1, variance 0.06 / 2 = 0.03, se 0.1; t = 4.302653
+    dpo = diffs["dpo-sft"]["ndcg@5"]
+    assert dpo["n"] == 3 and dpo["ci95"] == pytest.approx(0.4302653, rel=1e-6)
+    assert diffs["dpo-sft"]["precision@5"]["mean"] == pytest.approx(0.05)  # halves, as built
+    text = render_report({"dataset": "ml-100k", "policy": "m", "profile": "study",
+                          "seeds": [0, 1], "test_windows": 3, "table": _table(),
+                          "differences": diffs})  # fmt: skip
+    assert "| SFT - Base | +10.000 [-12.503, +32.503] |" in text
+    assert "| DPO - SFT | +10.000 [-33.027, +53.027] |" in text and "| 3 |" in text
+
+
+def test_report_states_the_setup_and_two_example_users():
+    examples = [
+        {
+            "user_id": 7,
+            "rows": [("ground truth", ["Jaws (1975)"]), ("sft", ["Alien (1979)", None])],
+        },
+        {"user_id": 9, "rows": [("ground truth", ["Heat (1995)"]), ("sft", [])]},
+    ]
+    setup = {"you_et_al_exact": True, "exclude_context": True, "n_samples": 5,
+             "temperature": 0.6, "top_p": 0.9, "pairing": "all_pairs", "rl_beta": 0.04,
+             "rm_input": "answer"}  # fmt: skip
+    text = render_report({"dataset": "ml-100k", "policy": "m", "profile": "study", "seeds": [0],
+                          "test_windows": 2, "table": _table(), "examples": examples,
+                          "setup": setup})  # fmt: skip
+    assert "Test user 7:" in text and "Test user 9:" in text
+    assert "| sft | Alien (1979); (unmapped/duplicate) |" in text and "| sft | (none) |" in text
+    assert "You et al.'s code (--you-et-al-exact" in text and "are excluded at mapping" in text
+    assert "KL coefficient 0.04 towards the SFT policy" in text
+    assert "reads the answers alone (You et al.)" in text
+    assert "| repeats the prompt |" in text
+    off = render_report({"dataset": "ml-100k", "policy": "m", "profile": "quick", "seeds": [0],
+                         "test_windows": 2, "table": _table(),
+                         "setup": {**setup, "you_et_al_exact": False, "exclude_context": False,
+                                   "rm_input": "prompt_answer"}})  # fmt: skip
+    assert "this project's rules" in off and "seen movies included (You et al.)" in off
+    assert "the (prompt, answer) conversations" in off

@@ -16,7 +16,7 @@ from tasks.direct.scoring import (
     score_answers,
     sft_examples,
 )
-from tasks.direct.title_mapping import Catalogue, parse_answer
+from tasks.direct.title_mapping import Catalogue, MappingConfig, parse_answer
 from tasks.pairing import PairingConfig, build_pairs
 
 ITEMS = pl.DataFrame(
@@ -65,7 +65,11 @@ def test_score_answers_and_reward():
     assert scored["format"].to_list() == ["list", "failed", "numbered"]
     assert scored["item_ids"].to_list()[0] == [4, 1]
     assert summary["parse_failures"] == 1 and summary["titles_parsed"] == 4
-    assert summary["context_hits"] == 1  # Fargo is in user 11's window
+    # Fargo is in user 11's window: a repeat of the prompt, excluded at mapping by default
+    assert summary["context_hits"] == 0 and summary["repeat_share"] == pytest.approx(1 / 3)
+    assert scored["n_repeats"].to_list() == [0, 0, 1] and scored["item_ids"][2][0] != 6
+    off = MappingConfig(exclude_context=False)
+    assert score_answers(samples, windows(), cat, off)[1]["context_hits"] == 1
     reward = NDCGReward(cat)
     extra = {"ground_truth_item_ids": [[1, 4], [1, 4]], "context_item_ids": [[7], [7]]}
     values = reward(["p", "p"], ["['Jaws', 'Alien']", [{"role": "assistant", "content": "x"}]],
@@ -112,3 +116,22 @@ def test_pair_stats_reads_the_shared_pair_schema():
     assert stats["pairs_ndcg_decided"] == 2  # (b, c) differ by the format bonus alone
     empty = pair_stats(scored, pairs.clear())
     assert empty["pairs"] == 0 and empty["mean_margin"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "titles",
+    [
+        ["Devil's Advocate, The (1997)", "American President, The (1995)", "Jaws (1975)"],
+        ["Pink Floyd - The Wall (1982)", "'Til There Was You (1997)", "M*A*S*H (1970)"],
+        ["JLG/JLG - autoportrait de décembre (1994)", "I Can't Sleep (J'ai pas sommeil) (1994)",
+         "Forbidden Christ, The (Cristo proibito, Il) (1950)", 'Dr. Strangelove or: How I '
+         "Learned to Stop Worrying and Love the Bomb (1963)", "unknown"],
+    ],
+)  # fmt: skip
+def test_the_parser_reads_the_sft_target_back_to_exactly_its_titles(titles):
+    """SFT teaches the answer format: the parser must read every target back unchanged (real
+    ML-100K titles with apostrophes, commas, dashes and parentheses)."""
+    frame = windows().head(1).with_columns(pl.Series("ground_truth_titles", [titles]))
+    target = sft_examples(frame)["completion"][0]
+    parsed = parse_answer(target)
+    assert parsed.titles == titles and parsed.fmt == "list"

@@ -219,8 +219,29 @@ def test_map_answer_duplicates_cutoff_and_exclusion(catalogue):
     # context exclusion: "Alien" seen in the context maps to the best other title
     ex = catalogue.map_answer("['Alien']", MappingConfig(exclude_context=True), context=[7])
     assert ex.item_ids == [6]
-    plain = catalogue.map_answer("['Alien']", context=[7])
+    off = MappingConfig(exclude_context=False)
+    plain = catalogue.map_answer("['Alien']", off, context=[7])
     assert plain.item_ids == [7] and plain.n_context == 1
+
+
+def test_exclusion_of_the_window_and_earlier_ratings(catalogue):
+    """By default a title of the prompt's window and one of the user's earlier ratings map to
+    the best other title; with the switch off they map onto themselves. Repeats of the prompt
+    are counted before exclusion either way."""
+    answer = "['Alien (1979)', 'Jaws (1975)', 'Psycho (1960)']"
+    window, earlier = [7, 20], [13, 1]  # Alien is in the prompt; Jaws was rated before it
+    history = earlier + window
+    on = catalogue.map_answer(answer, context=window, history=history)
+    assert MappingConfig().exclude_context is True
+    assert on.item_ids == [6, 14, 17]  # Aliens (1986), Jaws 2 (1978), Psycho untouched
+    assert on.n_repeats == 1 and on.n_context == 0
+    off = catalogue.map_answer(
+        answer, MappingConfig(exclude_context=False), context=window, history=history
+    )
+    assert off.item_ids == [7, 13, 17]
+    assert off.n_repeats == 1 and off.n_context == 1
+    counts = mapping_counts([on, catalogue.map_answer("['Psycho']", context=window)])
+    assert counts["repeat_share"] == 0.5 and counts["titles_repeating_prompt"] == 1
 
 
 def test_twin_titles_are_one_item(catalogue):

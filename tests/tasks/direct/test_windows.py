@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import polars as pl
 import pytest
 
-from tasks.data.datasets import load_ml100k
+from tasks.data.datasets import RatingData, load_ml100k
 from tasks.direct.windows import (
     WindowConfig,
     build_windows,
@@ -18,6 +19,7 @@ from tasks.direct.windows import (
     select,
     split_users,
     valid_cutoffs,
+    you_et_al_cutoffs,
 )
 
 
@@ -156,3 +158,67 @@ def test_no_valid_window_is_an_error(ml100k_dir):
     # the fixture's ratings cycle 1..5: ten liked (or hated) in a row never happen
     with pytest.raises(ValueError, match="no user has a valid window"):
         build_windows(data, WindowConfig(k_min=10))
+
+
+def test_you_et_al_cutoffs_hand_worked():
+    """You et al.'s rule: >= 5 ratings >= 4 or >= 5 ratings <= 2 up to and including the
+    cut-off rating; ground truth strictly after its timestamp, at least one liked (>= 3)."""
+    cfg = WindowConfig(you_et_al_exact=True, min_ground_truth=1)
+    ts = np.array([1, 2, 3, 4, 5, 6, 6, 7, 8, 9])
+    ratings = np.array([5, 4, 1, 4, 4, 2, 5, 3, 1, 1])
+    # ratings >= 4 counted up to each index: 1 2 2 3 4 4 5 5 5 5 -> valid from index 6 (t=6);
+    # t=6 starts at index 5 (the tie), so j=5; liked strictly after t=6: index 7 (3) -> valid.
+    # t=7 (j=7): liked after: none (1, 1) -> not valid; t=8, t=9: none either.
+    assert you_et_al_cutoffs(ts, ratings, cfg).tolist() == [5]
+    # ratings <= 2 reach 5 only with more of them: five 1s then one liked rating
+    assert you_et_al_cutoffs(np.arange(7), np.array([1, 1, 2, 1, 1, 3, 3]), cfg).tolist() == [4, 5]
+    # the default rule on the same ratings (>= 3 liked (>= 3) or hated in the 10 before, here
+    # >= 1 liked at or after): j=3 has 2 liked before; j=4, 5, 7 pass; j=8, 9 have no liked
+    # from their cut-off on
+    assert valid_cutoffs(ts, ratings, WindowConfig(min_ground_truth=1)).tolist() == [4, 5, 7]
+
+
+def test_you_et_al_windows_and_prompt():
+    """One user, written out: the window, its newest-first lists, the ground truth strictly
+    after the cut-off and their prompt text with the "Do not repeat" line."""
+    titles = {i: f"M{i} (199{i % 10})" for i in range(1, 13)}
+    items = pl.DataFrame(
+        {"item_id": list(titles), "title": list(titles.values()), "genres": [["Drama"]] * 12}
+    )
+    #            item: 1  2  3  4  5  6  7  8  9 10 11 12
+    rating_list = [5, 4, 1, 4, 4, 2, 5, 3, 4, 1, 3, 5]
+    stamps = [1, 2, 3, 4, 5, 6, 6, 7, 8, 9, 9, 10]
+    ratings = pl.DataFrame(
+        {"user_id": [1] * 12, "item_id": list(range(1, 13)), "rating": rating_list,
+         "timestamp": stamps}
+    )  # fmt: skip
+    users = pl.DataFrame(
+        {"user_id": [1], "gender": ["F"], "age": [30], "occupation": ["writer"], "zip": ["02139"]}
+    )
+    data = RatingData("ml-100k", users, items, ratings)
+    cfg = WindowConfig(you_et_al_exact=True, min_ground_truth=1, train_frac=0.5, valid_frac=0.0)
+    # valid cut-offs: t=6 (5th rating >= 4 is item 7 at t=6), t=7, t=8, t=9 (liked after t=9:
+    # item 12); t=10 has nothing after it. Expected per cut-off, by hand:
+    expected = {
+        6: ([1, 2, 3, 4, 5], [5, 4, 2, 1], [3], [8, 9, 11, 12]),
+        7: ([1, 2, 3, 4, 5, 6, 7], [7, 5, 4, 2, 1], [6, 3], [9, 11, 12]),
+        8: ([1, 2, 3, 4, 5, 6, 7, 8], [8, 7, 5, 4, 2], [6, 3], [11, 12]),
+        9: ([1, 2, 3, 4, 5, 6, 7, 8, 9], [9, 8, 7, 5, 4], [6, 3], [12]),
+    }
+    seen = set()
+    for seed in range(12):
+        row = build_windows(data, replace(cfg, seed=seed)).row(0, named=True)
+        context, liked, hated, truth = expected[row["cutoff_ts"]]
+        assert row["context_item_ids"] == context
+        assert row["liked_item_ids"] == liked and row["hated_item_ids"] == hated
+        assert row["ground_truth_item_ids"] == truth
+        assert row["history_item_ids"] == context
+        seen.add(row["cutoff_ts"])
+        prompt = row["prompt"]
+        assert prompt.startswith("I am a female, aged 30, from 02139, working as writer.")
+        assert f"liked the movies: ['{titles[liked[0]]} (drama)'" in prompt
+        assert prompt.endswith(
+            "Do not repeat the movies given in the prompt. Recommend movies based on the "
+            "preference given. "
+        )
+    assert seen == set(expected)  # every valid cut-off can be drawn, no other
