@@ -341,8 +341,11 @@ def test_profiles_belong_to_their_flow() -> None:
         "answer", "ndcg@5+auc", 0
     )  # fmt: skip
     assert IterateParams().resolved().knowledge_encoding is None  # quick: KAR's text (default)
-    with pytest.raises(ValidationError, match="profiles quick, paper"):
-        DirectParams(profile="study")
+    direct = DirectParams(profile="study").resolved()  # the direct flow's own study profile
+    assert (direct.max_train_users, direct.sft_epochs) == (0, 3.0)
+    assert not hasattr(direct, "knowledge_encoding")
+    with pytest.raises(ValidationError, match="profile"):
+        DirectParams(profile="huge")
 
 
 def test_item_knowledge_by_profile_and_bad_paths_refused(tmp_path: Path) -> None:

@@ -83,7 +83,7 @@ def test_descriptions_name_each_profiles_value() -> None:
     assert "(profile)" not in form_description(IterateParams, "rounds")
     eval_each = form_description(IterateParams, "eval_each_round")
     assert "quick no, study no, paper yes" in eval_each
-    assert "quick 0, paper 0,1,2" in form_description(DirectParams, "seeds")
+    assert "quick 0, study 0, paper 0,1,2" in form_description(DirectParams, "seeds")
     assert "direct-quick-ml-100k" in form_description(DirectParams, "run_name")
     assert profile_values(IterateParams.PROFILES, "seed") == ""
     # the limits in words: for an optional field the form only says "not valid under any of
