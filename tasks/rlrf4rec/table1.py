@@ -159,9 +159,7 @@ def run_table(
 ) -> dict:
     """Train and evaluate every (backbone, row, seed); return the aggregated results."""
     out.mkdir(parents=True, exist_ok=True)
-    items_known = read_item_knowledge(item_knowledge) if item_knowledge else None
-    if items_known is not None:
-        items_known = items_known.select("item_id", "text")
+    items_known = read_item_knowledge(item_knowledge) if item_knowledge else None  # item_id, text
     fp = fingerprint(texts, encoder, item_text, items_known)
     inputs = {"fingerprint": fp, "encoder": encoder, "item_text": item_text, "label": label}
     if item_knowledge:
