@@ -392,9 +392,10 @@ class RunParams(BaseModel):
 
     profile: Literal["quick", "study", "paper"] = Field(
         "quick",
-        description="quick: CPU, a subset of users, minutes; study (flows.iterate): every user "
-        "at CPU settings, about two hours; paper: all users, the paper's settings. Fills every "
-        "parameter left unset.",
+        description="quick: CPU, a subset of users, minutes; study: every user at CPU "
+        "settings, the experiment a 2-core CPU runs in a session (about 2 hours for "
+        "flows.iterate, 90 minutes for flows.direct); paper: all users, the paper's settings. "
+        "Fills every parameter left unset.",
     )
     run_name: str | None = Field(
         None,

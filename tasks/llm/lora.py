@@ -49,13 +49,18 @@ class LoraTrainConfig:
         grad_accum: gradient accumulation steps (effective batch = batch_size * grad_accum).
         max_length: token limit of prompt + answer (longer sequences are truncated at the end).
         lora_r, lora_alpha, lora_dropout, lora_target_modules: the LoRA adapter.
+        lora_layers: adapt only the top this many decoder layers (0: every layer). Without
+            gradient checkpointing the backward pass then stops at the lowest adapted layer:
+            a CPU lever (``bench/bench_sft.py --levers`` prints its figures).
         seed: seed of the adapter initialisation and the data order.
         merge: also write a merged checkpoint (base + adapter) for the generator.
         max_steps: stop after this many optimizer steps (-1: run the epochs).
         logging_steps: log the metrics every this many optimizer steps.
-        gradient_checkpointing: recompute activations in the backward pass. None: on. It trades
-            a little time for much memory: measured on CPU for DPO, 6% slower for a 36% lower
-            peak (``bench/bench_dpo.py --levers``).
+        gradient_checkpointing: recompute activations in the backward pass. None: on when
+            every layer is adapted, off with ``lora_layers`` (checkpointing makes the backward
+            pass run down to the embeddings). It trades a little time for much memory:
+            measured on CPU for DPO, 6% slower for a 36% lower peak (``bench/bench_dpo.py
+            --levers``).
         cpu_bf16_autocast: on a CPU with native bf16, run the matmuls in bf16 (autocast; the
             weights and the LoRA stay fp32). Off by default: measured on DPO it is about
             1.5x faster but changes the loss after one step (``bench/bench_dpo.py --levers``).
@@ -71,6 +76,7 @@ class LoraTrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    lora_layers: int = 0
     seed: int = 0
     merge: bool = False
     max_steps: int = -1
@@ -91,6 +97,8 @@ class LoraTrainConfig:
                 raise ValueError(f"{name}.{attr} must be a positive int, got {value!r}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"{name}.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not isinstance(self.lora_layers, int) or self.lora_layers < 0:
+            raise ValueError(f"{name}.lora_layers must be an int >= 0, got {self.lora_layers!r}")
         if not self.lora_target_modules:
             raise ValueError(f"{name}.lora_target_modules must name at least one module")
         if isinstance(self.lora_target_modules, str):
@@ -170,9 +178,17 @@ def load_policy(
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=list(cfg.lora_target_modules),
+        layers_to_transform=top_layers(base.config.num_hidden_layers, cfg.lora_layers),
         task_type="CAUSAL_LM",
     )
     return base, lora, tokenizer
+
+
+def top_layers(n_layers: int, k: int) -> list[int] | None:
+    """The indices of the top ``k`` of ``n_layers`` decoder layers (None: every layer)."""
+    if k <= 0 or k >= n_layers:
+        return None
+    return list(range(n_layers - k, n_layers))
 
 
 def trainer_args(cfg: LoraTrainConfig, output_dir: Path, device: Any) -> dict[str, Any]:
@@ -181,7 +197,9 @@ def trainer_args(cfg: LoraTrainConfig, output_dir: Path, device: Any) -> dict[st
     from tasks.common.hardware import cpu_flags, native_bf16
 
     on_gpu = getattr(device, "type", str(device).split(":")[0]) == "cuda"
-    checkpointing = cfg.gradient_checkpointing is not False
+    checkpointing = cfg.gradient_checkpointing
+    if checkpointing is None:
+        checkpointing = cfg.lora_layers == 0
     autocast = cfg.cpu_bf16_autocast and not on_gpu
     if autocast and not native_bf16(cpu_flags()):
         raise ValueError(

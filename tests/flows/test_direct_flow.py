@@ -81,7 +81,10 @@ def test_study_profile_and_you_et_al_settings():
     cfg = StageConfigs.of(study, seed=0)
     assert study.max_train_users == 0 and study.max_eval_users == 0  # every train window
     assert study.stages == ["sft", "dpo", "rl", "rlhf"] and study.seeds == [0]
-    assert cfg.sft.epochs == 3.0 and cfg.sft.max_steps == -1
+    assert cfg.sft.epochs == 0.5 and cfg.sft.max_steps == -1  # sized for an fp32-only CPU
+    assert cfg.sft.lora_layers == cfg.dpo.lora_layers == cfg.rl.lora_layers == 15
+    paper = StageConfigs.of(DirectParams(profile="paper").resolved(), seed=0)
+    assert paper.sft.epochs == 3.0 and paper.sft.lora_layers == 0  # You et al.: every layer
     # DPO samples from the SFT policy as You et al.: n 5, temperature 0.6, top-p 0.9
     for c in (cfg, StageConfigs.of(DirectParams(profile="paper").resolved(), seed=0)):
         assert (c.pref_sampling.n, c.pref_sampling.temperature, c.pref_sampling.top_p) == (

@@ -50,3 +50,28 @@ def test_trainer_precision_and_checkpointing(monkeypatch) -> None:
     monkeypatch.setattr(hardware, "cpu_flags", lambda *_: frozenset({"avx2", "fma"}))
     with pytest.raises(ValueError, match="cpu_bf16_autocast=True: this CPU has no native bf16"):
         trainer_args(DPOConfig(cpu_bf16_autocast=True), out, cpu)
+
+
+def test_lora_on_the_top_layers_only(tiny_llm_path: str) -> None:
+    """``lora_layers=k`` adapts the top k decoder layers, and checkpointing is then off by
+    default (it would make the backward pass run through every layer again)."""
+    import torch
+    from peft import get_peft_model
+
+    from tasks.llm.lora import load_policy, top_layers, trainer_args
+    from tasks.llm.sft import SFTConfig
+
+    assert top_layers(30, 15) == list(range(15, 30))
+    assert top_layers(30, 0) is None and top_layers(30, 30) is None and top_layers(2, 5) is None
+    cfg = SFTConfig(lora_layers=1)
+    base, lora, _ = load_policy(tiny_llm_path, cfg, None, torch.device("cpu"))
+    adapted = {n.split(".layers.")[1].split(".")[0] for n, _ in
+               get_peft_model(base, lora).named_parameters() if "lora_A" in n}  # fmt: skip
+    assert adapted == {"1"}  # of the tiny model's layers 0 and 1
+    cpu, out = torch.device("cpu"), Path("unused")
+    assert trainer_args(cfg, out, cpu)["gradient_checkpointing"] is False
+    assert trainer_args(SFTConfig(), out, cpu)["gradient_checkpointing"] is True
+    forced = SFTConfig(lora_layers=1, gradient_checkpointing=True)
+    assert trainer_args(forced, out, cpu)["gradient_checkpointing"] is True
+    with pytest.raises(ValueError, match="lora_layers must be an int >= 0"):
+        SFTConfig(lora_layers=-1)
