@@ -11,7 +11,9 @@ memory) and prints them side by side with their share of the DPO roofline (:mod:
 - ``full-head``: TRL's LM head scores every position (prompt included) on CPU (before);
 - ``compact-head``: it scores only the answer's positions (:mod:`tasks.llm.trl_cpu`, the default);
 - ``bf16-autocast``: and the matmuls in bf16 (``cpu_bf16_autocast``; native-bf16 CPUs only);
-- ``checkpointing``: compact head with gradient checkpointing (less memory, more time).
+- ``checkpointing``: compact head with gradient checkpointing (less memory, more time);
+- ``top-half``: compact head, LoRA on the top half of the layers only, no checkpointing: the
+  backward pass stops at the lowest adapted layer (``lora_layers``).
 
     python bench/bench_dpo.py --pairs 16 --answer-tokens 200
     python bench/bench_dpo.py --pairs 8 --answer-tokens 96 --levers full-head,compact-head
@@ -42,7 +44,7 @@ from tasks.llm.lora import resolve_device  # noqa: E402
 
 log = logging.getLogger("bench_dpo")
 
-LEVERS = ("full-head", "compact-head", "bf16-autocast", "checkpointing")
+LEVERS = ("full-head", "compact-head", "bf16-autocast", "checkpointing", "top-half")
 
 GOOD = (
     "This user enjoys thoughtful dramas and classic science fiction with strong characters. "
@@ -111,12 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg = replace(
         cfg,
         cpu_bf16_autocast=args.lever == "bf16-autocast",
-        gradient_checkpointing=True
-        if args.lever == "checkpointing"
-        else cfg.gradient_checkpointing,
+        # every lever but "checkpointing" runs without it, as the levers' "before" did
+        gradient_checkpointing=args.lever == "checkpointing",
     )
     if args.lever == "full-head":
         os.environ[trl_cpu.ENV] = "full"
+    if args.lever == "top-half":
+        from transformers import AutoConfig
+
+        layers = AutoConfig.from_pretrained(model).num_hidden_layers
+        cfg = replace(cfg, lora_layers=layers // 2, gradient_checkpointing=None)
     prompt_tokens = [count_prompt_tokens(model, p) for p in pairs["prompt"]]
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
         out = train_dpo(model, pairs, Path(tmp) / "dpo", cfg)

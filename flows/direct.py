@@ -95,7 +95,7 @@ PROFILES: dict[str, dict] = {
         "stages": ["sft", "dpo", "rl", "rlhf"],
         "train_settings": "fast",
         "sft_epochs": 0.5,
-        "sft_lr": 5e-4,
+        "sft_lr": 1e-3,
         "sft_max_steps": 0,
         "lora_layers": 15,
         "dpo_max_steps": 24,

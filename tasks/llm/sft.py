@@ -62,8 +62,11 @@ class SFTConfig(LoraTrainConfig):
     @classmethod
     def direct_cpu(cls, **overrides: Any) -> SFTConfig:
         """A few CPU steps for the second pipeline: a large LoRA learning rate so that they
-        move the policy."""
-        return replace(cls(lr=1e-3, batch_size=4, epochs=1.0, max_length=512), **overrides)
+        move the policy, LoRA on every linear layer as You et al. (the MLPs hold what the
+        model knows of titles; attention alone, 83 steps of the study profile left greedy
+        answers collapsed to "['The (1995)', 'The (1994)', ...]")."""
+        base = cls(lr=1e-3, batch_size=4, epochs=1.0, max_length=512)
+        return replace(base, lora_target_modules=ALL_LINEAR, **overrides)
 
 
 def sft_dataset(examples: pl.DataFrame) -> Any:
