@@ -215,9 +215,10 @@ def train_dpo(
             n_pairs=pairs.height,
             steps=int(trainer.state.global_step),
         )
-        if cfg.max_steps > 0:
+        if cfg.max_steps > 0:  # capped steps cycle through the pairs: count what was seen
             seen = trainer.state.global_step * cfg.batch_size * cfg.grad_accum
-            metrics["seconds_per_pair"] = train_seconds / max(1, min(seen, pairs.height))
+            metrics["seconds_per_pair"] = train_seconds / max(1, seen)
+            metrics["pair_passes"] = seen
         out = save_outputs(trainer, tmp, out_dir, model, cfg, metrics, "dpo")
         del trainer
     log.info("DPO done in %.1f s: %s", train_seconds, {k: round(v, 4) for k, v in metrics.items()})

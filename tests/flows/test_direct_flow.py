@@ -167,6 +167,7 @@ def _tiny_params(tmp_path, ml100k_dir, tiny_llm_path, stages_: list[str]) -> dic
         "backend": "transformers",
         "stages": stages_,
         "max_new_tokens": 12,
+        "top_p": 1.0,  # see tests/conftest.py NO_TOP_P
         "n_samples": 2,
         "max_train_users": 2,
         "max_pref_users": 2,

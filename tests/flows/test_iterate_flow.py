@@ -36,6 +36,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_llm_path: str, prefe
         "rounds": 2,
         "n_samples": 3,
         "max_new_tokens": 48,
+        "top_p": 1.0,  # see tests/conftest.py NO_TOP_P
         "backend": "transformers",
         "backbones": ["dlcm"],
         "seeds": [1],
@@ -343,7 +344,7 @@ def test_profiles_belong_to_their_flow() -> None:
     )  # fmt: skip
     assert IterateParams().resolved().knowledge_encoding is None  # quick: KAR's text (default)
     direct = DirectParams(profile="study").resolved()  # the direct flow's own study profile
-    assert (direct.max_train_users, direct.sft_epochs) == (0, 3.0)
+    assert (direct.max_train_users, direct.sft_epochs) == (0, 0.5)
     assert not hasattr(direct, "knowledge_encoding")
     with pytest.raises(ValidationError, match="profile"):
         DirectParams(profile="huge")

@@ -68,6 +68,7 @@ def run(tmp_path_factory, tiny_llm_path: str, prefect_harness, one_torch_thread)
         "rounds": 1,
         "n_samples": 3,
         "max_new_tokens": 16,
+        "top_p": 1.0,  # see tests/conftest.py NO_TOP_P
         "backend": "transformers",
         "backbones": ["dlcm"],
         "seeds": [1],

@@ -25,6 +25,7 @@ def flow_cmd(runs: Path, policy: str, **extra: str) -> list[str]:
         "rounds": "1",
         "n-samples": "2",
         "max-new-tokens": "16",
+        "top-p": "1.0",  # see tests/conftest.py NO_TOP_P
         "backend": "transformers",
         "backbones": "dlcm",
         "seeds": "1",
