@@ -342,6 +342,7 @@ class StageConfigs:
             n=1, temperature=p.eval_temperature, top_p=top_p, max_new_tokens=tokens, seed=seed
         )
         exact = p.you_et_al_exact
+        layers = p.lora_layers or 0
         sft = SFTConfig.you_et_al() if paper else SFTConfig.direct_cpu()
         dpo = DPOConfig.you_et_al() if paper else DPOConfig.direct_cpu()
         rl = OnlineRLConfig.you_et_al() if paper else OnlineRLConfig.direct_cpu()
@@ -368,7 +369,7 @@ class StageConfigs:
             sft=replace(
                 sft,
                 seed=seed,
-                lora_layers=p.lora_layers or 0,
+                lora_layers=layers,
                 epochs=p.sft_epochs or sft.epochs,
                 lr=p.sft_lr or sft.lr,
                 max_steps=p.sft_max_steps or -1,
@@ -381,7 +382,7 @@ class StageConfigs:
                 beta=p.dpo_beta,
                 ref="previous",
                 max_steps=p.dpo_max_steps or -1,
-                lora_layers=p.lora_layers or 0,
+                lora_layers=layers,
             ),
             # RL trains the SFT adapter further; with beta > 0 TRL keeps a frozen copy of it as
             # the KL reference, so the KL term pulls towards the SFT policy
@@ -396,7 +397,7 @@ class StageConfigs:
                 temperature=temperature,
                 top_p=top_p,
                 max_steps=p.rl_max_steps or -1,
-                lora_layers=p.lora_layers or 0,
+                lora_layers=layers,
             ),
             reward_model=RewardModelConfig(
                 batch_size=1 if paper else 2,

@@ -40,6 +40,7 @@ from tasks.llm.lora import (
     LoraTrainConfig,
     load_policy,
     require_columns,
+    require_frozen_copy,
     resolve_device,
     save_outputs,
     summarize_log,
@@ -192,11 +193,8 @@ def train_dpo(
             peft_model.delete_adapter("ref")
             peft_model.set_adapter("default")
         reference = dpo_reference(cfg, init_adapter)
-        if reference != "base" and "ref" not in getattr(peft_model, "peft_config", {}):
-            raise RuntimeError(
-                f"DPO: the reference should be a frozen copy of {init_adapter}, but the trainer "
-                "holds no 'ref' adapter: this TRL version builds its reference differently"
-            )
+        if reference != "base":
+            require_frozen_copy(peft_model, reference, "DPO")
         log.info(
             "DPO: %d pairs, ref=%s, init_adapter=%s, device=%s",
             pairs.height,

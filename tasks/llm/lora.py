@@ -184,6 +184,18 @@ def load_policy(
     return base, lora, tokenizer
 
 
+def require_frozen_copy(peft_model: Any, init_adapter: str, trainer: str) -> None:
+    """Fail unless the built trainer's model holds TRL's frozen copy of ``init_adapter`` (the
+    adapter named ``ref``): the reference of a run that trains ``init_adapter`` further."""
+    adapters = set(getattr(peft_model, "peft_config", {}) or {})
+    if "ref" not in adapters:
+        raise RuntimeError(
+            f"{trainer}: the reference should be a frozen copy of {init_adapter}, but the "
+            f"trainer holds the adapters {sorted(adapters)}: this TRL version builds its "
+            "reference differently"
+        )
+
+
 def top_layers(n_layers: int, k: int) -> list[int] | None:
     """The indices of the top ``k`` of ``n_layers`` decoder layers (None: every layer)."""
     if k <= 0 or k >= n_layers:

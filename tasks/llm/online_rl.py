@@ -34,6 +34,7 @@ from tasks.llm.lora import (
     LoraTrainConfig,
     load_policy,
     require_columns,
+    require_frozen_copy,
     resolve_device,
     save_outputs,
     summarize_log,
@@ -240,13 +241,8 @@ def rl_reference(cfg: OnlineRLConfig, init_adapter: str | None) -> str | None:
 
 def check_reference(peft_model: Any, reference: str | None, init_adapter: str | None) -> None:
     """Fail when the trainer's reference is not the one :func:`rl_reference` names."""
-    adapters = set(getattr(peft_model, "peft_config", {}) or {})
-    if reference is not None and init_adapter and "ref" not in adapters:
-        raise RuntimeError(
-            f"online RL: the KL reference should be a frozen copy of {init_adapter}, but the "
-            f"trainer holds the adapters {sorted(adapters)}: this TRL version builds its "
-            "reference differently"
-        )
+    if reference is not None and init_adapter:
+        require_frozen_copy(peft_model, init_adapter, "online RL")
 
 
 def trl_config_kwargs(cfg: OnlineRLConfig, output_dir: Path, device: Any) -> dict[str, Any]:
