@@ -38,6 +38,51 @@ def _hf_dtype(device: Any, dtype: str) -> Any:
     return torch_dtype(device)
 
 
+class NucleusProcessor:
+    """Temperature then top-p, as transformers' warpers do, with
+    :func:`tasks.llm.top_p.top_p_filter` instead of their sort of the whole vocabulary (for a
+    trained model's peaked distributions the nucleus is found among the top 256 logits; a flat
+    one, such as the tests' random tiny model, still falls back to the sort). ``generate`` then
+    runs at temperature 1 and top-p 1, so it adds no warper of its own: a
+    custom processor runs before transformers' warpers, which would put top-p before the
+    temperature."""
+
+    def __init__(self, temperature: float, top_p: float) -> None:
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        """``scores``: ``(batch, vocab)`` logits; the kept ones divided by the temperature, the
+        rest ``-inf``."""
+        import torch
+
+        from tasks.llm.top_p import top_p_filter
+
+        scores = scores / self.temperature
+        if self.top_p >= 1:
+            return scores
+        p = torch.full((scores.shape[0],), self.top_p, device=scores.device)
+        return top_p_filter(scores, p)
+
+
+def sampling_kwargs(cfg: SamplingConfig, device: Any) -> dict[str, Any]:
+    """``generate``'s sampling arguments: greedy at temperature 0; on CPU the nucleus through
+    :class:`NucleusProcessor`, on GPU transformers' own warpers."""
+    if cfg.temperature <= 0:
+        return {"do_sample": False}
+    if getattr(device, "type", str(device)) != "cpu":
+        return {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
+    from transformers import LogitsProcessorList
+
+    nucleus = NucleusProcessor(cfg.temperature, cfg.top_p)
+    return {
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "logits_processor": LogitsProcessorList([nucleus]),
+    }
+
+
 def run_transformers(
     prompt_ids: list[list[int]],
     model: str,
@@ -80,7 +125,7 @@ def run_transformers(
     order = sorted(range(len(prompt_ids)), key=lambda i: (-len(prompt_ids[i]), i))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     rows: dict[str, list] = {k: [] for k in ("idx", "sample_idx", "text", "n_tokens", "finish")}
-    sample = cfg.temperature > 0
+    kwargs = sampling_kwargs(cfg, device)
     t1 = time.perf_counter()
     for b, batch in enumerate(tqdm(batches, desc="generate", unit="batch", leave=False)):
         width = max(len(prompt_ids[i]) for i in batch)
@@ -91,9 +136,6 @@ def run_transformers(
             input_ids[r, width - len(ids) :] = torch.tensor(ids)
             attention[r, width - len(ids) :] = 1
         torch.manual_seed(_seed_for_batch(cfg.seed, b))
-        kwargs: dict[str, Any] = {"do_sample": sample}
-        if sample:
-            kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
         with torch.inference_mode():
             out = lm.generate(
                 input_ids=input_ids.to(device),

@@ -263,6 +263,14 @@ def test_dpo_settings_reach_the_trainer_config() -> None:
     on = IterateParams(dpo_gradient_checkpointing=True, dpo_settings="paper").resolved()
     cfg = LoopConfig.of(on).dpo_for(1)
     assert cfg.gradient_checkpointing is True and cfg.grad_accum == 8
+    assert (cfg.lr, cfg.epochs, cfg.beta, cfg.lora_layers) == (5e-5, 3.0, 0.01, 0)
+    strong = IterateParams(
+        dpo_settings="paper", dpo_lr=5e-4, dpo_epochs=2, dpo_beta=0.1, dpo_lora_layers=15
+    ).resolved()
+    cfg = LoopConfig.of(strong).dpo_for(1)
+    assert (cfg.lr, cfg.epochs, cfg.beta, cfg.lora_layers) == (5e-4, 2.0, 0.1, 15)
+    assert cfg.grad_accum == 8  # the rest of the preset stays
+    assert quick.dpo.lora_layers == 0 and quick.dpo.beta == 0.01  # unset: every layer, 0.01
 
 
 def test_paper_profile_takes_kars_settings() -> None:

@@ -83,3 +83,46 @@ def test_install_replaces_vllms_function_once() -> None:
         assert sampler.apply_top_k_top_p.original is getattr(before, "original", before)
     finally:
         sampler.apply_top_k_top_p = getattr(before, "original", before)
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(0.6, 0.9), (1.3, 0.95), (0.8, 1.0)])
+def test_transformers_fallback_nucleus_matches_its_own_warpers(
+    temperature: float, top_p: float
+) -> None:
+    """The fallback's processor (temperature, then the nucleus without a sort) gives the scores
+    transformers' TemperatureLogitsWarper + TopPLogitsWarper give: the same kept tokens, the
+    same values."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from tasks.llm.hf_backend import NucleusProcessor
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 5000, generator=g) * 4.0
+    ids = torch.zeros(6, 1, dtype=torch.long)
+    theirs = TemperatureLogitsWarper(temperature)(ids, logits.clone())
+    if top_p < 1:
+        theirs = TopPLogitsWarper(top_p)(ids, theirs)
+    ours = NucleusProcessor(temperature, top_p)(ids, logits.clone())
+    assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs))
+    kept = torch.isfinite(ours)
+    assert 6 < kept.sum() < 6 * 5000 or top_p == 1.0
+    torch.testing.assert_close(ours[kept], theirs[kept])
+
+
+def test_transformers_fallback_arguments() -> None:
+    """On CPU generate runs at temperature 1 and top-p 1 with the processor; greedy takes no
+    sampling arguments; on GPU transformers' own warpers stay."""
+    from tasks.llm.generate import SamplingConfig
+    from tasks.llm.hf_backend import NucleusProcessor, sampling_kwargs
+
+    cpu = sampling_kwargs(SamplingConfig(temperature=0.7, top_p=0.9), torch.device("cpu"))
+    assert (cpu["temperature"], cpu["top_p"], cpu["do_sample"]) == (1.0, 1.0, True)
+    (nucleus,) = cpu["logits_processor"]
+    assert isinstance(nucleus, NucleusProcessor) and (nucleus.temperature, nucleus.top_p) == (
+        0.7, 0.9
+    )  # fmt: skip
+    assert sampling_kwargs(SamplingConfig(temperature=0.0), torch.device("cpu")) == {
+        "do_sample": False
+    }
+    gpu = sampling_kwargs(SamplingConfig(temperature=0.7, top_p=0.9), torch.device("cuda", 0))
+    assert (gpu["temperature"], gpu["top_p"]) == (0.7, 0.9) and "logits_processor" not in gpu
