@@ -306,13 +306,14 @@ class LoopConfig:
         if p.reranker_epochs:
             base = replace(base, epochs=p.reranker_epochs)
         dpo = DPOConfig.paper() if p.dpo_settings == "paper" else DPOConfig()
-        dpo = replace(dpo, beta=p.dpo_beta or 0.01, ref=p.dpo_reference)
-        if p.dpo_lr:
-            dpo = replace(dpo, lr=p.dpo_lr)
-        if p.dpo_epochs:
-            dpo = replace(dpo, epochs=p.dpo_epochs)
-        if p.dpo_lora_layers:
-            dpo = replace(dpo, lora_layers=p.dpo_lora_layers)
+        dpo = replace(
+            dpo,
+            beta=p.dpo_beta or dpo.beta,
+            lr=p.dpo_lr or dpo.lr,
+            epochs=p.dpo_epochs or dpo.epochs,
+            lora_layers=p.dpo_lora_layers or dpo.lora_layers,
+            ref=p.dpo_reference,
+        )
         if p.dpo_max_steps:
             dpo = replace(dpo, max_steps=p.dpo_max_steps)
         if p.dpo_gradient_checkpointing is not None:

@@ -48,20 +48,21 @@ class NucleusProcessor:
     temperature."""
 
     def __init__(self, temperature: float, top_p: float) -> None:
-        self.temperature, self.top_p = temperature, top_p
+        import torch
+
+        from tasks.llm.top_p import top_p_filter  # imported once, not at every decoding step
+
+        self.temperature, self.top_p, self._filter = temperature, top_p, top_p_filter
+        self._p_dtype = torch.float32  # the nucleus mass in fp32 whatever the logits' dtype
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         """``scores``: ``(batch, vocab)`` logits; the kept ones divided by the temperature, the
         rest ``-inf``."""
-        import torch
-
-        from tasks.llm.top_p import top_p_filter
-
         scores = scores / self.temperature
         if self.top_p >= 1:
             return scores
-        p = torch.full((scores.shape[0],), self.top_p, device=scores.device)
-        return top_p_filter(scores, p)
+        p = scores.new_full((scores.shape[0],), self.top_p, dtype=self._p_dtype)
+        return self._filter(scores, p)
 
 
 def sampling_kwargs(cfg: SamplingConfig, device: Any) -> dict[str, Any]:
