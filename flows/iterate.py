@@ -35,6 +35,7 @@ from tasks.data.datasets import AmazonConfig
 from tasks.data.prepare import lists_config_for
 from tasks.llm import stages as llm_stages
 from tasks.llm.dpo import DPOConfig
+from tasks.llm.engine_pool import keep_engines, release_engines
 from tasks.llm.generate import SamplingConfig
 from tasks.llm.policy import Policy
 from tasks.pairing import PairingConfig
@@ -491,19 +492,22 @@ def rlrf4rec_loop(p: IterateParams, ctx: RunContext) -> dict:
     inputs = prepare_inputs(p, cfg, ctx)
     loop = Loop(p, cfg, ctx, inputs, round_train_users(inputs.prompts, cfg.round_users, p.seed))
     policies = [Policy(ctx.policy)]
-    knowledge0 = write_knowledge(loop, policies[0], 0, out_dir=ctx.run_dir / "round_00")
-    reward_model = train_reward_model(loop, knowledge0)
-    rounds: list[Round] = []
-    for r in range(1, cfg.rounds + 1):
-        this = run_round(loop, r, policies[-1], reward_model)
-        policies.append(policies[-1].after(this.dpo))
-        if cfg.eval_each_round or r == cfg.rounds:
-            out_dir = ctx.run_dir / this.tag / "knowledge"
-            final = write_knowledge(loop, policies[-1], r, out_dir=out_dir)
-            this = replace(this, final_knowledge=final)
-        track_round(loop, this)
-        rounds.append(this)
-    learning = measure_learning(loop, policies, rounds, reward_model)
+    # A policy's engine serves all its sampling: round 0 and round 1, the last knowledge and
+    # the held-out texts.
+    with keep_engines():
+        knowledge0 = write_knowledge(loop, policies[0], 0, out_dir=ctx.run_dir / "round_00")
+        reward_model = train_reward_model(loop, knowledge0)
+        rounds: list[Round] = []
+        for r in range(1, cfg.rounds + 1):
+            this = run_round(loop, r, policies[-1], reward_model)
+            policies.append(policies[-1].after(this.dpo))
+            if cfg.eval_each_round or r == cfg.rounds:
+                out_dir = ctx.run_dir / this.tag / "knowledge"
+                final = write_knowledge(loop, policies[-1], r, out_dir=out_dir)
+                this = replace(this, final_knowledge=final)
+            track_round(loop, this)
+            rounds.append(this)
+        learning = measure_learning(loop, policies, rounds, reward_model)
     evaluation = evaluate_table1(loop, knowledge0, rounds)
     timings = {
         "prepare": measured_seconds(loop.inputs.data),
@@ -712,6 +716,7 @@ def run_round(loop: Loop, r: int, policy: Policy, reward_model: Artefact) -> Rou
     knowledge = Knowledge(samples, encode(loop, samples, out=rd / "vectors.parquet"))
     scored = score(loop, reward_model, knowledge, out=rd / "scored.parquet")
     pairs = stages.pair(scored, loop.inputs.prompts, cfg=cfg.pairing, out=rd / "pairs.parquet")
+    release_engines()  # DPO needs the memory and the cores; the next round has a new policy
     dpo = llm_stages.dpo(policy, pairs, cfg=cfg.dpo_for(r), out=rd / "dpo")
     return Round(r, knowledge, scored, pairs, dpo)
 
@@ -785,6 +790,7 @@ def measure_learning(
 
     rd, cfg, timings = loop.ctx.run_dir / "heldout", loop.cfg, {}
     heldout, final = write_heldout(loop, policies[-1], reward_model, out_dir=rd)
+    release_engines()  # the last sampling of the run
     last = rounds[-1].final_knowledge
     assert last is not None, "the last round always writes its knowledge"
     final_train = score(loop, reward_model, last, out=rd / "final_knowledge_scored.parquet")

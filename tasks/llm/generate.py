@@ -196,7 +196,8 @@ def generate(
         ``seconds`` (wall, including the model load / engine start), ``load_seconds``,
         ``generate_seconds``, ``generated_tokens``, ``prompt_tokens``, ``tokens_per_s``
         (generated tokens over ``generate_seconds``), ``n_prompts``, ``n``, ``n_degenerate``,
-        ``served`` (the model served), ``lora_mode``.
+        ``served`` (the model served), ``lora_mode``; a one-off vLLM job adds
+        ``engine_reused`` (it ran in an engine kept by :mod:`tasks.llm.engine_pool`: no start).
     """
     t_start = time.perf_counter()
     _validate_prompts(prompts, key)
@@ -293,7 +294,11 @@ def generate(
         "lora_mode": mode_used,
         "round": round_idx,
         "gpu": gpu,
-        **{k: v for k, v in stats.items() if k in ("device", "dtype", "batch_size")},
+        **{
+            k: v
+            for k, v in stats.items()
+            if k in ("device", "dtype", "batch_size", "engine_reused")
+        },
     }
     log.info(
         "%s: %d prompts x %d samples, %d tokens in %.1f s (%.0f tokens/s)",

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -362,6 +363,21 @@ def _model_max_len(model: str) -> int:
     return int(getattr(config, "max_position_embeddings", 4096) or 4096)
 
 
+@contextlib.contextmanager
+def _engine_for(fresh: VLLMEngine, reusable: bool) -> Iterator[tuple[VLLMEngine, bool]]:
+    """``(engine, started)``: a kept engine of :mod:`tasks.llm.engine_pool` when a flow keeps
+    them (never for a LoRA request), else ``fresh``, started for this job and closed after."""
+    from tasks.llm import engine_pool
+
+    pool = engine_pool.active()
+    if pool is not None and reusable:
+        with pool.lease(fresh) as leased:
+            yield leased
+        return
+    with fresh:
+        yield fresh, True
+
+
 def run_vllm(
     prompt_ids: list[list[int]],
     model: str,
@@ -425,8 +441,9 @@ def run_vllm(
                 kv_demand=CacheDemand(tuple(map(len, prompt_ids)), cfg.n, cfg.max_new_tokens),
                 **engine_opts,
             )
-            with fresh:
-                stats = fresh.run(job)
-            stats["engine_start_seconds"] = fresh.engine_start_seconds
+            with _engine_for(fresh, reusable=lora is None) as (engine, started):
+                stats = engine.run(job)
+            stats["engine_start_seconds"] = engine.engine_start_seconds if started else 0.0
+            stats["engine_reused"] = not started
         rows = pl.read_parquet(tmpd / "samples.parquet")
     return rows, stats

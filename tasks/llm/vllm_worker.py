@@ -7,9 +7,9 @@ is, and makes one engine per GPU trivial (the parent sets ``CUDA_VISIBLE_DEVICES
 
 The engine runs inside this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and the ``uni``
 executor, unless the environment says otherwise): the torch RNG it samples from is then this
-process's, so each job reseeds it and the same seed and inputs give the same texts, whether the
-engine is fresh or has served other jobs. (A per-request ``seed`` in ``SamplingParams`` crashes
-the CPU worker, see docs/design.md.)
+process's, so each job reseeds it (and empties vLLM's prefix cache) and the same seed and
+inputs give the same texts, whether the engine is fresh or has served other jobs. (A
+per-request ``seed`` in ``SamplingParams`` crashes the CPU worker, see docs/design.md.)
 
 ``python -m tasks.llm.vllm_worker --engine ENGINE.json``: jobs as JSON lines on stdin, one reply
 line per job on stdout (prefixed with :data:`REPLY_PREFIX`; everything else on stdout is
@@ -97,6 +97,9 @@ def run_job(llm: Any, job: dict[str, Any]) -> dict[str, Any]:
         lo = job["lora"]
         lora_request = LoRARequest(lo["name"], int(lo["id"]), lo["path"])
     inputs = [{"prompt_token_ids": list(ids)} for ids in prompts["prompt_token_ids"].to_list()]
+    # Blocks cached by an earlier job would change which sequences the scheduler runs together,
+    # hence which random numbers each draws: a job's texts must not depend on the jobs before.
+    llm.reset_prefix_cache()
     t0 = time.perf_counter()
     outputs = llm.generate(inputs, params, lora_request=lora_request, use_tqdm=True)
     seconds = time.perf_counter() - t0

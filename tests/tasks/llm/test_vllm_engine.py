@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tasks.llm.devices import available_gpus
+from tasks.llm.engine_pool import keep_engines
 from tasks.llm.generate import SamplingConfig, generate
 from tasks.llm.vllm_engine import (
     CPU_KV_MIN_BYTES,
@@ -48,8 +49,9 @@ VLLM_CFG = SamplingConfig(n=2, max_new_tokens=12, seed=5)
 
 @pytest.fixture(scope="module")
 def vllm_runs(default_policy_path: str) -> dict:
-    """Three jobs in one engine running the default model (vLLM's CPU attention needs
-    head_dim >= 32, so not the tiny model); one engine start (about 20 s) for the module."""
+    """Three jobs in one kept engine (:mod:`tasks.llm.engine_pool`, as the flow runs them)
+    serving the default model (vLLM's CPU attention needs head_dim >= 32, so not the tiny
+    model); one engine start (20-40 s) for the module."""
     if not vllm_importable():
         pytest.skip("vllm is not installed")
     with pytest.MonkeyPatch.context() as mp:
@@ -57,12 +59,13 @@ def vllm_runs(default_policy_path: str) -> dict:
         # bound to each core) slows down several-fold.
         mp.setenv("OMP_NUM_THREADS", "1")
         mp.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        with VLLMEngine(default_policy_path, max_model_len=512) as engine:
+        with keep_engines() as pool:
             run = functools.partial(generate, PROMPTS, default_policy_path, backend="vllm")
-            first = run(VLLM_CFG, round_idx=1, engine=engine)
-            second = run(VLLM_CFG, round_idx=1, engine=engine)
-            other = run(SamplingConfig(n=2, max_new_tokens=12, seed=6), engine=engine)
-    return {"first": first, "second": second, "other": other}
+            first = run(VLLM_CFG, round_idx=1)
+            second = run(VLLM_CFG, round_idx=1)
+            other = run(SamplingConfig(n=2, max_new_tokens=12, seed=6))
+            counts = (pool.started, pool.reused)
+    return {"first": first, "second": second, "other": other, "engines": counts}
 
 
 @needs_vllm
@@ -80,6 +83,13 @@ def test_vllm_same_seed_same_texts(vllm_runs: dict) -> None:
     first = vllm_runs["first"][0]["text"].to_list()
     assert vllm_runs["second"][0]["text"].to_list() == first  # reseeded for every job
     assert vllm_runs["other"][0]["text"].to_list() != first
+    # one engine served all three jobs (another seed is the same engine)
+    assert vllm_runs["engines"] == (1, 2)
+    assert [vllm_runs[k][1]["engine_reused"] for k in ("first", "second", "other")] == [
+        False,
+        True,
+        True,
+    ]
 
 
 @pytest.mark.slow
