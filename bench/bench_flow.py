@@ -52,8 +52,27 @@ BEFORE = {"RLRF4REC_VLLM_TOP_P": "sort", "RLRF4REC_VLLM_KV": "fixed", "RLRF4REC_
 BEFORE_FLAGS = ["--max-prompt-tokens", "0", "--no-dpo-gradient-checkpointing"]
 
 
-def _tree_rss(root: int) -> tuple[int, int]:
-    """(summed RSS, largest single RSS) in bytes of ``root`` and all its descendants (Linux)."""
+def _label(pid: int) -> str:
+    """What a process of the flow's tree is, from its command line."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    words = " ".join(a.decode(errors="replace") for a in argv)
+    for needle, label in (
+        ("vllm_worker", "vLLM engine"),
+        ("flows.iterate", "flow"),
+        ("uvicorn", "Prefect server"),
+        ("prefect", "Prefect server"),
+    ):
+        if needle in words:
+            return label
+    return Path(argv[0].decode(errors="replace")).name or "?"
+
+
+def _tree_rss(root: int) -> tuple[int, int, dict[int, int]]:
+    """(summed RSS, largest single RSS, RSS by pid) in bytes of ``root`` and all its
+    descendants (Linux)."""
     parent: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -68,13 +87,13 @@ def _tree_rss(root: int) -> tuple[int, int]:
         children = [c for c, p in parent.items() if p == pid and c not in tree]
         tree.update(children)
         frontier.extend(children)
-    sizes = []
+    sizes = {}
     for pid in tree:
         try:
-            sizes.append(int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE)
+            sizes[pid] = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
         except OSError:
             continue
-    return sum(sizes), max(sizes, default=0)
+    return sum(sizes.values()), max(sizes.values(), default=0), sizes
 
 
 class MemorySampler(threading.Thread):
@@ -85,14 +104,18 @@ class MemorySampler(threading.Thread):
         self.pid, self.every = pid, every
         self.peak_total = self.peak_single = 0
         self.peak_at = 0.0  # seconds after the start, when the summed peak was seen
+        self.peak_parts: list[tuple[str, int]] = []  # (what, RSS bytes) at the summed peak
         self.done = threading.Event()
 
     def run(self) -> None:
         t0 = time.perf_counter()
         while not self.done.is_set():
-            total, single = _tree_rss(self.pid)
+            total, single, sizes = _tree_rss(self.pid)
             if total > self.peak_total:
                 self.peak_at = time.perf_counter() - t0
+                self.peak_parts = sorted(
+                    ((_label(pid), rss) for pid, rss in sizes.items()), key=lambda x: -x[1]
+                )
             self.peak_total = max(self.peak_total, total)
             self.peak_single = max(self.peak_single, single)
             self.done.wait(self.every)
@@ -158,6 +181,8 @@ def main() -> None:
         f"peak memory of the whole process tree (summed RSS): {mem.peak_total / 2**20:.0f} MiB, "
         f"{mem.peak_at:.0f} s after the start"
     )
+    parts = ", ".join(f"{what} {rss / 2**20:.0f}" for what, rss in mem.peak_parts if rss > 2**24)
+    print(f"at the peak (MiB): {parts}")
     single = mem.peak_single / 2**20
     print(f"peak RSS of its largest process (flow or vLLM engine): {single:.0f} MiB")
     print("\n| stage | seconds |\n|---|---|")

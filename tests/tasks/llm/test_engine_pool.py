@@ -18,7 +18,7 @@ CPU_ARGS = {
     "dtype": "float32",
     "gpu_memory_utilization": 0.25,
     "enforce_eager": True,
-    "max_num_seqs": 128,
+    "max_num_seqs": 64,
     "kv_cache_memory_bytes": 2**31,
     "max_model_len": 512,
 }

@@ -142,10 +142,12 @@ def test_the_kv_cache_of_a_job_holds_its_sequences(default_policy_path: str) -> 
     assert CacheDemand((540,), n=4, max_new_tokens=96).tokens() == 8 * 128
     # a 600-token prompt's tail (88) and answer need 2 blocks a sample: 4 + 8 blocks
     assert CacheDemand((600, 540), 4, 96).tokens() == (12 + 8) * 128
-    # the engine decodes 128 sequences at once: the 32 longest prompts of 4 samples count
+    # the engine decodes 64 sequences at once: the 16 longest prompts of 4 samples count
     demand = CacheDemand((300,) * 20 + (600,) * 70, 4, 96)
-    assert demand.tokens() == 32 * 12 * 128
+    assert demand.tokens() == 16 * 12 * 128
     assert demand.tokens(max_seqs=256) == 64 * 12 * 128
+    # one sample each: the 64 longest prompts, each 4 blocks of prompt and 2 of tail and answer
+    assert CacheDemand((300,) * 20 + (600,) * 70, 1, 96).tokens() == 64 * 6 * 128
     assert CacheDemand((512,), 1, 200).tokens() == (4 + 2) * 128
     per_token = 2 * 30 * 3 * 64 * 2
     sized = cpu_kv_cache_bytes(default_policy_path, 768, "bfloat16", demand)
@@ -154,4 +156,4 @@ def test_the_kv_cache_of_a_job_holds_its_sequences(default_policy_path: str) -> 
     tiny = CacheDemand((10,), 1, 5)
     assert cpu_kv_cache_bytes(default_policy_path, 768, "bfloat16", tiny) == per_token * 768
     args = _engine_args(default_policy_path, 0, False, 768, dtype="bfloat16", kv_demand=demand)
-    assert args["kv_cache_memory_bytes"] == sized and args["max_num_seqs"] == 128
+    assert args["kv_cache_memory_bytes"] == sized and args["max_num_seqs"] == 64
