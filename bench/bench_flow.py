@@ -12,8 +12,9 @@
 ``--before`` runs the same with the settings before the sampling and DPO levers of
 ``bench/bench_sampling.py`` and ``bench/bench_dpo.py``: vLLM's sorting top-p, a KV cache of 64
 full-length sequences and vLLM's 256 sequences at once, TRL's LM head over every position (the
-switches of :data:`tasks.common.stage.RESULT_ENV`), the whole history in the policy's prompt
-and no gradient checkpointing on CPU (flow flags).
+switches of :data:`tasks.common.stage.RESULT_ENV`), one vLLM engine per sampling stage
+(``RLRF4REC_KEEP_ENGINES=0``), the whole history in the policy's prompt and no gradient
+checkpointing on CPU (flow flags).
 
     .venv/bin/python bench/bench_flow.py [--before] [--skip-kill] [extra flow flags]
 """
@@ -48,7 +49,12 @@ def _flow_cmd(run_name: str, runs_dir: Path, extra: list[str]) -> list[str]:
 
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-BEFORE = {"RLRF4REC_VLLM_TOP_P": "sort", "RLRF4REC_VLLM_KV": "fixed", "RLRF4REC_TRL_HEAD": "full"}
+BEFORE = {
+    "RLRF4REC_VLLM_TOP_P": "sort",
+    "RLRF4REC_VLLM_KV": "fixed",
+    "RLRF4REC_TRL_HEAD": "full",
+    "RLRF4REC_KEEP_ENGINES": "0",
+}
 BEFORE_FLAGS = ["--max-prompt-tokens", "0", "--no-dpo-gradient-checkpointing"]
 
 

@@ -8,8 +8,10 @@ a fresh engine, as in the flow; engine start is reported apart from generation. 
   64 full-length sequences (the code before this benchmark);
 - ``top-p``: exact top-p among the top candidates (:mod:`tasks.llm.top_p`);
 - ``top-p + kv``: and the KV cache sized to the job (:class:`tasks.llm.vllm_engine.CacheDemand`),
-  so that no sequence is preempted, for 128 sequences at once instead of vLLM's 256 (the flow's
-  setting);
+  so that no sequence is preempted, for 64 sequences at once instead of vLLM's 256 (the flow's
+  setting, :data:`tasks.llm.vllm_engine.CPU_MAX_SEQS`);
+- ``seqs-128``: the same with 128 sequences at once and the cache they need (the setting
+  before 64);
 - ``busy-bound``, ``busy-nobind``: the same next to a process that keeps half a core busy,
   with vLLM's default binding (one thread bound to each core) and with ``nobind`` threads;
 - ``prompt``: histories cut to ``--short-prompt`` tokens (``max_prompt_tokens``).
@@ -43,11 +45,16 @@ from ceiling import ModelShape, decode_bound, measure_ceilings, print_ceilings  
 from tasks.llm.chat import chat_prompt, load_tokenizer  # noqa: E402
 from tasks.llm.generate import SamplingConfig, generate  # noqa: E402
 from tasks.llm.top_p import ENV as TOP_P_ENV  # noqa: E402
-from tasks.llm.vllm_engine import KV_ENV, CacheDemand, VLLMEngine  # noqa: E402
+from tasks.llm.vllm_engine import (  # noqa: E402
+    KV_ENV,
+    CacheDemand,
+    VLLMEngine,
+    cpu_kv_cache_bytes,
+)
 
 log = logging.getLogger("bench_sampling")
 
-LEVERS = ("before", "top-p", "top-p + kv", "busy-bound", "busy-nobind", "prompt")
+LEVERS = ("before", "top-p", "top-p + kv", "seqs-128", "busy-bound", "busy-nobind", "prompt")
 
 BUSY = (
     "import time\n"
@@ -93,6 +100,9 @@ def run_lever(name: str, model: str, prompts, cfg: SamplingConfig, max_len: int)
         )
         demand = CacheDemand(lengths, cfg.n, cfg.max_new_tokens)
         engine = VLLMEngine(model, max_model_len=max_len, kv_demand=demand if sized else None)
+        if name == "seqs-128":
+            kv = cpu_kv_cache_bytes(model, max_len, None, demand, max_seqs=128)
+            engine.engine_args.update(max_num_seqs=128, kv_cache_memory_bytes=kv)
         with engine:
             _, stats = generate(prompts, model, cfg, "vllm", engine=engine)
         stats["engine_start_seconds"] = engine.engine_start_seconds

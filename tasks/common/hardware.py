@@ -89,7 +89,8 @@ def _override() -> DtypeName | None:
 
 
 def cpu_dtype(flags: Iterable[str] | None = None) -> DtypeChoice:
-    """The dtype models run in on this CPU (sampling, merged checkpoints), with the reason.
+    """The dtype models run in on this CPU (sampling, merged checkpoints, the knowledge
+    encoder), with the reason.
 
     bf16 when ``flags`` (default: :func:`cpu_flags`) include native bf16 instructions, else
     fp32; :data:`DTYPE_ENV` wins over both. Raises ``ValueError`` on a bad override.

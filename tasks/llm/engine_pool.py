@@ -16,13 +16,15 @@ sequence the job decodes at once (none preempted), so the scheduler sees what a 
 of the job's own size would. ``tests/tasks/llm/test_engine_pool.py`` compares the texts.
 
 Only the process that opened :func:`keep_engines` keeps engines: a stage that runs elsewhere
-(a Ray worker on a GPU cluster) starts one per job as before.
+(a Ray worker on a GPU cluster) starts one per job as before. ``RLRF4REC_KEEP_ENGINES=0`` turns
+keeping off (``bench/bench_flow.py --before``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Iterator
 
@@ -31,6 +33,8 @@ from tasks.llm.vllm_engine import VLLMEngine
 log = logging.getLogger(__name__)
 
 _SIZED = "kv_cache_memory_bytes"
+ENV = "RLRF4REC_KEEP_ENGINES"
+"""``0``: one engine per job even inside :func:`keep_engines`."""
 
 
 class EnginePool:
@@ -110,7 +114,7 @@ def keep_engines() -> Iterator[EnginePool]:
     """Keep vLLM engines between the jobs run inside; close them all on leaving."""
     global _active
     outer, pool = _active, EnginePool()
-    _active = pool
+    _active = None if os.environ.get(ENV) == "0" else pool
     try:
         yield pool
     finally:
@@ -126,4 +130,4 @@ def release_engines() -> None:
         _active.close()
 
 
-__all__ = ["EnginePool", "active", "fits", "keep_engines", "release_engines"]
+__all__ = ["ENV", "EnginePool", "active", "fits", "keep_engines", "release_engines"]

@@ -156,11 +156,13 @@ def cpu_kv_cache_bytes(
     max_model_len: int | None,
     dtype: str | None = None,
     demand: CacheDemand | None = None,
+    max_seqs: int = CPU_MAX_SEQS,
 ) -> int:
     """KV cache size for a CPU engine, at most a quarter of RAM.
 
     With ``demand`` (a one-off job's shape): room for every sequence the engine decodes at once
-    (:meth:`CacheDemand.tokens`), so that none is preempted and recomputed, and at least one
+    (:meth:`CacheDemand.tokens` for ``max_seqs`` sequences at once), so that none is preempted
+    and recomputed, and at least one
     ``max_model_len`` sequence. Without: :data:`CPU_KV_SEQUENCES` sequences of ``max_model_len``
     tokens, at least 1 GiB.
 
@@ -193,7 +195,7 @@ def cpu_kv_cache_bytes(
             want = per_token * length * CPU_KV_SEQUENCES
         else:
             floor = per_token * length
-            want = per_token * demand.tokens()
+            want = per_token * demand.tokens(max_seqs=max_seqs)
     except (OSError, ValueError, AttributeError, TypeError):
         want = 2 * CPU_KV_MIN_BYTES
     return int(min(max(want, floor), ram // 4))

@@ -12,9 +12,16 @@ Texts longer than the encoder's window (256 tokens for MiniLM, 512 for BERT) are
 consecutive windows and mean-pooled over all their tokens, never truncated: the LLM's answer
 comes after a long profile-and-history prefix and would otherwise be cut off.
 
+The encoder runs in bf16 (autocast; the vectors stay float32) where the CPU has native bf16
+instructions (:func:`tasks.common.hardware.cpu_dtype`), in fp32 elsewhere. On a 2-core CPU
+with AVX-512 BF16, round 1's 376 quick-profile texts took 11.4 s against 25.3 s in fp32
+(2.2x); each vector moved by 0.006 on average (L2, unit vectors), about 1% of the mean
+distance between two samples of one user (0.46), and no pair of samples was closer than that.
+
 Cache: ``<cache_dir>/<encoder key>/part-*.parquet`` with columns ``key`` (sha256 hex of the
 text, Utf8) and ``vector`` (List[Float32]). The encoder key is the encoder's name plus a hash of
-its resolved folder, so two encoders never share entries. Each call that encodes new texts
+its resolved folder and, in bf16, of the dtype, so two encoders (or one in two dtypes) never
+share entries. Each call that encodes new texts
 appends one part file (written atomically: readers never see half a file); parts are compacted
 into one when there are more than :data:`MAX_PARTS`. A part that is empty, corrupt or not in
 that schema (a damaged disk, a hand copy) is never read as vectors: it is removed with a
@@ -35,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from tasks.common.hardware import DtypeName, cpu_dtype
 from tasks.common.hashing import text_sha256
 from tasks.common.io import write_json, write_parquet
 from tasks.common.memory import releases_memory
@@ -56,11 +64,19 @@ def text_key(text: str) -> str:
     return text_sha256(text)
 
 
+def encoder_dtype() -> DtypeName:
+    """The dtype the encoder computes in on this CPU (:func:`tasks.common.hardware.cpu_dtype`)."""
+    return cpu_dtype().name
+
+
 def encoder_key(encoder: str = DEFAULT_ENCODER) -> str:
-    """Folder name of an encoder's cache: ``<name>-<12 hex of its resolved folder>``."""
+    """Folder name of an encoder's cache: ``<name>-<12 hex of its resolved folder>`` (and of
+    the dtype when it is not fp32: fp32 keeps the keys of caches written before bf16)."""
     resolved = encoder_model(encoder)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(resolved.rstrip("/")).name or encoder)[:60]
-    digest = text_sha256(f"{resolved}|mean-windowed")[:12]
+    dtype = encoder_dtype()
+    suffix = "" if dtype == "float32" else f"|{dtype}"
+    digest = text_sha256(f"{resolved}|mean-windowed{suffix}")[:12]
     return f"{name}-{digest}"
 
 
@@ -112,7 +128,8 @@ def _encode_uncached(
     truncation would drop the LLM's answer, which comes after a long profile-and-history
     prefix, and make every sample of a user encode the same. A text that fits one window
     gives exactly the encoder's usual output (then L2-normalised where the
-    sentence-transformers pipeline normalises).
+    sentence-transformers pipeline normalises). Computed under bf16 autocast when
+    :func:`encoder_dtype` is bf16.
     """
     import torch
     from tqdm.auto import tqdm
@@ -133,11 +150,13 @@ def _encode_uncached(
     counts = np.zeros(len(texts), dtype=np.float64)
     order = np.argsort([-len(w) for w in windows], kind="stable")  # similar lengths together
     starts = range(0, len(windows), batch_size)
-    with torch.inference_mode():
+    bf16 = encoder_dtype() == "bfloat16"
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for start in tqdm(starts, desc="encode", disable=not show_progress):
             idx = order[start : start + batch_size]
             batch = tok.pad({"input_ids": [windows[i] for i in idx]}, return_tensors="pt")
             hidden = net(**batch).last_hidden_state  # [b, T, H]
+            hidden = hidden.float()  # bf16 under autocast: pooled in fp32
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [b, T, 1]
             np.add.at(sums, owner[idx], (hidden * mask).sum(1).double().numpy())
             np.add.at(counts, owner[idx], mask.sum((1, 2)).double().numpy())
@@ -436,6 +455,7 @@ __all__ = [
     "encode_knowledge",
     "encode_texts",
     "encoder_dim",
+    "encoder_dtype",
     "encoder_key",
     "frame_vectors",
     "item_texts",

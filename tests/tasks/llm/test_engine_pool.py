@@ -6,7 +6,7 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from tasks.llm.engine_pool import fits, keep_engines, release_engines
+from tasks.llm.engine_pool import ENV, active, fits, keep_engines, release_engines
 from tasks.llm.generate import SamplingConfig, generate
 from tasks.llm.vllm_engine import vllm_importable
 
@@ -34,6 +34,19 @@ def test_an_engine_fits_the_jobs_its_own_settings_and_cache_hold() -> None:
     assert not fits(CPU_ARGS, {**CPU_ARGS, "dtype": "bfloat16"})
     gpu = {k: v for k, v in CPU_ARGS.items() if k != "kv_cache_memory_bytes"}
     assert fits(gpu, {**gpu, "seed": 1})  # vLLM sizes a GPU's cache itself
+
+
+def test_keeping_is_scoped_and_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert active() is None  # a one-off generate() outside a flow starts its own engine
+    with keep_engines() as pool:
+        assert active() is pool
+        with keep_engines() as inner:
+            assert active() is inner
+        assert active() is pool
+    assert active() is None
+    monkeypatch.setenv(ENV, "0")
+    with keep_engines():
+        assert active() is None
 
 
 # Long enough (after the chat template) for full 128-token KV blocks that vLLM's prefix cache

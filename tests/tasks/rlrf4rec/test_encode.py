@@ -7,10 +7,12 @@ import numpy as np
 import polars as pl
 import pytest
 
+from tasks.common.hardware import DTYPE_ENV
 from tasks.data.assets import MANIFEST
 from tasks.rlrf4rec import encode
 from tasks.rlrf4rec.encode import (
     encode_texts,
+    encoder_dtype,
     encoder_key,
     frame_vectors,
     item_texts,
@@ -118,20 +120,38 @@ def test_bad_arguments(tmp_path: Path) -> None:
         encode_texts(["ok"], batch_size=0, cache_dir=tmp_path)
 
 
-def test_long_text_keeps_its_tail(encoder_path: str, tmp_path) -> None:
+def test_long_text_keeps_its_tail(encoder_path: str, tmp_path, monkeypatch) -> None:
     """Texts past the encoder's 256-token window differ by their ends (no truncation), and a
-    short text encodes exactly as sentence-transformers does."""
+    short text encodes exactly as sentence-transformers does (in fp32)."""
     import numpy as np
     from sentence_transformers import SentenceTransformer
 
     from tasks.rlrf4rec.encode import encode_texts
 
+    monkeypatch.setenv(DTYPE_ENV, "float32")
     prefix = "Given a male user who is aged 24, this user's history is listed below. " * 40
     texts = [prefix + "He loves slapstick comedy.", prefix + "He hates horror films.", "short"]
     vecs = encode_texts(texts, encoder_path, cache_dir=tmp_path)
     assert not np.allclose(vecs[0], vecs[1], atol=1e-4)
     reference = SentenceTransformer(encoder_path, device="cpu").encode(["short"])
     np.testing.assert_allclose(vecs[2], reference[0], atol=1e-5)
+
+
+def test_bf16_encoding_is_close_to_fp32_and_cached_apart(
+    encoder_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    texts = ["A user who loves film noir.", "He hates horror films. " * 30]
+    monkeypatch.setenv(DTYPE_ENV, "float32")
+    fp32, fp32_key = encode_texts(texts, encoder_path, tmp_path), encoder_key(encoder_path)
+    monkeypatch.setenv(DTYPE_ENV, "bfloat16")
+    assert encoder_dtype() == "bfloat16" and encoder_key(encoder_path) != fp32_key
+    bf16 = encode_texts(texts, encoder_path, tmp_path)  # not served from the fp32 entries
+    assert bf16.dtype == np.float32
+    assert not np.array_equal(bf16, fp32)  # computed in bf16
+    # unit vectors: bf16 moves each by about 0.006 (the distance between two samples of one
+    # user is about 0.46 on the quick profile)
+    assert np.linalg.norm(bf16 - fp32, axis=1).max() < 0.03
+    assert np.array_equal(encode_texts(texts, encoder_path, tmp_path), bf16)  # cached
 
 
 def test_knowledge_encodings(encoder_path: str, tmp_path: Path, monkeypatch) -> None:
