@@ -162,9 +162,8 @@ def cpu_kv_cache_bytes(
 
     With ``demand`` (a one-off job's shape): room for every sequence the engine decodes at once
     (:meth:`CacheDemand.tokens` for ``max_seqs`` sequences at once), so that none is preempted
-    and recomputed, and at least one
-    ``max_model_len`` sequence. Without: :data:`CPU_KV_SEQUENCES` sequences of ``max_model_len``
-    tokens, at least 1 GiB.
+    and recomputed, and at least one ``max_model_len`` sequence. Without:
+    :data:`CPU_KV_SEQUENCES` sequences of ``max_model_len`` tokens, at least 1 GiB.
 
     The cache holds K and V in the engine's ``dtype`` (a torch dtype name; default the CPU's,
     :func:`tasks.common.hardware.cpu_dtype`): 2 bytes an element in bf16, 4 in fp32.

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import time
 import uuid
@@ -42,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from tasks.common.hardware import DtypeName, cpu_dtype
+from tasks.common.hardware import DTYPE_NAMES, DtypeName, cpu_dtype
 from tasks.common.hashing import text_sha256
 from tasks.common.io import write_json, write_parquet
 from tasks.common.memory import releases_memory
@@ -64,9 +65,23 @@ def text_key(text: str) -> str:
     return text_sha256(text)
 
 
+ENCODER_DTYPE_ENV = "RLRF4REC_ENCODER_DTYPE"
+"""``float32`` or ``bfloat16``: the encoder's dtype whatever the CPU (``bench_flow --before``
+sets ``float32``, the encoder's dtype before bf16)."""
+
+
 def encoder_dtype() -> DtypeName:
-    """The dtype the encoder computes in on this CPU (:func:`tasks.common.hardware.cpu_dtype`)."""
-    return cpu_dtype().name
+    """The dtype the encoder computes in: :data:`ENCODER_DTYPE_ENV` when set, else the CPU's
+    (:func:`tasks.common.hardware.cpu_dtype`)."""
+    raw = os.environ.get(ENCODER_DTYPE_ENV, "").strip()
+    if not raw:
+        return cpu_dtype().name
+    if raw not in DTYPE_NAMES:
+        raise ValueError(
+            f"{ENCODER_DTYPE_ENV}={raw!r}: expected one of {', '.join(DTYPE_NAMES)} "
+            "(or unset it to follow the CPU's dtype)"
+        )
+    return raw  # type: ignore[return-value]
 
 
 def encoder_key(encoder: str = DEFAULT_ENCODER) -> str:
@@ -455,6 +470,7 @@ __all__ = [
     "encode_knowledge",
     "encode_texts",
     "encoder_dim",
+    "ENCODER_DTYPE_ENV",
     "encoder_dtype",
     "encoder_key",
     "frame_vectors",

@@ -11,6 +11,7 @@ from tasks.common.hardware import DTYPE_ENV
 from tasks.data.assets import MANIFEST
 from tasks.rlrf4rec import encode
 from tasks.rlrf4rec.encode import (
+    ENCODER_DTYPE_ENV,
     encode_texts,
     encoder_dtype,
     encoder_key,
@@ -152,6 +153,11 @@ def test_bf16_encoding_is_close_to_fp32_and_cached_apart(
     # user is about 0.46 on the quick profile)
     assert np.linalg.norm(bf16 - fp32, axis=1).max() < 0.03
     assert np.array_equal(encode_texts(texts, encoder_path, tmp_path), bf16)  # cached
+    monkeypatch.setenv(ENCODER_DTYPE_ENV, "float32")  # the encoder alone back in fp32
+    assert encoder_dtype() == "float32" and encoder_key(encoder_path) == fp32_key
+    monkeypatch.setenv(ENCODER_DTYPE_ENV, "fp16")
+    with pytest.raises(ValueError, match="RLRF4REC_ENCODER_DTYPE='fp16'"):
+        encoder_dtype()
 
 
 def test_knowledge_encodings(encoder_path: str, tmp_path: Path, monkeypatch) -> None:
