@@ -77,9 +77,8 @@ def _label(pid: int) -> str:
     return Path(argv[0].decode(errors="replace")).name or "?"
 
 
-def _tree_rss(root: int) -> tuple[int, int, dict[int, int]]:
-    """(summed RSS, largest single RSS, RSS by pid) in bytes of ``root`` and all its
-    descendants (Linux)."""
+def _tree_rss(root: int) -> dict[int, int]:
+    """RSS in bytes by pid of ``root`` and all its descendants (Linux)."""
     parent: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -100,7 +99,7 @@ def _tree_rss(root: int) -> tuple[int, int, dict[int, int]]:
             sizes[pid] = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
         except OSError:
             continue
-    return sum(sizes.values()), max(sizes.values(), default=0), sizes
+    return sizes
 
 
 class MemorySampler(threading.Thread):
@@ -117,7 +116,8 @@ class MemorySampler(threading.Thread):
     def run(self) -> None:
         t0 = time.perf_counter()
         while not self.done.is_set():
-            total, single, sizes = _tree_rss(self.pid)
+            sizes = _tree_rss(self.pid)
+            total, single = sum(sizes.values()), max(sizes.values(), default=0)
             if total > self.peak_total:
                 self.peak_at = time.perf_counter() - t0
                 self.peak_parts = sorted(

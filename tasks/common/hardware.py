@@ -73,9 +73,12 @@ def native_bf16(flags: Iterable[str]) -> bool:
     return not set(BF16_FLAGS).isdisjoint(flags)
 
 
-def _override() -> DtypeName | None:
-    """The dtype named by :data:`DTYPE_ENV`, None when it is unset or empty."""
-    raw = os.environ.get(DTYPE_ENV, "")
+def dtype_override(
+    env: str = DTYPE_ENV, unset: str = "choose from the CPU's flags"
+) -> DtypeName | None:
+    """The dtype named by the environment variable ``env``, None when it is unset or empty;
+    a ``ValueError`` naming the variable otherwise (``unset``: what leaving it unset does)."""
+    raw = os.environ.get(env, "")
     value = raw.strip().lower()
     if not value:
         return None
@@ -83,8 +86,7 @@ def _override() -> DtypeName | None:
         if value == name:
             return name
     raise ValueError(
-        f"{DTYPE_ENV}={raw!r}: expected one of {', '.join(DTYPE_NAMES)} "
-        "(or unset it to choose from the CPU's flags)"
+        f"{env}={raw!r}: expected one of {', '.join(DTYPE_NAMES)} (or unset it to {unset})"
     )
 
 
@@ -95,7 +97,7 @@ def cpu_dtype(flags: Iterable[str] | None = None) -> DtypeChoice:
     bf16 when ``flags`` (default: :func:`cpu_flags`) include native bf16 instructions, else
     fp32; :data:`DTYPE_ENV` wins over both. Raises ``ValueError`` on a bad override.
     """
-    override = _override()
+    override = dtype_override()
     have = sorted(set(BF16_FLAGS) & set(cpu_flags() if flags is None else flags))
     if have:
         name: DtypeName = "bfloat16"

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import re
 import time
 import uuid
@@ -43,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from tasks.common.hardware import DTYPE_NAMES, DtypeName, cpu_dtype
+from tasks.common.hardware import DtypeName, cpu_dtype, dtype_override
 from tasks.common.hashing import text_sha256
 from tasks.common.io import write_json, write_parquet
 from tasks.common.memory import releases_memory
@@ -73,15 +72,8 @@ sets ``float32``, the encoder's dtype before bf16)."""
 def encoder_dtype() -> DtypeName:
     """The dtype the encoder computes in: :data:`ENCODER_DTYPE_ENV` when set, else the CPU's
     (:func:`tasks.common.hardware.cpu_dtype`)."""
-    raw = os.environ.get(ENCODER_DTYPE_ENV, "").strip()
-    if not raw:
-        return cpu_dtype().name
-    if raw not in DTYPE_NAMES:
-        raise ValueError(
-            f"{ENCODER_DTYPE_ENV}={raw!r}: expected one of {', '.join(DTYPE_NAMES)} "
-            "(or unset it to follow the CPU's dtype)"
-        )
-    return raw  # type: ignore[return-value]
+    pinned = dtype_override(ENCODER_DTYPE_ENV, unset="follow the CPU's dtype")
+    return pinned or cpu_dtype().name
 
 
 def encoder_key(encoder: str = DEFAULT_ENCODER) -> str:
