@@ -9,14 +9,21 @@ default policy (SmolLM2-135M-Instruct) unless ``--model``, the fast default
 memory) and prints them side by side with their share of the DPO roofline (:mod:`ceiling`):
 
 - ``full-head``: TRL's LM head scores every position (prompt included) on CPU (before);
-- ``compact-head``: it scores only the answer's positions (:mod:`tasks.llm.trl_cpu`, the default);
-- ``bf16-autocast``: and the matmuls in bf16 (``cpu_bf16_autocast``; native-bf16 CPUs only);
+- ``compact-head``: it scores only the answer's positions (:mod:`tasks.llm.trl_cpu`);
+- ``packed``: and each pair's prompt computed once, chosen and rejected in one packed row
+  (:mod:`tasks.llm.dpo_packing`);
+- ``bf16-autocast``: compact head and the matmuls in bf16 (``cpu_bf16_autocast``; native-bf16
+  CPUs only);
 - ``checkpointing``: compact head with gradient checkpointing (less memory, more time);
+- ``default``: compact head, packed pairs and gradient checkpointing (the flow's CPU setting);
 - ``top-half``: compact head, LoRA on the top half of the layers only, no checkpointing: the
   backward pass stops at the lowest adapted layer (``lora_layers``).
 
+Every lever but ``packed`` and ``default`` runs with two padded rows per pair, as TRL does.
+
     python bench/bench_dpo.py --pairs 16 --answer-tokens 200
-    python bench/bench_dpo.py --pairs 8 --answer-tokens 96 --levers full-head,compact-head
+    python bench/bench_dpo.py --pairs 8 --answer-tokens 96 --max-prompt-tokens 300 \
+        --levers full-head,compact-head,packed,checkpointing,default
 """
 
 from __future__ import annotations
@@ -38,13 +45,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import polars as pl  # noqa: E402
 
-from tasks.llm import trl_cpu  # noqa: E402
+from tasks.llm import dpo_packing, trl_cpu  # noqa: E402
 from tasks.llm.dpo import DPOConfig, train_dpo  # noqa: E402
 from tasks.llm.lora import resolve_device  # noqa: E402
 
 log = logging.getLogger("bench_dpo")
 
-LEVERS = ("full-head", "compact-head", "bf16-autocast", "checkpointing", "top-half")
+LEVERS = (
+    "full-head",
+    "compact-head",
+    "packed",
+    "bf16-autocast",
+    "checkpointing",
+    "default",
+    "top-half",
+)
+PACKED = ("packed", "default")
+CHECKPOINTED = ("checkpointing", "default")
 
 GOOD = (
     "This user enjoys thoughtful dramas and classic science fiction with strong characters. "
@@ -63,7 +80,9 @@ def answer(text: str, tokens: int, tokenizer) -> str:
     return tokenizer.decode(ids["input_ids"][:tokens])
 
 
-def build_pairs(run: str | None, n: int, answer_tokens: int, model: str) -> pl.DataFrame:
+def build_pairs(
+    run: str | None, n: int, answer_tokens: int, model: str, max_prompt_tokens: int | None
+) -> pl.DataFrame:
     from tasks.data.prepare import load_prepared, prepare
     from tasks.llm.chat import load_tokenizer
     from tasks.rlrf4rec.prompts import prompt_table
@@ -73,8 +92,16 @@ def build_pairs(run: str | None, n: int, answer_tokens: int, model: str) -> pl.D
         prepare("ml-100k", run)
     data = load_prepared(run)
     ids = data.users.sort("user_id")["user_id"].head(n).to_list()
-    prompts = prompt_table(data.users, data.history, data.items, "ml-100k", user_ids=ids)
     tok = load_tokenizer(model)
+    prompts = prompt_table(
+        data.users,
+        data.history,
+        data.items,
+        "ml-100k",
+        user_ids=ids,
+        max_prompt_tokens=max_prompt_tokens,
+        tokenizer=tok,
+    )
     return pl.DataFrame(
         {
             "prompt": prompts["prompt"],
@@ -90,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="model path or id (default: SmolLM2)")
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--answer-tokens", type=int, default=200)
+    parser.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="cut the history to fit (the quick profile's 300; default: the whole history)",
+    )
     parser.add_argument("--paper", action="store_true", help="DPOConfig.paper() (one epoch)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
@@ -108,14 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.rlrf4rec.prompts import count_prompt_tokens
 
     model = args.model or policy_model()
-    pairs = build_pairs(args.run, args.pairs, args.answer_tokens, model)
+    pairs = build_pairs(args.run, args.pairs, args.answer_tokens, model, args.max_prompt_tokens)
     cfg = DPOConfig.paper(epochs=1.0) if args.paper else DPOConfig()
     cfg = replace(
         cfg,
         cpu_bf16_autocast=args.lever == "bf16-autocast",
-        # every lever but "checkpointing" runs without it, as the levers' "before" did
-        gradient_checkpointing=args.lever == "checkpointing",
+        # the levers' "before" ran without it
+        gradient_checkpointing=args.lever in CHECKPOINTED,
     )
+    if args.lever not in PACKED:
+        os.environ[dpo_packing.ENV] = "0"
     if args.lever == "full-head":
         os.environ[trl_cpu.ENV] = "full"
     if args.lever == "top-half":
@@ -172,6 +207,8 @@ def compare(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"--levers: unknown {sorted(unknown)}; choose from {LEVERS}")
     rest = [f"--pairs={args.pairs}", f"--answer-tokens={args.answer_tokens}"]
+    if args.max_prompt_tokens:
+        rest += [f"--max-prompt-tokens={args.max_prompt_tokens}"]
     rest += [f"--run={args.run}"] if args.run else []
     rest += [f"--model={args.model}"] if args.model else []
     rest += [f"--threads={args.threads}"] if args.threads else []
@@ -199,7 +236,10 @@ def compare(args: argparse.Namespace) -> int:
     for r in rows:
         tokens = r["mean_prompt_tokens"] + r["answer_tokens"]
         dtype = "bfloat16" if r["lever"] == "bf16-autocast" else "float32"
-        bound = dpo_pair_bound(c, shape, tokens=tokens, dtype=dtype, reference_forward=True)
+        shared = r["mean_prompt_tokens"] - 1 if r["lever"] in PACKED else 0.0
+        bound = dpo_pair_bound(
+            c, shape, tokens=tokens, dtype=dtype, reference_forward=True, shared_prompt=shared
+        )
         rate = 1 / r["seconds_per_pair"]
         r["roofline_pairs_per_s"] = bound["pairs_per_s"]
         r["share"] = rate / bound["pairs_per_s"]

@@ -16,9 +16,10 @@ figures against (``share`` = achieved / bound):
   average) and computes ``2 x params`` FLOPs per token plus attention over that context; the
   bound is ``batch / max(bytes / bandwidth, FLOPs / matmul peak)``.
 - :func:`dpo_pair_bound`: pairs/s of LoRA-DPO. A pair is two sequences (prompt + chosen, prompt +
-  rejected) of ``tokens`` each: the policy's forward (``2 P`` FLOPs a token) and backward (``2 P``:
-  activation gradients through every frozen weight; the LoRA weight gradients are negligible),
-  plus the reference's forward (``2 P``) unless its log-probabilities are precomputed.
+  rejected) of ``tokens`` each (packed: the prompt once): the policy's forward (``2 P`` FLOPs a
+  token) and backward (``2 P``: activation gradients through every frozen weight; the LoRA
+  weight gradients are negligible), plus the reference's forward (``2 P``) unless its
+  log-probabilities are precomputed.
 
     .venv/bin/python bench/ceiling.py [--threads 2] [--out ceiling.json]
 """
@@ -185,13 +186,20 @@ def decode_bound(
 
 
 def dpo_pair_bound(
-    c: Ceilings, shape: ModelShape, *, tokens: float, dtype: str, reference_forward: bool
+    c: Ceilings,
+    shape: ModelShape,
+    *,
+    tokens: float,
+    dtype: str,
+    reference_forward: bool,
+    shared_prompt: float = 0.0,
 ) -> dict[str, float]:
     """Upper bound on LoRA-DPO pairs/s, two sequences of ``tokens`` each per pair (compute
-    bound: every weight is reused across a sequence's tokens)."""
+    bound: every weight is reused across a sequence's tokens); ``shared_prompt`` tokens of them
+    computed once for both sequences (packed pairs, :mod:`tasks.llm.dpo_packing`)."""
     passes = 2 + 2 + (2 if reference_forward else 0)  # policy fwd, policy bwd, reference fwd
     attention = shape.attention_flops(tokens / 2) * (passes // 2)
-    flops = 2 * tokens * (passes * shape.params + attention)
+    flops = (2 * tokens - shared_prompt) * (passes * shape.params + attention)
     return {"pairs_per_s": c.matmul_gflops(dtype) * 1e9 / flops, "gflop_per_pair": flops / 1e9}
 
 

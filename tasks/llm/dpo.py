@@ -160,7 +160,7 @@ def train_dpo(
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
-    from tasks.llm import trl_cpu
+    from tasks.llm import dpo_packing, trl_cpu
 
     trl_cpu.install()
     cfg = cfg or DPOConfig()
@@ -195,12 +195,14 @@ def train_dpo(
         reference = dpo_reference(cfg, init_adapter)
         if reference != "base":
             require_frozen_copy(peft_model, reference, "DPO")
+        packed = dpo_packing.install(trainer)
         log.info(
-            "DPO: %d pairs, ref=%s, init_adapter=%s, device=%s",
+            "DPO: %d pairs, ref=%s, init_adapter=%s, device=%s, prompt computed once per pair: %s",
             pairs.height,
             cfg.ref,
             init_adapter,
             device,
+            packed,
         )
         t0 = time.perf_counter()
         result = trainer.train()
