@@ -15,11 +15,15 @@ memory) and prints them side by side with their share of the DPO roofline (:mod:
 - ``bf16-autocast``: compact head and the matmuls in bf16 (``cpu_bf16_autocast``; native-bf16
   CPUs only);
 - ``checkpointing``: compact head with gradient checkpointing (less memory, more time);
-- ``default``: compact head, packed pairs and gradient checkpointing (the flow's CPU setting);
+- ``packed-bf16-backward``: packed, and the frozen weights' backward matmuls in bf16
+  (:mod:`tasks.llm.bf16_backward`; the forward and the loss stay fp32);
+- ``default``: the flow's CPU setting (compact head, packed pairs, the backward in the CPU's
+  dtype, gradient checkpointing);
 - ``top-half``: compact head, LoRA on the top half of the layers only, no checkpointing: the
   backward pass stops at the lowest adapted layer (``lora_layers``).
 
-Every lever but ``packed`` and ``default`` runs with two padded rows per pair, as TRL does.
+Every lever but ``packed*`` and ``default`` runs with two padded rows per pair, as TRL does,
+and every lever but ``packed-bf16-backward`` and ``default`` with an fp32 backward.
 
     python bench/bench_dpo.py --pairs 16 --answer-tokens 200
     python bench/bench_dpo.py --pairs 8 --answer-tokens 96 --max-prompt-tokens 300 \
@@ -45,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import polars as pl  # noqa: E402
 
-from tasks.llm import dpo_packing, trl_cpu  # noqa: E402
+from tasks.llm import bf16_backward, dpo_packing, trl_cpu  # noqa: E402
 from tasks.llm.dpo import DPOConfig, train_dpo  # noqa: E402
 from tasks.llm.lora import resolve_device  # noqa: E402
 
@@ -57,10 +61,12 @@ LEVERS = (
     "packed",
     "bf16-autocast",
     "checkpointing",
+    "packed-bf16-backward",
     "default",
     "top-half",
 )
-PACKED = ("packed", "default")
+PACKED = ("packed", "packed-bf16-backward", "default")
+BF16_BACKWARD = ("packed-bf16-backward", "default")
 CHECKPOINTED = ("checkpointing", "default")
 
 GOOD = (
@@ -151,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.lever not in PACKED:
         os.environ[dpo_packing.ENV] = "0"
+    if args.lever not in BF16_BACKWARD:
+        os.environ[bf16_backward.ENV] = "float32"
+    elif args.lever != "default":
+        os.environ[bf16_backward.ENV] = "bfloat16"
     if args.lever == "full-head":
         os.environ[trl_cpu.ENV] = "full"
     if args.lever == "top-half":
@@ -238,7 +248,13 @@ def compare(args: argparse.Namespace) -> int:
         dtype = "bfloat16" if r["lever"] == "bf16-autocast" else "float32"
         shared = r["mean_prompt_tokens"] - 1 if r["lever"] in PACKED else 0.0
         bound = dpo_pair_bound(
-            c, shape, tokens=tokens, dtype=dtype, reference_forward=True, shared_prompt=shared
+            c,
+            shape,
+            tokens=tokens,
+            dtype=dtype,
+            reference_forward=True,
+            shared_prompt=shared,
+            backward_dtype=c.dtype if r["lever"] in BF16_BACKWARD else None,
         )
         rate = 1 / r["seconds_per_pair"]
         r["roofline_pairs_per_s"] = bound["pairs_per_s"]

@@ -12,7 +12,7 @@
 ``--before`` runs the same with the settings before the sampling and DPO levers of
 ``bench/bench_sampling.py`` and ``bench/bench_dpo.py``: vLLM's sorting top-p, a KV cache of 64
 full-length sequences and vLLM's 256 sequences at once, TRL's LM head over every position and
-two padded rows per DPO pair, the encoder in fp32 (the switches of
+two padded rows per DPO pair, the backward in fp32, the encoder in fp32 (the switches of
 :data:`tasks.common.stage.RESULT_ENV`), one vLLM engine per sampling stage
 (``RLRF4REC_KEEP_ENGINES=0``), the whole history in the policy's prompt and no gradient
 checkpointing on CPU (flow flags).
@@ -55,6 +55,7 @@ BEFORE = {
     "RLRF4REC_VLLM_KV": "fixed",
     "RLRF4REC_TRL_HEAD": "full",
     "RLRF4REC_DPO_PACKING": "0",
+    "RLRF4REC_BACKWARD_DTYPE": "float32",
     "RLRF4REC_KEEP_ENGINES": "0",
     "RLRF4REC_ENCODER_DTYPE": "float32",
 }

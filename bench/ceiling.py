@@ -193,14 +193,21 @@ def dpo_pair_bound(
     dtype: str,
     reference_forward: bool,
     shared_prompt: float = 0.0,
+    backward_dtype: str | None = None,
 ) -> dict[str, float]:
     """Upper bound on LoRA-DPO pairs/s, two sequences of ``tokens`` each per pair (compute
     bound: every weight is reused across a sequence's tokens); ``shared_prompt`` tokens of them
-    computed once for both sequences (packed pairs, :mod:`tasks.llm.dpo_packing`)."""
-    passes = 2 + 2 + (2 if reference_forward else 0)  # policy fwd, policy bwd, reference fwd
-    attention = shape.attention_flops(tokens / 2) * (passes // 2)
-    flops = (2 * tokens - shared_prompt) * (passes * shape.params + attention)
-    return {"pairs_per_s": c.matmul_gflops(dtype) * 1e9 / flops, "gflop_per_pair": flops / 1e9}
+    computed once for both sequences (packed pairs, :mod:`tasks.llm.dpo_packing`); the backward
+    at the peak of ``backward_dtype`` (default ``dtype``)."""
+    forwards = 2 + (2 if reference_forward else 0)  # policy fwd, reference fwd
+    positions = 2 * tokens - shared_prompt
+    per_pass = positions * (shape.params + shape.attention_flops(tokens / 2) / 2)
+    peak = c.matmul_gflops(dtype) * 1e9
+    seconds = forwards * per_pass / peak + 2 * per_pass / (
+        c.matmul_gflops(backward_dtype or dtype) * 1e9
+    )
+    flops = (forwards + 2) * per_pass
+    return {"pairs_per_s": 1 / seconds, "gflop_per_pair": flops / 1e9}
 
 
 def print_ceilings(c: Ceilings) -> None:

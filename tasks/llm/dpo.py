@@ -160,7 +160,7 @@ def train_dpo(
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
-    from tasks.llm import dpo_packing, trl_cpu
+    from tasks.llm import bf16_backward, dpo_packing, trl_cpu
 
     trl_cpu.install()
     cfg = cfg or DPOConfig()
@@ -196,17 +196,22 @@ def train_dpo(
         if reference != "base":
             require_frozen_copy(peft_model, reference, "DPO")
         packed = dpo_packing.install(trainer)
+        backward = bf16_backward.backward_dtype(device)
         log.info(
-            "DPO: %d pairs, ref=%s, init_adapter=%s, device=%s, prompt computed once per pair: %s",
+            "DPO: %d pairs, ref=%s, init_adapter=%s, device=%s, prompt computed once per pair: "
+            "%s, frozen weights' backward in %s",
             pairs.height,
             cfg.ref,
             init_adapter,
             device,
             packed,
+            backward.reason,
         )
-        t0 = time.perf_counter()
-        result = trainer.train()
-        train_seconds = time.perf_counter() - t0
+        bf16 = backward.name == "bfloat16" and not cfg.cpu_bf16_autocast
+        with bf16_backward.applied(peft_model, enabled=bf16):
+            t0 = time.perf_counter()
+            result = trainer.train()
+            train_seconds = time.perf_counter() - t0
         metrics = summarize_log(trainer.state.log_history, DPO_METRIC_KEYS)
         metrics.update(
             loss=float(result.training_loss),
