@@ -210,7 +210,7 @@ class IterateParams(RunParams):
     dpo_gradient_checkpointing: bool | None = Field(
         None,
         description="recompute activations in DPO's backward pass: less memory, slower "
-        "(unset: on; the README gives the measured trade)",
+        "(unset: off, on with the paper's DPO settings; the README gives the measured trade)",
     )
     eval_each_round: bool | None = Field(
         None, description="evaluate every round's policy on test users (Fig. 4) (profile)"

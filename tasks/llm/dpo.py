@@ -60,6 +60,10 @@ class DPOConfig(LoraTrainConfig):
     Attributes:
         beta: DPO temperature (the paper's default 0.01).
         batch_size, grad_accum: 1 and 4 (effective batch 4).
+        gradient_checkpointing: off: with each pair packed into one row
+            (:mod:`tasks.llm.dpo_packing`) a quick-profile pair's activations are under 1 GB, and
+            recomputing them cost 30% of the step (``bench/bench_dpo.py --levers``; the paper
+            preset keeps it on for its 2,048-token pairs).
         ref: the reference policy: ``base`` (adapter disabled) or ``previous`` (the policy the
             round starts from, i.e. ``init_adapter`` frozen).
         See :class:`LoraTrainConfig` for the rest.
@@ -67,6 +71,7 @@ class DPOConfig(LoraTrainConfig):
 
     batch_size: int = 1
     grad_accum: int = 4
+    gradient_checkpointing: bool | None = False
     beta: float = 0.01
     ref: Literal["base", "previous"] = "base"
     loss_type: str = "sigmoid"
@@ -85,7 +90,14 @@ class DPOConfig(LoraTrainConfig):
         after a 30-item history of long titles (892 + 514 = 1,406 tokens with SmolLM2's
         tokenizer and chat template, tests/tasks/llm/test_dpo.py) is never cut, where the
         default 1,024 would cut it."""
-        base = cls(batch_size=2, grad_accum=8, lr=5e-5, epochs=3.0, max_length=2048)
+        base = cls(
+            batch_size=2,
+            grad_accum=8,
+            lr=5e-5,
+            epochs=3.0,
+            max_length=2048,
+            gradient_checkpointing=None,
+        )
         return replace(base, **overrides)
 
     @classmethod

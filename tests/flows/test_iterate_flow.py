@@ -259,7 +259,7 @@ def test_dpo_settings_reach_the_trainer_config() -> None:
 
     quick = LoopConfig.of(IterateParams().resolved())
     cfg = quick.dpo_for(2)
-    assert cfg.max_steps == 2 and cfg.gradient_checkpointing is None and cfg.seed == 44
+    assert cfg.max_steps == 2 and cfg.gradient_checkpointing is False and cfg.seed == 44
     on = IterateParams(dpo_gradient_checkpointing=True, dpo_settings="paper").resolved()
     cfg = LoopConfig.of(on).dpo_for(1)
     assert cfg.gradient_checkpointing is True and cfg.grad_accum == 8

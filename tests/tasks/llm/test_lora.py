@@ -40,11 +40,8 @@ def test_trainer_precision_and_checkpointing(monkeypatch) -> None:
 
     cpu, out = torch.device("cpu"), Path("unused")
     args = trainer_args(DPOConfig(), out, cpu)
-    assert args["bf16"] is False and args["gradient_checkpointing"] is True
-    assert (
-        trainer_args(DPOConfig(gradient_checkpointing=False), out, cpu)["gradient_checkpointing"]
-        is False
-    )
+    assert args["bf16"] is False and args["gradient_checkpointing"] is False
+    assert trainer_args(DPOConfig.paper(), out, cpu)["gradient_checkpointing"] is True
     monkeypatch.setattr(hardware, "cpu_flags", lambda *_: frozenset({"avx2", "amx_bf16"}))
     assert trainer_args(DPOConfig(cpu_bf16_autocast=True), out, cpu)["bf16"] is True
     monkeypatch.setattr(hardware, "cpu_flags", lambda *_: frozenset({"avx2", "fma"}))
