@@ -15,19 +15,19 @@ memory) and prints them side by side with their share of the DPO roofline (:mod:
 - ``bf16-autocast``: compact head and the matmuls in bf16 (``cpu_bf16_autocast``; native-bf16
   CPUs only);
 - ``checkpointing``: compact head with gradient checkpointing (less memory, more time);
-- ``packed-bf16-backward``: packed, and the frozen weights' backward matmuls in bf16
-  (:mod:`tasks.llm.bf16_backward`; the forward and the loss stay fp32);
-- ``default``: the flow's CPU setting (compact head, packed pairs, the backward in the CPU's
-  dtype, gradient checkpointing);
+- ``bf16-backward``: packed, and the frozen weights' backward matmuls in bf16
+  (:mod:`tasks.llm.bf16_backward`; the forward and the loss stay fp32): the default on a CPU
+  with native bf16;
+- ``bf16-backward-checkpointing``: the same with gradient checkpointing;
 - ``top-half``: compact head, LoRA on the top half of the layers only, no checkpointing: the
   backward pass stops at the lowest adapted layer (``lora_layers``).
 
-Every lever but ``packed*`` and ``default`` runs with two padded rows per pair, as TRL does,
-and every lever but ``packed-bf16-backward`` and ``default`` with an fp32 backward.
+``full-head``, ``compact-head`` and ``checkpointing`` run with two padded rows per pair, as
+TRL does; every lever but ``bf16-backward*`` with an fp32 backward.
 
     python bench/bench_dpo.py --pairs 16 --answer-tokens 200
     python bench/bench_dpo.py --pairs 8 --answer-tokens 96 --max-prompt-tokens 300 \
-        --levers full-head,compact-head,packed,checkpointing,default
+        --levers full-head,compact-head,packed,bf16-backward,checkpointing
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import polars as pl  # noqa: E402
 
+from tasks.common.hardware import cpu_flags, native_bf16  # noqa: E402
 from tasks.llm import bf16_backward, dpo_packing, trl_cpu  # noqa: E402
 from tasks.llm.dpo import DPOConfig, train_dpo  # noqa: E402
 from tasks.llm.lora import resolve_device  # noqa: E402
@@ -61,13 +62,13 @@ LEVERS = (
     "packed",
     "bf16-autocast",
     "checkpointing",
-    "packed-bf16-backward",
-    "default",
+    "bf16-backward",
+    "bf16-backward-checkpointing",
     "top-half",
 )
-PACKED = ("packed", "packed-bf16-backward", "default")
-BF16_BACKWARD = ("packed-bf16-backward", "default")
-CHECKPOINTED = ("checkpointing", "default")
+BF16_BACKWARD = ("bf16-backward", "bf16-backward-checkpointing")
+PACKED = ("packed", *BF16_BACKWARD)
+CHECKPOINTED = ("checkpointing", "bf16-backward-checkpointing")
 
 GOOD = (
     "This user enjoys thoughtful dramas and classic science fiction with strong characters. "
@@ -157,10 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.lever not in PACKED:
         os.environ[dpo_packing.ENV] = "0"
-    if args.lever not in BF16_BACKWARD:
-        os.environ[bf16_backward.ENV] = "float32"
-    elif args.lever != "default":
-        os.environ[bf16_backward.ENV] = "bfloat16"
+    if args.lever in BF16_BACKWARD and not native_bf16(cpu_flags()):
+        raise SystemExit(
+            f"--lever {args.lever}: this CPU has no native bf16 (see bench/ceiling.py)"
+        )
+    os.environ[bf16_backward.ENV] = "bfloat16" if args.lever in BF16_BACKWARD else "float32"
     if args.lever == "full-head":
         os.environ[trl_cpu.ENV] = "full"
     if args.lever == "top-half":
