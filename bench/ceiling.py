@@ -133,6 +133,8 @@ class ModelShape:
     heads: int
     kv_heads: int
     head_dim: int
+    head: int = 0
+    """Parameters of the LM head (vocabulary x hidden), a matmul only for scored tokens."""
 
     @classmethod
     def of(cls, model: str) -> ModelShape:
@@ -148,7 +150,8 @@ class ModelShape:
         attn = h * heads * head_dim * 2 + h * kv_heads * head_dim * 2
         per_layer = attn + 3 * h * inter
         embed = int(c.vocab_size) * h * (1 if getattr(c, "tie_word_embeddings", True) else 2)
-        return cls(layers * per_layer + embed, layers, heads, kv_heads, head_dim)
+        head = int(c.vocab_size) * h
+        return cls(layers * per_layer + embed, layers, heads, kv_heads, head_dim, head)
 
     def kv_bytes_per_token(self, element: int) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * element
