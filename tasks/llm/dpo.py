@@ -8,8 +8,10 @@ Conventions (shared by :mod:`tasks.llm.sft` and :mod:`tasks.llm.online_rl`):
 
 - Prompts are plain user messages and answers plain assistant texts; they are given to TRL in
   its conversational format, so the model's chat template applies exactly as at generation.
-- A LoRA adapter is trained; fp32 on CPU (bf16 autocast drowns the signal at beta 0.01), bf16
-  on GPU.
+- A LoRA adapter is trained; fp32 on CPU (bf16 autocast drowns the signal at beta 0.01; on a
+  CPU with native bf16 only the frozen weights' backward matmuls run in bf16,
+  :mod:`tasks.llm.bf16_backward`), bf16 on GPU. Each pair is one packed row, its prompt
+  computed once (:mod:`tasks.llm.dpo_packing`).
 - Rounds: with ``init_adapter`` the previous round's adapter is loaded and **trained further**
   (not merged): the adapter always stays relative to the base model, so ``base + adapter`` is
   the round's policy and the adapter folder alone is enough to serve it.

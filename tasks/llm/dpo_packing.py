@@ -101,7 +101,8 @@ def pack_pairs(
         if attention_mask.dim() != 2:
             return None
         lengths = attention_mask.sum(dim=1).tolist()
-        right_padded = attention_mask.cumsum(dim=1) == torch.arange(1, width + 1)
+        positions = torch.arange(1, width + 1, device=attention_mask.device)
+        right_padded = attention_mask.cumsum(dim=1) == positions
         if not bool(((attention_mask == 1) == right_padded).all()):
             return None
     pairs = rows // 2

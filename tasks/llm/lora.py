@@ -58,12 +58,12 @@ class LoraTrainConfig:
         logging_steps: log the metrics every this many optimizer steps.
         gradient_checkpointing: recompute activations in the backward pass. None: on when
             every layer is adapted, off with ``lora_layers`` (checkpointing makes the backward
-            pass run down to the embeddings). It trades a little time for much memory:
-            measured on CPU for DPO, 6% slower for a 36% lower peak (``bench/bench_dpo.py
-            --levers``).
+            pass run down to the embeddings; :class:`tasks.llm.dpo.DPOConfig` turns it off).
+            It trades time for memory (``bench/bench_dpo.py --levers`` prints the figures).
         cpu_bf16_autocast: on a CPU with native bf16, run the matmuls in bf16 (autocast; the
             weights and the LoRA stay fp32). Off by default: measured on DPO it is about
-            1.5x faster but changes the loss after one step (``bench/bench_dpo.py --levers``).
+            1.5x faster but changes the loss after one step (``bench/bench_dpo.py --levers``);
+            :mod:`tasks.llm.bf16_backward` puts only the backward in bf16 instead.
         device: ``cpu``, ``cuda``, ``cuda:1``; None: ``cuda`` when available.
     """
 
