@@ -237,12 +237,13 @@ def compare(args: argparse.Namespace) -> int:
     print("\n=== ceilings ===")
     print_ceilings(c)
     first = rows[0]
+    width = max(len(r["lever"]) for r in rows) + 2
     print(
         f"\n=== DPO levers: {first['pairs']} pairs, prompts {first['mean_prompt_tokens']:.0f} "
         f"tokens, answers {first['answer_tokens']} tokens ==="
     )
     print(
-        f"{'lever':<16}{'s/pair':>8}{'vs first':>10}{'roofline':>10}{'share':>8}{'loss':>9}"
+        f"{'lever':<{width}}{'s/pair':>8}{'vs first':>10}{'roofline':>10}{'share':>8}{'loss':>9}"
         f"{'margins':>10}{'logps/ch':>10}{'peak GB':>9}"
     )
     for r in rows:
@@ -262,7 +263,7 @@ def compare(args: argparse.Namespace) -> int:
         r["roofline_pairs_per_s"] = bound["pairs_per_s"]
         r["share"] = rate / bound["pairs_per_s"]
         print(
-            f"{r['lever']:<16}{r['seconds_per_pair']:>8.2f}"
+            f"{r['lever']:<{width}}{r['seconds_per_pair']:>8.2f}"
             f"{first['seconds_per_pair'] / r['seconds_per_pair']:>9.2f}x"
             f"{1 / bound['pairs_per_s']:>9.2f}s{r['share']:>8.1%}{r['loss']:>9.4f}"
             f"{r['rewards/margins'] or 0:>10.4f}{r['logps/chosen'] or 0:>10.2f}"
