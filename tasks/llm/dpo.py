@@ -63,9 +63,9 @@ class DPOConfig(LoraTrainConfig):
         beta: DPO temperature (the paper's default 0.01).
         batch_size, grad_accum: 1 and 4 (effective batch 4).
         gradient_checkpointing: off: with each pair packed into one row
-            (:mod:`tasks.llm.dpo_packing`) a quick-profile pair's activations are under 1 GB, and
-            recomputing them cost 30% of the step (``bench/bench_dpo.py --levers``; the paper
-            preset keeps it on for its 2,048-token pairs).
+            (:mod:`tasks.llm.dpo_packing`) a quick-profile pair's activations are under 1 GB,
+            and recomputing them cost about a quarter of the step (``bench/bench_dpo.py
+            --levers``); the paper preset keeps it on for its 2,048-token pairs.
         ref: the reference policy: ``base`` (adapter disabled) or ``previous`` (the policy the
             round starts from, i.e. ``init_adapter`` frozen).
         See :class:`LoraTrainConfig` for the rest.
