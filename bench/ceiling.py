@@ -149,8 +149,8 @@ class ModelShape:
         head_dim = int(getattr(c, "head_dim", None) or h // heads)
         attn = h * heads * head_dim * 2 + h * kv_heads * head_dim * 2
         per_layer = attn + 3 * h * inter
-        embed = int(c.vocab_size) * h * (1 if getattr(c, "tie_word_embeddings", True) else 2)
         head = int(c.vocab_size) * h
+        embed = head * (1 if getattr(c, "tie_word_embeddings", True) else 2)
         return cls(layers * per_layer + embed, layers, heads, kv_heads, head_dim, head)
 
     def kv_bytes_per_token(self, element: int) -> int:

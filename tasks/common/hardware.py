@@ -113,6 +113,16 @@ def cpu_dtype(flags: Iterable[str] | None = None) -> DtypeChoice:
     return DtypeChoice(override, f"{override}: set by {DTYPE_ENV} (without it: {name}; {why})")
 
 
+def pinned_or_cpu_dtype(env: str) -> DtypeChoice:
+    """The dtype named by the environment variable ``env`` (one component's own switch, e.g.
+    the encoder's) when it is set, else :func:`cpu_dtype`; with the reason."""
+    pinned = dtype_override(env, unset="follow the CPU's dtype")
+    if pinned is not None:
+        return DtypeChoice(pinned, f"{pinned}: set by {env}")
+    choice = cpu_dtype()
+    return DtypeChoice(choice.name, f"the CPU's dtype, {choice.reason}")
+
+
 def torch_dtype(device: Any) -> torch.dtype:
     """The dtype to run a model in on ``device`` (a ``torch.device`` or a name such as ``cpu``,
     ``cuda:1``): bf16 on CUDA, :func:`cpu_dtype` on CPU, fp32 on anything else."""
@@ -148,6 +158,7 @@ __all__ = [
     "cpu_flags",
     "cpu_model",
     "native_bf16",
+    "pinned_or_cpu_dtype",
     "torch_dtype",
     "train_dtype",
 ]

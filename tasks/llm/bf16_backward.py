@@ -19,16 +19,13 @@ On by default where :func:`tasks.common.hardware.cpu_dtype` is bf16; ``RLRF4REC_
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.nn import functional as F
 
-from tasks.common.hardware import DtypeChoice, cpu_dtype, dtype_override
-
-log = logging.getLogger(__name__)
+from tasks.common.hardware import DtypeChoice, pinned_or_cpu_dtype
 
 ENV = "RLRF4REC_BACKWARD_DTYPE"
 
@@ -37,14 +34,11 @@ def backward_dtype(device: Any) -> DtypeChoice:
     """The dtype of the frozen weights' backward matmuls on ``device`` (a ``torch.device`` or
     a name), with the reason: :data:`ENV` when set, else the CPU's dtype on CPU; on any other
     device the trainer's own precision (``float32`` here means: left alone)."""
-    pinned = dtype_override(ENV, unset="follow the CPU's dtype")
+    choice = pinned_or_cpu_dtype(ENV)  # a bad value of ENV fails on every device
     kind = getattr(device, "type", str(device).split(":")[0])
     if kind != "cpu":
         return DtypeChoice("float32", f"float32: left to the trainer on {kind}")
-    if pinned is not None:
-        return DtypeChoice(pinned, f"{pinned}: set by {ENV}")
-    choice = cpu_dtype()
-    return DtypeChoice(choice.name, f"the CPU's dtype, {choice.reason}")
+    return choice
 
 
 class _Bf16BackwardLinear(torch.autograd.Function):

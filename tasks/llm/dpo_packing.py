@@ -108,7 +108,7 @@ def pack_pairs(
     pairs = rows // 2
     scored = labels != IGNORE
     packed_rows: list[tuple[list[int], list[int], list[int], list[int]]] = []
-    src_t: list[list[int]] = []
+    src: list[tuple[int, int]] = []
     dst: list[tuple[int, int]] = []
     for i in range(pairs):
         c, r = i, pairs + i
@@ -125,21 +125,19 @@ def pack_pairs(
         pos = list(range(n - 1))
         seg = [0] * (n - 1)
         target = [IGNORE] * (n - 1)
-        taken: list[int] = []
         for branch, row in ((1, c), (2, r)):
             tokens = input_ids[row, n - 1 : lengths[row]].tolist()
             after = labels[row, n : lengths[row]].tolist() + [IGNORE]
             offset = len(ids)
             for k, label in enumerate(after):
                 if label != IGNORE:
-                    taken.append(offset + k)
+                    src.append((i, offset + k))
                     dst.append((row, n - 1 + k))
             ids += tokens
             pos += range(n - 1, n - 1 + len(tokens))
             seg += [branch] * len(tokens)
             target += after
         packed_rows.append((ids, pos, seg, target))
-        src_t.append(taken)
     size = max(len(p[0]) for p in packed_rows)
     ids_t = torch.zeros((pairs, size), dtype=torch.long)
     pos_t = torch.zeros((pairs, size), dtype=torch.long)
@@ -156,17 +154,15 @@ def pack_pairs(
     allowed = causal & (q >= 0) & ((k == 0) | (k == q))
     allowed |= torch.eye(size, dtype=torch.bool)  # padding attends itself: no empty softmax row
     device = input_ids.device
-    src_b = torch.tensor([b for b, taken in enumerate(src_t) for _ in taken], dtype=torch.long)
-    src = (src_b.to(device), torch.tensor([t for ts in src_t for t in ts]).to(device))
-    dst_rows = torch.tensor([d[0] for d in dst], dtype=torch.long).to(device)
-    dst_cols = torch.tensor([d[1] for d in dst], dtype=torch.long).to(device)
+    src_b, src_t = torch.tensor(src, dtype=torch.long, device=device).unbind(1)
+    dst_r, dst_j = torch.tensor(dst, dtype=torch.long, device=device).unbind(1)
     return PackedPairs(
         input_ids=ids_t.to(device),
         position_ids=pos_t.to(device),
         shift_labels=lab_t.to(device),
         allowed=allowed[:, None].to(device),
-        src=src,
-        dst=(dst_rows, dst_cols),
+        src=(src_b, src_t),
+        dst=(dst_r, dst_j),
         out_shape=(rows, width - 1),
     )
 

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from tasks.common.hardware import DtypeName, cpu_dtype, dtype_override
+from tasks.common.hardware import DtypeName, pinned_or_cpu_dtype
 from tasks.common.hashing import text_sha256
 from tasks.common.io import write_json, write_parquet
 from tasks.common.memory import releases_memory
@@ -72,8 +72,7 @@ sets ``float32``, the encoder's dtype before bf16)."""
 def encoder_dtype() -> DtypeName:
     """The dtype the encoder computes in: :data:`ENCODER_DTYPE_ENV` when set, else the CPU's
     (:func:`tasks.common.hardware.cpu_dtype`)."""
-    pinned = dtype_override(ENCODER_DTYPE_ENV, unset="follow the CPU's dtype")
-    return pinned or cpu_dtype().name
+    return pinned_or_cpu_dtype(ENCODER_DTYPE_ENV).name
 
 
 def encoder_key(encoder: str = DEFAULT_ENCODER) -> str:
