@@ -19,6 +19,8 @@ memory) and prints them side by side with their share of the DPO roofline (:mod:
   (:mod:`tasks.llm.bf16_backward`; the forward and the loss stay fp32): the default on a CPU
   with native bf16;
 - ``bf16-backward-checkpointing``: the same with gradient checkpointing;
+- ``masked-attention``: ``bf16-backward`` with each packed row's attention in one masked sdpa
+  call (``RLRF4REC_DPO_ATTENTION=masked``, before the prompt's part ran causally on its own);
 - ``top-half``: compact head, LoRA on the top half of the layers only, no checkpointing: the
   backward pass stops at the lowest adapted layer (``lora_layers``).
 
@@ -33,6 +35,7 @@ TRL does; every lever but ``bf16-backward*`` with an fp32 backward.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -40,6 +43,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -65,8 +69,9 @@ LEVERS = (
     "bf16-backward",
     "bf16-backward-checkpointing",
     "top-half",
+    "masked-attention",
 )
-BF16_BACKWARD = ("bf16-backward", "bf16-backward-checkpointing")
+BF16_BACKWARD = ("bf16-backward", "bf16-backward-checkpointing", "masked-attention")
 PACKED = ("packed", *BF16_BACKWARD)
 CHECKPOINTED = ("checkpointing", "bf16-backward-checkpointing")
 
@@ -134,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     parser.add_argument("--levers", default=None, help=f"compare levers, any of {LEVERS}")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="K",
+        help="one lever under the torch profiler: print its K costliest operators",
+    )
     parser.add_argument("--lever", default="compact-head", choices=LEVERS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.levers:
@@ -163,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             f"--lever {args.lever}: this CPU has no native bf16 (see bench/ceiling.py)"
         )
     os.environ[bf16_backward.ENV] = "bfloat16" if args.lever in BF16_BACKWARD else "float32"
+    if args.lever == "masked-attention":
+        os.environ[dpo_packing.ATTENTION_ENV] = "masked"
     if args.lever == "full-head":
         os.environ[trl_cpu.ENV] = "full"
     if args.lever == "top-half":
@@ -171,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         layers = AutoConfig.from_pretrained(model).num_hidden_layers
         cfg = replace(cfg, lora_layers=layers // 2, gradient_checkpointing=None)
     prompt_tokens = [count_prompt_tokens(model, p) for p in pairs["prompt"]]
-    with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp, profiled(args.profile):
         out = train_dpo(model, pairs, Path(tmp) / "dpo", cfg)
     m = out["metrics"]
     device = resolve_device(cfg.device)
@@ -205,6 +219,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
     return 0
+
+
+@contextlib.contextmanager
+def profiled(top: int) -> Iterator[None]:
+    """With ``top`` > 0, the block under the torch profiler; then its ``top`` costliest
+    operators (self CPU time) and their share of the block's wall time."""
+    if top <= 0:
+        yield
+        return
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        yield
+    wall = time.perf_counter() - t
+    rows = sorted(((e.self_cpu_time_total / 1e6, e.key) for e in prof.key_averages()), reverse=True)
+    ops_s = sum(s for s, _ in rows)
+    print(f"\n=== where the DPO run's {wall:.1f} s go (self CPU time) ===")
+    for s, k in rows[:top]:
+        print(f"  {k[:40]:<40}{s:>9.1f}{s / wall:>9.1%}")
+    print(f"  {'outside operators (Python)':<40}{wall - ops_s:>9.1f}{(wall - ops_s) / wall:>9.1%}")
 
 
 def compare(args: argparse.Namespace) -> int:

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--max-prompt-tokens", type=int, default=None, help="history cap (tokens)")
     ap.add_argument("--run", default=None, help="prepared run folder (default: prepare one)")
+    ap.add_argument("--top", type=int, default=12, help="list this many of the other operators")
     args = ap.parse_args(argv)
 
     import torch
@@ -101,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<32}{s:>9.1f}{s / wall:>9.1%}")
     grouped = sum(self_s.get(k, 0.0) for keys in GROUPS.values() for k in keys)
     print(f"{'other operators':<32}{ops_s - grouped:>9.1f}{(ops_s - grouped) / wall:>9.1%}")
+    others = sorted(
+        ((s, k) for k, s in self_s.items() if not any(k in keys for keys in GROUPS.values())),
+        reverse=True,
+    )
+    for s, k in others[: args.top]:
+        print(f"  {k[:30]:<30}{s:>9.1f}{s / wall:>9.1%}")
     print(f"{'outside operators (Python)':<32}{wall - ops_s:>9.1f}{(wall - ops_s) / wall:>9.1%}")
     print(
         f"matmuls: {flops / 1e12:.1f} TFLOP in {matmul_s:.1f} s = {flops / 1e9 / matmul_s:.0f} "

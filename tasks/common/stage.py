@@ -248,6 +248,7 @@ RESULT_ENV = (
     "RLRF4REC_VLLM_KV",  # tasks.llm.vllm_engine.KV_ENV
     "RLRF4REC_TRL_HEAD",  # tasks.llm.trl_cpu.ENV
     "RLRF4REC_DPO_PACKING",  # tasks.llm.dpo_packing.ENV
+    "RLRF4REC_DPO_ATTENTION",  # tasks.llm.dpo_packing.ATTENTION_ENV
     "RLRF4REC_BACKWARD_DTYPE",  # tasks.llm.bf16_backward.ENV
     "RLRF4REC_ENCODER_DTYPE",  # tasks.rlrf4rec.encode.ENCODER_DTYPE_ENV
 )

@@ -188,7 +188,7 @@ def test_a_result_switch_in_the_environment_runs_again(
 
     # every module's switch is one the keys follow
     switches = {DTYPE_ENV, top_p.ENV, trl_cpu.ENV, vllm_engine.KV_ENV, ENCODER_DTYPE_ENV}
-    switches |= {dpo_packing.ENV, bf16_backward.ENV}
+    switches |= {dpo_packing.ENV, dpo_packing.ATTENTION_ENV, bf16_backward.ENV}
     assert switches == set(stage_mod.RESULT_ENV)
     for var in stage_mod.RESULT_ENV:
         monkeypatch.delenv(var, raising=False)

@@ -74,13 +74,19 @@ def fused_outputs(
     model_path: str, batch: dict[str, torch.Tensor], packed: bool, implementation: str
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """TRL's fused-head forward on ``batch``, optionally through the packing wrapper: the
-    per-token outputs and the gradient of a DPO-like loss on a layer's attention weights."""
+    per-token outputs and the gradient of a DPO-like loss on a layer's attention weights.
+    ``implementation`` "split" is sdpa with the packed rows' attention in two parts."""
     from transformers import AutoModelForCausalLM
     from trl.trainer import utils
 
+    split = implementation == "split"
+    implementation = "sdpa" if split else implementation
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=torch.float32, attn_implementation=implementation
     )
+    if split:
+        dpo_packing._register_split_sdpa()
+        model.config._attn_implementation = dpo_packing.SPLIT_SDPA
     utils.add_fused_lm_head(model, outputs=dpo_packing.PER_TOKEN)
     forward = model.forward
     if packed:
@@ -94,8 +100,20 @@ def fused_outputs(
     return {k: v.detach() for k, v in fields.items()}, grad
 
 
-@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
-def test_packed_pairs_score_like_trl_rows(tiny_llm_path: str, implementation: str) -> None:
+@pytest.mark.parametrize("implementation", ["sdpa", "eager", "split"])
+def test_packed_pairs_score_like_trl_rows(
+    tiny_llm_path: str, implementation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers.integrations import sdpa_attention
+
+    calls: list[tuple[int, int, bool]] = []  # (queries, keys, masked) of each sdpa call
+    plain_sdpa = sdpa_attention.sdpa_attention_forward
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        calls.append((query.shape[2], key.shape[2], attention_mask is not None))
+        return plain_sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", spy)
     g = torch.Generator().manual_seed(0)
 
     def tokens(n: int) -> list[int]:
@@ -104,7 +122,13 @@ def test_packed_pairs_score_like_trl_rows(tiny_llm_path: str, implementation: st
     # two pairs: different prompt lengths, chosen longer / shorter than rejected (padding)
     batch = trl_batch([(tokens(9), tokens(4), tokens(6)), (tokens(5), tokens(7), tokens(2))])
     plain, plain_grad = fused_outputs(tiny_llm_path, batch, False, implementation)
+    calls.clear()
     packed, packed_grad = fused_outputs(tiny_llm_path, batch, True, implementation)
+    if implementation == "split":
+        # per layer and row: the prompt minus its last token causally, then both branches
+        # (its last token + the answer, twice) over the row with the mask; rows 8+5+7 = 20
+        # and 4+8+3 = 15 positions, padded to 20
+        assert calls == [(8, 8, False), (12, 20, True), (4, 4, False), (11, 15, True)] * 2
     assert (plain["log_probs"] != 0).sum() == 4 + 6 + 7 + 2  # every answer token scored
     for name, value in plain.items():
         if value.dtype == torch.bool:
@@ -114,29 +138,72 @@ def test_packed_pairs_score_like_trl_rows(tiny_llm_path: str, implementation: st
     torch.testing.assert_close(packed_grad, plain_grad, rtol=1e-4, atol=1e-6)
 
 
-def test_install_follows_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_split_attention_equals_one_masked_call() -> None:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    # pair 0: a one-token prompt (nothing shared); pair 1: 6 shared positions, padded by 2
+    batch = trl_batch([([10], [20, 21, 22], [30, 31, 32, 33]), ([11] * 7, [23], [34])])
+    packed = pack_pairs(**batch)
+    assert packed is not None and packed.shared == (0, 6) and packed.lengths == (9, 10)
+    mask = packed.attention_mask("sdpa", torch.float32)
+
+    class Attention(torch.nn.Module):
+        num_key_value_groups = 2
+
+    heads, width = 4, packed.input_ids.shape[1]
+    q = torch.randn((2, heads, width, 8), generator=g, requires_grad=True)
+    k, v = (torch.randn((2, 2, width, 8), generator=g, requires_grad=True) for _ in "kv")
+    split, _ = dpo_packing.split_sdpa_attention(Attention(), q, k, v, mask, scaling=0.3)
+    masked, _ = sdpa_attention_forward(Attention(), q, k, v, packed.allowed, scaling=0.3)
+    assert split.shape == masked.shape == (2, width, heads, 8)
+    real = torch.arange(width)[None, :] < torch.tensor(packed.lengths)[:, None]
+    torch.testing.assert_close(split[real], masked[real], rtol=1e-5, atol=1e-6)
+    assert not split[~real].any()  # padding positions: zeros
+    weights = torch.randn(masked[real].shape, generator=g)
+    grads = [torch.autograd.grad((out[real] * weights).sum(), (q, k, v)) for out in (split, masked)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # any other call (no packed layout on the mask) is plain sdpa
+    plain, _ = dpo_packing.split_sdpa_attention(Attention(), q, k, v, packed.allowed)
+    torch.testing.assert_close(
+        plain, sdpa_attention_forward(Attention(), q, k, v, packed.allowed)[0]
+    )
+
+
+def make_trainer(implementation: str):
     class Config:
-        _attn_implementation = "sdpa"
+        _attn_implementation = implementation
 
     class Model(torch.nn.Module):
-        config = Config()
-
         def __init__(self) -> None:
             super().__init__()
+            self.config = Config()
             self.w = torch.nn.Parameter(torch.zeros(1))
 
     class Trainer:
         model = Model()
 
+    return Trainer()
+
+
+def test_install_follows_the_switches(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(dpo_packing.ENV, "0")
-    assert not dpo_packing.install(Trainer())
+    assert not dpo_packing.install(make_trainer("sdpa"))
     monkeypatch.delenv(dpo_packing.ENV)
-    assert dpo_packing.install(Trainer()) and dpo_packing.install(Trainer())
-    assert Trainer.model.forward.packs_pairs
-    Config._attn_implementation = "flash_attention_2"
-    other = Trainer()
-    other.model = Model()
-    assert not dpo_packing.install(other)
+    trainer = make_trainer("sdpa")
+    assert dpo_packing.install(trainer) and dpo_packing.install(trainer)
+    assert trainer.model.forward.packs_pairs
+    assert trainer.model.config._attn_implementation == dpo_packing.SPLIT_SDPA
+    monkeypatch.setenv(dpo_packing.ATTENTION_ENV, "masked")
+    masked = make_trainer("sdpa")
+    assert dpo_packing.install(masked) and masked.model.config._attn_implementation == "sdpa"
+    eager = make_trainer("eager")
+    assert dpo_packing.install(eager) and eager.model.config._attn_implementation == "eager"
+    assert not dpo_packing.install(make_trainer("flash_attention_2"))
+    monkeypatch.setenv(dpo_packing.ATTENTION_ENV, "fast")
+    with pytest.raises(ValueError, match="RLRF4REC_DPO_ATTENTION='fast'"):
+        dpo_packing.install(make_trainer("sdpa"))
 
 
 def test_train_dpo_packs_the_pairs_and_learns_the_same(
