@@ -7,9 +7,11 @@ a fresh engine, as in the flow; engine start is reported apart from generation. 
 - ``before``: vLLM's own top-p (a full sort of the vocabulary each step) and the KV cache of
   64 full-length sequences (the code before this benchmark);
 - ``top-p``: exact top-p among the top candidates (:mod:`tasks.llm.top_p`);
-- ``top-p + kv``: and the KV cache sized to the job (:class:`tasks.llm.vllm_engine.CacheDemand`),
-  so that no sequence is preempted, for 64 sequences at once instead of vLLM's 256 (the flow's
-  setting, :data:`tasks.llm.vllm_engine.CPU_MAX_SEQS`);
+- ``block-128``: and the KV cache sized to the job (:class:`tasks.llm.vllm_engine.CacheDemand`),
+  so that no sequence is preempted, for 64 sequences at once instead of vLLM's 256
+  (:data:`tasks.llm.vllm_engine.CPU_MAX_SEQS`), in vLLM's KV blocks of 128 tokens;
+- ``top-p + kv``: the same in blocks of 32 tokens (the flow's setting,
+  :data:`tasks.llm.vllm_engine.CPU_BLOCK_TOKENS`): a prompt's samples share more of it;
 - ``seqs-128``: the same with 128 sequences at once and the cache they need (the setting
   before 64);
 - ``busy-bound``, ``busy-nobind``: the same next to a process that keeps half a core busy,
@@ -54,7 +56,16 @@ from tasks.llm.vllm_engine import (  # noqa: E402
 
 log = logging.getLogger("bench_sampling")
 
-LEVERS = ("before", "top-p", "top-p + kv", "seqs-128", "busy-bound", "busy-nobind", "prompt")
+LEVERS = (
+    "before",
+    "top-p",
+    "block-128",
+    "top-p + kv",
+    "seqs-128",
+    "busy-bound",
+    "busy-nobind",
+    "prompt",
+)
 
 BUSY = (
     "import time\n"
@@ -103,6 +114,9 @@ def run_lever(name: str, model: str, prompts, cfg: SamplingConfig, max_len: int)
         if name == "seqs-128":
             kv = cpu_kv_cache_bytes(model, max_len, None, demand, max_seqs=128)
             engine.engine_args.update(max_num_seqs=128, kv_cache_memory_bytes=kv)
+        if name == "block-128":
+            kv = cpu_kv_cache_bytes(model, max_len, None, demand, block=128)
+            engine.engine_args.update(block_size=128, kv_cache_memory_bytes=kv)
         with engine:
             _, stats = generate(prompts, model, cfg, "vllm", engine=engine)
         stats["engine_start_seconds"] = engine.engine_start_seconds

@@ -19,6 +19,7 @@ CPU_ARGS = {
     "gpu_memory_utilization": 0.25,
     "enforce_eager": True,
     "max_num_seqs": 64,
+    "block_size": 32,
     "kv_cache_memory_bytes": 2**31,
     "max_model_len": 512,
 }

@@ -14,6 +14,7 @@ from tasks.llm.generate import SamplingConfig, generate
 from tasks.llm.vllm_engine import (
     CPU_KV_MIN_BYTES,
     CPU_KV_SEQUENCES,
+    KV_ENV,
     CacheDemand,
     VLLMEngine,
     _engine_args,
@@ -137,23 +138,44 @@ def test_worker_finds_the_package_from_any_folder(tmp_path, monkeypatch) -> None
 
 
 def test_the_kv_cache_of_a_job_holds_its_sequences(default_policy_path: str) -> None:
-    # a 540-token prompt: 4 shared blocks of 128; each of 4 samples holds one block for the
-    # prompt's last 28 tokens and its 96-token answer: 8 blocks (1,024 slots)
-    assert CacheDemand((540,), n=4, max_new_tokens=96).tokens() == 8 * 128
+    # a 540-token prompt in blocks of 128: 4 shared blocks; each of 4 samples holds one block
+    # for the prompt's last 28 tokens and its 96-token answer: 8 blocks (1,024 slots)
+    assert CacheDemand((540,), n=4, max_new_tokens=96).tokens(block=128) == 8 * 128
     # a 600-token prompt's tail (88) and answer need 2 blocks a sample: 4 + 8 blocks
-    assert CacheDemand((600, 540), 4, 96).tokens() == (12 + 8) * 128
+    assert CacheDemand((600, 540), 4, 96).tokens(block=128) == (12 + 8) * 128
+    # in blocks of 32 (the CPU default): 18 shared blocks of 600, tail 24 + 96 in 4 a sample;
+    # 16 of 540, tail 28 + 96 in 4 a sample
+    assert CacheDemand((600, 540), 4, 96).tokens() == (18 + 16 + 16 + 16) * 32
     # the engine decodes 64 sequences at once: the 16 longest prompts of 4 samples count
     demand = CacheDemand((300,) * 20 + (600,) * 70, 4, 96)
-    assert demand.tokens() == 16 * 12 * 128
-    assert demand.tokens(max_seqs=256) == 64 * 12 * 128
+    assert demand.tokens(block=128) == 16 * 12 * 128
+    assert demand.tokens(block=128, max_seqs=256) == 64 * 12 * 128
+    assert demand.tokens() == 16 * 34 * 32
     # one sample each: the 64 longest prompts, each 4 blocks of prompt and 2 of tail and answer
-    assert CacheDemand((300,) * 20 + (600,) * 70, 1, 96).tokens() == 64 * 6 * 128
-    assert CacheDemand((512,), 1, 200).tokens() == (4 + 2) * 128
+    assert CacheDemand((300,) * 20 + (600,) * 70, 1, 96).tokens(block=128) == 64 * 6 * 128
+    assert CacheDemand((512,), 1, 200).tokens(block=128) == (4 + 2) * 128
     per_token = 2 * 30 * 3 * 64 * 2
     sized = cpu_kv_cache_bytes(default_policy_path, 768, "bfloat16", demand)
-    assert sized == per_token * demand.tokens()
+    assert sized == per_token * (demand.tokens() + 32)  # vLLM keeps one block empty
     # at least one full-length sequence, whatever the job
     tiny = CacheDemand((10,), 1, 5)
-    assert cpu_kv_cache_bytes(default_policy_path, 768, "bfloat16", tiny) == per_token * 768
+    assert cpu_kv_cache_bytes(default_policy_path, 768, "bfloat16", tiny) == per_token * (768 + 32)
     args = _engine_args(default_policy_path, 0, False, 768, dtype="bfloat16", kv_demand=demand)
     assert args["kv_cache_memory_bytes"] == sized and args["max_num_seqs"] == 64
+    assert args["block_size"] == 32
+    assert cpu_kv_cache_bytes(
+        default_policy_path, 768, "bfloat16", demand, block=128
+    ) == per_token * (demand.tokens(block=128) + 128)
+
+
+def test_an_engine_sized_as_before_keeps_vllms_defaults(
+    default_policy_path: str, monkeypatch
+) -> None:
+    monkeypatch.setenv(KV_ENV, "fixed")
+    demand = CacheDemand((540,) * 8, 4, 96)
+    args = _engine_args(default_policy_path, 0, False, 768, dtype="bfloat16", kv_demand=demand)
+    assert "block_size" not in args and "max_num_seqs" not in args
+    per_token = 2 * 30 * 3 * 64 * 2
+    assert args["kv_cache_memory_bytes"] == max(
+        per_token * 768 * CPU_KV_SEQUENCES, CPU_KV_MIN_BYTES
+    )
