@@ -11,8 +11,9 @@
 
 ``--before`` runs the same with the settings before the sampling and DPO levers of
 ``bench/bench_sampling.py`` and ``bench/bench_dpo.py``: vLLM's sorting top-p, a KV cache of 64
-full-length sequences and vLLM's 256 sequences at once, TRL's LM head over every position and
-two padded rows per DPO pair, the backward in fp32, the encoder in fp32 (the switches of
+full-length sequences in vLLM's 128-token blocks and vLLM's 256 sequences at once, TRL's LM head
+over every position and two padded rows per DPO pair (one masked attention call each), the
+backward in fp32, the encoder in fp32 (the switches of
 :data:`tasks.common.stage.RESULT_ENV`), one vLLM engine per sampling stage
 (``RLRF4REC_KEEP_ENGINES=0``), the whole history in the policy's prompt and no gradient
 checkpointing on CPU (flow flags).
