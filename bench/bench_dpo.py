@@ -146,7 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="K",
         help="one lever under the torch profiler: print its K costliest operators",
     )
-    parser.add_argument("--lever", default="compact-head", choices=LEVERS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--lever",
+        default="compact-head",
+        choices=LEVERS,
+        help="the one lever of a run without --levers (e.g. under --profile)",
+    )
     args = parser.parse_args(argv)
     if args.levers:
         return compare(args)
