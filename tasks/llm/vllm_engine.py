@@ -114,8 +114,8 @@ CPU_KV_SEQUENCES = 64
 CPU_KV_MIN_BYTES = 2**30
 CPU_BLOCK_TOKENS = 32
 """``block_size`` of a CPU engine: its KV block (tokens). Only a prompt's full blocks are
-shared by its ``n`` samples; each sample prefills the tail below a block itself, so smaller
-blocks prefill less twice: on a quick round (87 prompts x n=4 x 96 tokens, Zen 4 with
+shared by its ``n`` samples; each sample prefills the partial last block itself, so smaller
+blocks repeat less prefill: on a quick round (87 prompts x n=4 x 96 tokens, Zen 4 with
 AVX-512 BF16) 292-308 generated tokens/s at 32 against 264-276 at vLLM's 128 and 280 at 64;
 256 fell to 257."""
 CPU_MAX_SEQS = 64
