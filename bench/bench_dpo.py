@@ -43,6 +43,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -233,8 +234,6 @@ def profiled(top: int) -> Iterator[None]:
     if top <= 0:
         yield
         return
-    import time
-
     from torch.profiler import ProfilerActivity, profile
 
     t = time.perf_counter()
