@@ -21,6 +21,10 @@ memory) and prints them side by side with their share of the DPO roofline (:mod:
 - ``bf16-backward-checkpointing``: the same with gradient checkpointing;
 - ``masked-attention``: ``bf16-backward`` with each packed row's attention in one masked sdpa
   call (``RLRF4REC_DPO_ATTENTION=masked``, before the prompt's part ran causally on its own);
+- ``trl-tiles``: ``bf16-backward`` with TRL's own folds of the head's logits tiles, 32,768
+  vocabulary entries each (``RLRF4REC_TRL_HEAD=compact``; the default cuts tiles of 1,024
+  and folds each in place, :mod:`tasks.llm.trl_cpu`, and so do the ``bf16-backward*`` levers
+  and ``masked-attention``; the levers before them ran with TRL's);
 - ``top-half``: compact head, LoRA on the top half of the layers only, no checkpointing: the
   backward pass stops at the lowest adapted layer (``lora_layers``).
 
@@ -71,8 +75,10 @@ LEVERS = (
     "bf16-backward-checkpointing",
     "top-half",
     "masked-attention",
+    "trl-tiles",
 )
-BF16_BACKWARD = ("bf16-backward", "bf16-backward-checkpointing", "masked-attention")
+LEAN_HEAD = ("bf16-backward", "bf16-backward-checkpointing", "masked-attention")
+BF16_BACKWARD = (*LEAN_HEAD, "trl-tiles")
 PACKED = ("packed", *BF16_BACKWARD)
 CHECKPOINTED = ("checkpointing", "bf16-backward-checkpointing")
 
@@ -183,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[bf16_backward.ENV] = "bfloat16" if args.lever in BF16_BACKWARD else "float32"
     if args.lever == "masked-attention":
         os.environ[dpo_packing.ATTENTION_ENV] = "masked"
+    os.environ[trl_cpu.ENV] = "lean" if args.lever in LEAN_HEAD else "compact"
     if args.lever == "full-head":
         os.environ[trl_cpu.ENV] = "full"
     if args.lever == "top-half":
