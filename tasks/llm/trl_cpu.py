@@ -113,7 +113,17 @@ class _SmallTilesOnCpu:
     def __init__(self, function: Any) -> None:
         self.original = function
 
-    def apply(self, hidden: torch.Tensor, weight, bias, targets, temperature, chunk_size, *rest):
+    def apply(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        temperature: float,
+        chunk_size: int,
+        *rest: Any,
+    ) -> Any:
+        """``hidden`` ``(N, H)``, ``weight`` ``(V, H)``, ``targets`` ``(N,)``: TRL's outputs."""
         if hidden.device.type == "cpu":
             chunk_size = min(chunk_size, CPU_TILE)
         return self.original.apply(hidden, weight, bias, targets, temperature, chunk_size, *rest)
