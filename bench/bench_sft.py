@@ -10,9 +10,16 @@ prints them side by side with their share of this machine's fp32 matmul ceiling
 - ``checkpointing``: LoRA on every layer with gradient checkpointing (before);
 - ``no-checkpointing``: the same without it (the backward pass keeps every activation);
 - ``top-half``: LoRA on the top half of the layers only, no checkpointing: the backward pass
-  stops at the lowest adapted layer.
+  stops at the lowest adapted layer;
+- ``full-head``: ``no-checkpointing`` with TRL's LM head as it ships, scoring every position
+  on CPU (``RLRF4REC_TRL_HEAD=full``: SFT before it called :func:`tasks.llm.trl_cpu.install`,
+  and every lever's figure before that);
+- ``trl-tiles``: ``no-checkpointing`` with the head on the answer's positions only, in TRL's
+  32,768-wide tiles (``RLRF4REC_TRL_HEAD=compact``); the other levers run the default, those
+  positions in tiles of 1,024 folded in place.
 
     python bench/bench_sft.py --levers checkpointing,no-checkpointing,top-half --steps 3
+    python bench/bench_sft.py --levers full-head,trl-tiles,no-checkpointing --steps 3
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import polars as pl  # noqa: E402
 
-LEVERS = ("checkpointing", "no-checkpointing", "top-half")
+LEVERS = ("checkpointing", "no-checkpointing", "top-half", "full-head", "trl-tiles")
+HEAD_MODES = {"full-head": "full", "trl-tiles": "compact"}
 
 
 def build_examples(n: int) -> pl.DataFrame:
@@ -54,7 +62,7 @@ def lever_config(lever: str, n_layers: int):
     cfg = SFTConfig.direct_cpu()
     if lever == "checkpointing":
         return replace(cfg, gradient_checkpointing=True)
-    if lever == "no-checkpointing":
+    if lever in ("no-checkpointing", *HEAD_MODES):
         return replace(cfg, gradient_checkpointing=False)
     return replace(cfg, gradient_checkpointing=False, lora_layers=n_layers // 2)
 
@@ -64,9 +72,11 @@ def run_one(args: argparse.Namespace) -> dict:
     from transformers import AutoConfig
 
     from tasks.data.assets import policy_model
+    from tasks.llm import trl_cpu
     from tasks.llm.chat import load_tokenizer
     from tasks.llm.sft import train_sft
 
+    os.environ[trl_cpu.ENV] = HEAD_MODES.get(args.lever, "lean")
     model = args.model or policy_model()
     n_layers = AutoConfig.from_pretrained(model).num_hidden_layers
     cfg = lever_config(args.lever, n_layers)

@@ -106,6 +106,9 @@ def train_sft(
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
+    from tasks.llm import trl_cpu
+
+    trl_cpu.install()
     cfg = cfg or SFTConfig()
     if not isinstance(cfg, LoraTrainConfig):
         raise TypeError(f"cfg: expected a tasks.llm.sft.SFTConfig, got {type(cfg).__name__}")
