@@ -181,6 +181,11 @@ def train_online_rl(
         from trl import GRPOTrainer as Trainer
     else:
         from trl import RLOOTrainer as Trainer
+    from tasks.llm import trl_cpu
+
+    # the head's mode is process-wide: set here too, so that this stage computes the same
+    # whether or not SFT or DPO ran before it in this process
+    trl_cpu.install()
 
     out_dir = Path(out_dir)
     device = resolve_device(cfg.device)
