@@ -16,6 +16,10 @@ a fresh engine, as in the flow; engine start is reported apart from generation. 
   before 64);
 - ``busy-bound``, ``busy-nobind``: the same next to a process that keeps half a core busy,
   with vLLM's default binding (one thread bound to each core) and with ``nobind`` threads;
+- ``busy-passive``: ``busy-bound`` with ``OMP_WAIT_POLICY=PASSIVE`` (a thread that reaches a
+  barrier first sleeps instead of spinning; measured, not kept);
+- ``compile``: ``top-p + kv`` with vLLM's ``torch.compile`` (``enforce_eager=False``; measured,
+  not kept: the start costs more than decoding saves);
 - ``prompt``: histories cut to ``--short-prompt`` tokens (``max_prompt_tokens``).
 
 Each figure is printed with its share of the roofline (:mod:`bench.ceiling`): the job's
@@ -64,8 +68,12 @@ LEVERS = (
     "seqs-128",
     "busy-bound",
     "busy-nobind",
+    "busy-passive",
+    "compile",
     "prompt",
 )
+NOT_KEPT = ("busy-passive", "compile")
+"""Run only when named: measured and not kept (README.md has their figures)."""
 
 BUSY = (
     "import time\n"
@@ -102,6 +110,8 @@ def run_lever(name: str, model: str, prompts, cfg: SamplingConfig, max_len: int)
         os.environ[KV_ENV] = "fixed"
     if name == "busy-nobind":
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+    if name == "busy-passive":
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     busy = subprocess.Popen([sys.executable, "-c", BUSY]) if name.startswith("busy") else None
     try:
         tok = load_tokenizer(model)
@@ -110,7 +120,12 @@ def run_lever(name: str, model: str, prompts, cfg: SamplingConfig, max_len: int)
             for p in prompts["prompt"]
         )
         demand = CacheDemand(lengths, cfg.n, cfg.max_new_tokens)
-        engine = VLLMEngine(model, max_model_len=max_len, kv_demand=demand if sized else None)
+        engine = VLLMEngine(
+            model,
+            max_model_len=max_len,
+            kv_demand=demand if sized else None,
+            enforce_eager=False if name == "compile" else None,
+        )
         if name == "seqs-128":
             kv = cpu_kv_cache_bytes(model, max_len, None, demand, max_seqs=128)
             engine.engine_args.update(max_num_seqs=128, kv_cache_memory_bytes=kv)
@@ -138,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--short-prompt", type=int, default=300, help="the 'prompt' lever's cap")
-    parser.add_argument("--levers", default=",".join(LEVERS), help=f"any of {LEVERS}")
+    parser.add_argument(
+        "--levers",
+        default=",".join(x for x in LEVERS if x not in NOT_KEPT),
+        help=f"any of {LEVERS} (default: all but {NOT_KEPT})",
+    )
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
