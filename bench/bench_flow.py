@@ -11,7 +11,8 @@
 
 ``--before`` runs the same with the settings before the sampling and DPO levers of
 ``bench/bench_sampling.py`` and ``bench/bench_dpo.py``: vLLM's sorting top-p, a KV cache of 64
-full-length sequences in vLLM's 128-token blocks and vLLM's 256 sequences at once, TRL's LM head
+full-length sequences in vLLM's 128-token blocks and vLLM's 256 sequences at once, vLLM's
+native RMSNorm on CPU, TRL's LM head
 over every position and two padded rows per DPO pair (one masked attention call each), the
 backward in fp32, the encoder in fp32 (the switches of
 :data:`tasks.common.stage.RESULT_ENV`), one vLLM engine per sampling stage
@@ -53,6 +54,7 @@ def _flow_cmd(run_name: str, runs_dir: Path, extra: list[str]) -> list[str]:
 PAGE = os.sysconf("SC_PAGE_SIZE")
 BEFORE = {
     "RLRF4REC_VLLM_TOP_P": "sort",
+    "RLRF4REC_VLLM_NORM": "native",
     "RLRF4REC_VLLM_KV": "fixed",
     "RLRF4REC_TRL_HEAD": "full",
     "RLRF4REC_DPO_PACKING": "0",

@@ -4,8 +4,8 @@ The shape of a quick-profile round: the first ``--users`` users' real ML-100K KA
 train users in a round), ``n=4`` samples of at most 96 tokens, the default policy. Each lever is
 a fresh engine, as in the flow; engine start is reported apart from generation. Levers:
 
-- ``before``: vLLM's own top-p (a full sort of the vocabulary each step) and the KV cache of
-  64 full-length sequences (the code before this benchmark);
+- ``before``: vLLM's own top-p (a full sort of the vocabulary each step), the KV cache of
+  64 full-length sequences and vLLM's native RMSNorm (the code before this benchmark);
 - ``top-p``: exact top-p among the top candidates (:mod:`tasks.llm.top_p`);
 - ``block-128``: and the KV cache sized to the job (:class:`tasks.llm.vllm_engine.CacheDemand`),
   so that no sequence is preempted, for 64 sequences at once instead of vLLM's 256
@@ -20,8 +20,12 @@ a fresh engine, as in the flow; engine start is reported apart from generation. 
   barrier first sleeps instead of spinning; measured, not kept);
 - ``compile``: ``top-p + kv`` with vLLM's ``torch.compile`` (``enforce_eager=False``; measured,
   not kept: the start costs more than decoding saves);
+- ``native-norm``: ``top-p + kv`` with vLLM's native RMSNorm chain instead of its C++ kernel
+  (:mod:`tasks.llm.cpu_norm`), the setting before that lever;
 - ``prompt``: histories cut to ``--short-prompt`` tokens (``max_prompt_tokens``).
 
+Every lever but ``before`` and ``native-norm`` runs vLLM's C++ RMSNorm (the flow's setting since
+that lever; the rows measured before it in README.md ran the native chain).
 Each figure is printed with its share of the roofline (:mod:`bench.ceiling`): the job's
 generated tokens over the time a machine at its measured bandwidth and matmul peak would need
 for its prefill (every prompt once) and its decoding steps.
@@ -49,6 +53,7 @@ from bench_generation import real_prompts  # noqa: E402
 from ceiling import ModelShape, decode_bound, measure_ceilings, print_ceilings  # noqa: E402
 
 from tasks.llm.chat import chat_prompt, load_tokenizer  # noqa: E402
+from tasks.llm.cpu_norm import ENV as NORM_ENV  # noqa: E402
 from tasks.llm.generate import SamplingConfig, generate  # noqa: E402
 from tasks.llm.top_p import ENV as TOP_P_ENV  # noqa: E402
 from tasks.llm.vllm_engine import (  # noqa: E402
@@ -66,6 +71,7 @@ LEVERS = (
     "block-128",
     "top-p + kv",
     "seqs-128",
+    "native-norm",
     "busy-bound",
     "busy-nobind",
     "busy-passive",
@@ -106,6 +112,8 @@ def run_lever(name: str, model: str, prompts, cfg: SamplingConfig, max_len: int)
     sized = name != "before" and name != "top-p"
     if name == "before":
         os.environ[TOP_P_ENV] = "sort"
+    if name in ("before", "native-norm"):
+        os.environ[NORM_ENV] = "native"
     if not sized:  # the engine sized as before: 64 full-length sequences, vLLM's max_num_seqs
         os.environ[KV_ENV] = "fixed"
     if name == "busy-nobind":

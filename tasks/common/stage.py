@@ -245,6 +245,7 @@ def key_value(obj: Any) -> Any:
 RESULT_ENV = (
     "RLRF4REC_CPU_DTYPE",  # tasks.common.hardware.DTYPE_ENV
     "RLRF4REC_VLLM_TOP_P",  # tasks.llm.top_p.ENV
+    "RLRF4REC_VLLM_NORM",  # tasks.llm.cpu_norm.ENV
     "RLRF4REC_VLLM_KV",  # tasks.llm.vllm_engine.KV_ENV
     "RLRF4REC_TRL_HEAD",  # tasks.llm.trl_cpu.ENV
     "RLRF4REC_DPO_PACKING",  # tasks.llm.dpo_packing.ENV

@@ -58,6 +58,7 @@ def start_engine(engine_args: dict[str, Any]) -> Any:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
 
+    from tasks.llm import cpu_norm
     from tasks.llm.top_p import install
 
     install()  # exact top-p without a full-vocabulary sort (CPU sampler only)
@@ -65,6 +66,10 @@ def start_engine(engine_args: dict[str, Any]) -> Any:
     args = dict(engine_args)
     if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0":
         args.setdefault("distributed_executor_backend", "uni")
+        # vLLM's C++ RMSNorm, which it registers for GPUs only (registered in this process,
+        # so only for an engine that runs in it)
+        if cpu_norm.install():
+            args.setdefault("ir_op_priority", cpu_norm.PRIORITY)
     return LLM(**args)
 
 
