@@ -17,10 +17,10 @@ instead). The figures are in README.md and ``bench/bench_generation.py --transit
 
 CPU: the KV cache is sized to the job (:func:`cpu_kv_cache_bytes`): every sequence decoded at
 once fits, so none is preempted; top-p runs without sorting the vocabulary
-(:mod:`tasks.llm.top_p`); and ``dtype="auto"`` is the
-CPU's dtype (:func:`tasks.common.hardware.cpu_dtype`). vLLM binds one thread to each core by
-default; on a CPU shared with other jobs ``OMP_NUM_THREADS=1 VLLM_CPU_OMP_THREADS_BIND=nobind``
-(inherited by the worker) is steadier.
+(:mod:`tasks.llm.top_p`); the RMSNorm runs vLLM's C++ kernel (:mod:`tasks.llm.cpu_norm`);
+and ``dtype="auto"`` is the CPU's dtype (:func:`tasks.common.hardware.cpu_dtype`). vLLM binds
+one thread to each core by default; on a CPU shared with other jobs
+``OMP_NUM_THREADS=1 VLLM_CPU_OMP_THREADS_BIND=nobind`` (inherited by the worker) is steadier.
 """
 
 from __future__ import annotations
