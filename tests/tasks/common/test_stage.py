@@ -183,11 +183,12 @@ def test_a_result_switch_in_the_environment_runs_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tasks.common.hardware import DTYPE_ENV
-    from tasks.llm import bf16_backward, dpo_packing, top_p, trl_cpu, vllm_engine
+    from tasks.llm import bf16_backward, cpu_norm, dpo_packing, top_p, trl_cpu, vllm_engine
     from tasks.rlrf4rec.encode import ENCODER_DTYPE_ENV
 
     # every module's switch is one the keys follow
     switches = {DTYPE_ENV, top_p.ENV, trl_cpu.ENV, vllm_engine.KV_ENV, ENCODER_DTYPE_ENV}
+    switches |= {cpu_norm.ENV}
     switches |= {dpo_packing.ENV, dpo_packing.ATTENTION_ENV, bf16_backward.ENV}
     assert switches == set(stage_mod.RESULT_ENV)
     for var in stage_mod.RESULT_ENV:
