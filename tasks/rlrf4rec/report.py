@@ -161,6 +161,7 @@ def markdown(results: dict, tables: dict, params: dict | None = None) -> str:
                              for r, why in skipped]  # fmt: skip
         lines += ["", "![per-round curve](fig4_rounds.png)"]
     lines += learning_section(results)
+    lines += diagnostics_section(results.get("reward_diagnostics"))
     timings = results.get("timings")
     if timings:
         lines += ["", "## Wall time per stage (s)", "", "| stage | seconds |", "|---|---|"]
@@ -254,7 +255,9 @@ def learning_section(results: dict) -> list[str]:
         "",
         "## Learning: what each round's policy writes, scored by the frozen reward model",
         "",
-        f"Reward `{settings.get('reward', 'ndcg@5')}`, knowledge encoding "
+        f"Reward `{settings.get('reward', 'ndcg@5')}`"
+        + (" (a diagnostic, not the paper's reward)" if settings.get("reward") == "genres" else "")
+        + ", knowledge encoding "
         f"`{settings.get('knowledge_encoding', 'kar')}`, round train users: "
         f"{settings.get('round_train_users', 'all')}. Policy r wrote round r+1's samples (the "
         "last policy: N more texts per validation user, and its knowledge text per train user). "
@@ -290,6 +293,61 @@ def learning_section(results: dict) -> list[str]:
                 f"{text[:400]}{'…' if len(text) > 400 else ''}"
             )
     lines += ["", "![held-out reward](learning.png)"]
+    return lines
+
+
+COLUMN_NAMES = {
+    "ndcg_at_5": "NDCG@5",
+    "map_at_5": "MAP@5",
+    "soft_auc": "soft-AUC",
+    "ndcg_at_5_auc": "NDCG@5 + soft-AUC",
+    "genre_share": "genre share (diagnostic)",
+}
+
+
+def diagnostics_section(diag: dict | None) -> list[str]:
+    """Does the reward read the text? (:mod:`tasks.rlrf4rec.reward_diagnostics`)"""
+    if not diag:
+        return []
+    seconds = diag.get("seconds", {})
+    lines = [
+        "",
+        "## Does the reward read the text? (reward diagnostics)",
+        "",
+        f"Round 1's {diag.get('samples')} samples of {diag.get('users')} train and validation "
+        "users (policy 0), scored by the frozen reward model. *Another user's*: each sample's "
+        "vector replaced by a sample vector of another user (a seeded derangement of the "
+        "users); *zeroed*: the vector set to zeros (for the genre share: another user's text, "
+        "and an empty text). *Spread*: mean within-user sd of the reward over the sd of the "
+        "users' mean rewards. *Reliability*: a second reward model trained with the next seed "
+        "on the same data scores the same samples: the share of same-user sample pairs both "
+        "order alike (a tie counts 1/2: chance is 0.5) and of users whose best sample both "
+        "pick (chance is 1/N). A reward that reads the text changes for most samples, by more "
+        "than 0.01, with a spread of 0.1 or more and 75% or more of pairs ordered alike. "
+        f"Cost: {_num(seconds.get('total'), 1)} s, of which {_num(seconds.get('second_model'), 1)}"
+        " s train the second model.",
+        "",
+        "| reward | changed, another user's | mean abs. change | changed, zeroed | "
+        "mean abs. change | within / between sd | pairs ordered alike | same best sample |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for col, fig in diag.get("columns", {}).items():
+        swapped, zeroed = fig.get("swapped", {}), fig.get("zeroed", {})
+        rel = fig.get("reliability", {})
+        lines.append(
+            f"| {COLUMN_NAMES.get(col, col)} | {_share(swapped.get('changed_share'))} |"
+            f" {_num(swapped.get('mean_abs_change'))} | {_share(zeroed.get('changed_share'))} |"
+            f" {_num(zeroed.get('mean_abs_change'))} | {_num(fig.get('spread', {}).get('ratio'))} |"
+            f" {_share(rel.get('pair_agreement'))} | {_share(rel.get('best_agreement'))} |"
+        )
+    ab = diag.get("knowledge_ablation", {})
+    if ab.get("n"):
+        lines += [
+            "",
+            f"Knowledge ablation of the reward model: validation NDCG@5 with each user's own "
+            f"round-0 vector {_num(ab.get('own'))}, with another user's {_num(ab.get('shuffled'))}:"
+            f" {_diff(ab)} ({ab['n']} validation users, paired, Student-t 95% CI).",
+        ]
     return lines
 
 

@@ -43,6 +43,7 @@ from models.rerankers import Reranker, build_reranker, load_reranker
 from tasks.common.io import atomic_dir, write_json, write_parquet
 from tasks.data.prepare import PreparedData, load_prepared
 from tasks.rlrf4rec.encode import frame_vectors
+from tasks.rlrf4rec.knowledge_training import DrawTable, knowledge_contrast, other_user_rows
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,9 @@ class TrainConfig:
         exclude_fold: leave the train users of this fold out of training (reward cross-fitting).
         n_folds, fold_seed: the fold assignment (:func:`user_folds`).
         num_threads: torch intra-op threads while training (None = leave as is).
+        knowledge_draws: ``user_vectors`` may hold several vectors per user; each training
+            list reads one drawn at random every epoch (:mod:`tasks.rlrf4rec.knowledge_training`).
+        contrastive: weight of the knowledge-contrastive term (0 = off; same module).
     """
 
     backbone: Literal["dlcm", "prm"] = "dlcm"
@@ -102,6 +106,8 @@ class TrainConfig:
     n_folds: int = 2
     fold_seed: int = 0
     num_threads: int | None = None
+    knowledge_draws: bool = False
+    contrastive: float = 0.0
 
     def __post_init__(self) -> None:
         if self.backbone not in ("dlcm", "prm"):
@@ -111,6 +117,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if not self.contrastive >= 0:
+            raise ValueError(f"TrainConfig.contrastive must be >= 0, got {self.contrastive}")
         if self.exclude_fold is not None and not 0 <= self.exclude_fold < self.n_folds:
             raise ValueError(
                 f"TrainConfig.exclude_fold must be in [0, n_folds={self.n_folds}), "
@@ -492,11 +500,15 @@ def train_reranker(
     if valid.n == 0:
         raise ValueError(f"{data_dir}: no validation lists; prepare with --valid-frac > 0")
 
-    users = train_rows = valid_rows = None
+    users = train_rows = valid_rows = table = None
     user_dim = item_dim = 0
     item_matrix = None
     if user_vectors is not None:
-        table = VectorTable(user_vectors, "user_id", "user_vectors")
+        table = (
+            DrawTable(user_vectors)
+            if cfg.knowledge_draws
+            else VectorTable(user_vectors, "user_id", "user_vectors")
+        )
         users, user_dim = table.matrix, table.dim
         train_rows, valid_rows = table.rows(train.user_id), table.rows(valid.user_id)
         if item_vectors is not None:
@@ -523,6 +535,7 @@ def train_reranker(
     )
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     labels_t = torch.from_numpy(train.labels)
+    draws = np.random.default_rng(cfg.seed)
 
     history: list[dict] = []
     best_score, best_epoch, best_state = -math.inf, 0, None
@@ -532,6 +545,8 @@ def train_reranker(
         for epoch in bar:
             t0 = time.perf_counter()
             model.train()
+            if cfg.knowledge_draws and isinstance(table, DrawTable):
+                train_rows = table.draw_rows(train.user_id, draws)
             perm = torch.randperm(train.n, generator=gen).numpy()
             total, steps = 0.0, 0
             for start in range(0, train.n, cfg.batch_size):
@@ -541,6 +556,13 @@ def train_reranker(
                 rows = train_rows[idx] if train_rows is not None else None
                 scores = model(make_batch(train.item_ids[idx], rows, users))
                 loss = model.loss(scores, labels_t[idx])
+                if cfg.contrastive and rows is not None:
+                    other, differs = other_user_rows(rows, train.user_id[idx])
+                    other_scores = model(make_batch(train.item_ids[idx], other, users))
+                    contrast = knowledge_contrast(
+                        scores, other_scores, labels_t[idx], torch.from_numpy(differs)
+                    )
+                    loss = loss + cfg.contrastive * contrast
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -67,12 +67,16 @@ TIE_BREAK_WEIGHT = 0.01
 # The per-sample rewards pairing can read: the paper's NDCG@5 (and MAP@5), soft-AUC (continuous,
 # see models.metrics), and NDCG@5 + TIE_BREAK_WEIGHT x soft-AUC: NDCG@5 decides unless two
 # samples are within about TIE_BREAK_WEIGHT / 2 of each other, soft-AUC breaks its ties.
+# ``genres`` is not a reranker's reward but the diagnostic text reward of
+# :mod:`tasks.rlrf4rec.genre_reward`, which the score stage adds beside them.
 REWARD_COLUMNS = {
     "ndcg@5": "ndcg_at_5",
     "map@5": "map_at_5",
     "soft_auc": "soft_auc",
     "ndcg@5+auc": "ndcg_at_5_auc",
+    "genres": "genre_share",
 }
+RANKER_REWARDS = ("ndcg_at_5", "map_at_5", "soft_auc", "ndcg_at_5_auc")
 REWARD_SPLITS = ("train", "valid")
 REWARD_K = 5
 OUT_SCHEMA = {

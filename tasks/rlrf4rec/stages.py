@@ -403,7 +403,9 @@ def score(
     """Reward of every (user, sample) on the user's lists (:func:`tasks.rlrf4rec.reward.
     score_samples`), with the user's ``split``. Stats: per reward column its mean, min, max and
     mean within-user spread over the train users, the same means prefixed ``valid.`` for the
-    validation users, and ``tied_users`` (train users whose samples all got one NDCG@5)."""
+    validation users, and ``tied_users`` (train users whose samples all got one NDCG@5).
+    ``genre_share`` is the diagnostic text reward (:mod:`tasks.rlrf4rec.genre_reward`; null for
+    a user whose lists hold no positive)."""
     from tasks.rlrf4rec.reward import REWARD_COLUMNS, score_samples
 
     vec = pl.read_parquet(vectors.path).with_columns(pl.col("sample_idx").cast(pl.Int64))
@@ -421,6 +423,7 @@ def score(
         .join(split, on="user_id", how="left")
         .sort(["user_id", "sample_idx"])
     )  # a join's row order is not fixed: sorted, the same inputs give the same bytes
+    scored = scored.with_columns(_genre_shares(data, scored))
     write_parquet(scored, Path(out))
     stats: dict[str, float] = {}
     for name, part in (
@@ -455,7 +458,7 @@ def pair(
     """Chosen/rejected pairs from the scored samples of the users of ``splits``."""
     from tasks.pairing import build_pairs
 
-    frame = pl.read_parquet(scored.path)
+    frame = pl.read_parquet(scored.path).drop_nulls(cfg.reward_col)
     if "split" in frame.columns:
         frame = frame.filter(pl.col("split").is_in(list(splits)))
     pairs, stats = build_pairs(frame, pl.read_parquet(prompts.path), cfg)
@@ -498,6 +501,56 @@ def diagnostic_texts(
     texts = pl.concat(frames)
     write_parquet(texts, Path(out))
     return Artefact(str(out), stats={"own": mine.height, "pairs": pairs.height})
+
+
+def _genre_shares(data: Artefact, scored: pl.DataFrame) -> pl.Series:
+    """The diagnostic genre reward of each scored sample (null: no top genre)."""
+    from tasks.data.prepare import load_prepared
+    from tasks.rlrf4rec.genre_reward import genre_share, top_genres
+
+    prepared = load_prepared(run_folder(data))
+    top = top_genres(prepared.lists, prepared.items)
+    shares = genre_share(scored["user_id"].to_list(), scored["text"].to_list(), top)
+    return pl.Series("genre_share", shares, dtype=pl.Float64, nan_to_null=True)
+
+
+@stage("reward-diagnostics")
+def reward_diagnostics(
+    reward_model: Artefact,
+    data: Artefact,
+    *,
+    round0: Artefact,
+    vectors: Artefact,
+    scored: Artefact,
+    items: Artefact | None,
+    cfg: TrainConfig,
+    n_folds: int,
+    reward_col: str,
+    seed: int,
+    out: Path,
+) -> Artefact:
+    """Does the reward read the text? (:mod:`tasks.rlrf4rec.reward_diagnostics`) on one
+    round's samples (``vectors``, ``scored``): text sensitivity, spread, reliability against
+    a reward model trained with seed ``cfg.seed + 1`` (``out/second_model``), and the reward
+    model's knowledge ablation on the validation users' round-0 vectors (``round0``).
+    Writes ``out/diagnostics.json``; its figures are the stats."""
+    from tasks.rlrf4rec.reward_diagnostics import diagnose
+
+    figures = diagnose(
+        Path(reward_model.path),
+        run_folder(data),
+        round0=user_vectors(round0),
+        vectors=pl.read_parquet(vectors.path).with_columns(pl.col("sample_idx").cast(pl.Int64)),
+        scored=pl.read_parquet(scored.path),
+        items=pl.read_parquet(items.path) if items else None,
+        cfg=cfg,
+        n_folds=n_folds,
+        reward_col=reward_col,
+        seed=seed,
+        second_model=Path(out) / "second_model",
+    )
+    write_json(figures, Path(out) / "diagnostics.json")
+    return Artefact(str(out), stats=_plain(figures))
 
 
 # --------------------------------------------------------------------------- helpers
