@@ -68,7 +68,7 @@ class IterateParams(RunParams):
             "max_new_tokens": 64,
             "max_prompt_tokens": 300,
             "reward_metric": "genres",
-            "round_users": 96,
+            "round_users": 128,
             "dpo_lr": 5e-4,
             "dpo_beta": 0.1,
             "dpo_epochs": 2.0,

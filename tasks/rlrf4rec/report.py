@@ -25,7 +25,9 @@ from models.stats import paired_bootstrap_ci, seed_summary
 from tasks.common.io import atomic_path, write_json
 from tasks.common.settings import settings_lines
 
-ROWS = ("base", "KAR", "RLRF4Rec")
+ROWS = ("base", "profile", "KAR", "RLRF4Rec")
+# The profile row reads the profile-and-history text the policy reads, without an answer.
+ROW_LABELS = {"profile": "profile+history text"}
 KS = (1, 3, 5, 7)
 HEADLINE = ("map@5", "ndcg@5")
 
@@ -65,7 +67,14 @@ def build_tables(results: dict) -> dict:
                 m: summarise([float(v[m]) for v in by_seed.values() if m in v]) for m in metrics
             }
         lists = results.get("per_list", {}).get(backbone, {})
-        for new, base in (("RLRF4Rec", "KAR"), ("KAR", "base"), ("RLRF4Rec", "base")):
+        for new, base in (
+            ("RLRF4Rec", "KAR"),
+            ("KAR", "base"),
+            ("RLRF4Rec", "base"),
+            ("profile", "base"),
+            ("KAR", "profile"),
+            ("RLRF4Rec", "profile"),
+        ):
             for metric in HEADLINE:
                 ci = paired_ci(
                     list(lists.get(base, {}).values()), list(lists.get(new, {}).values()), metric
@@ -102,7 +111,8 @@ def markdown(results: dict, tables: dict, params: dict | None = None) -> str:
             if row not in rows:
                 continue
             cells = [_fmt(rows[row][m]) if m in rows[row] else "" for m in metric_cols]
-            lines.append(f"| {backbone.upper()} | {row} | " + " | ".join(cells) + " |")
+            label = ROW_LABELS.get(row, row)
+            lines.append(f"| {backbone.upper()} | {label} | " + " | ".join(cells) + " |")
     if tables["paired"]:
         lines += ["", "Paired bootstrap over test lists (difference, 95% CI):", ""]
         lines.append("| backbone | comparison | difference | 95% CI |")

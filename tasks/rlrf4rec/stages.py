@@ -212,6 +212,20 @@ def encode_knowledge(
     return Artefact(str(out), stats={"texts": frame.height, "encoding": encoding})
 
 
+@stage("encode-profiles")
+def encode_profiles(prompts: Artefact, *, encoder: InputRef, out: Path) -> Artefact:
+    """Every user's profile-and-history text (what the policy reads, without an answer) as a
+    knowledge vector, ``user_id, sample_idx (0), vector``: Table I's reference row, the
+    knowledge an LLM's text has to beat."""
+    from tasks.rlrf4rec.encode import encode_texts
+
+    frame = pl.read_parquet(prompts.path).select("user_id", "prefix").sort("user_id")
+    vectors = encode_texts(frame["prefix"].to_list(), encoder.path)
+    ids = frame.select("user_id", pl.lit(0, dtype=pl.Int64).alias("sample_idx"))
+    write_parquet(ids.with_columns(_vector_column(vectors)), out)
+    return Artefact(str(out), stats={"texts": frame.height})
+
+
 @stage("item-knowledge")
 def item_knowledge(
     data: Artefact,

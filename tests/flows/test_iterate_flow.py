@@ -94,7 +94,7 @@ def test_artefacts(tiny_run, encoder_path: str) -> None:
     assert (full > cut["prompt"].str.len_chars()).all()
     results = json.loads((run / "results.json").read_text())
     table = results["tables"]["table1"]["dlcm"]
-    assert set(table) == {"base", "KAR", "RLRF4Rec"}
+    assert set(table) == {"base", "profile", "KAR", "RLRF4Rec"}
     assert 0.0 <= table["RLRF4Rec"]["ndcg@5"]["mean"] <= 1.0
     report = (run / "report.md").read_text()
     assert "Table I" in report and "| DLCM | RLRF4Rec |" in report
@@ -114,6 +114,18 @@ def test_artefacts(tiny_run, encoder_path: str) -> None:
         if not (run / f"round_0{r['policy']}" / "dpo" / "adapter").exists():
             assert r["drift"]["kl_per_token"] == 0.0  # an untrained policy is its reference
     assert "## Learning" in report and (run / "learning.png").exists()
+    # the reward diagnostics of round 1's samples: report, results.json, a second model
+    diag = results["results"]["reward_diagnostics"]
+    assert diag["samples"] == samples.height and diag["users"] == n_sampled
+    ndcg = diag["columns"]["ndcg_at_5"]
+    assert 0.0 <= ndcg["swapped"]["changed_share"] <= 1.0
+    assert ndcg["reliability"]["pairs"] == 3 * n_sampled  # 3 pairs of samples a user
+    assert {"swapped", "zeroed", "spread"} <= set(diag["columns"]["genre_share"])
+    assert diag["knowledge_ablation"]["n"] == n_sampled - n_train
+    assert (run / "reward_diagnostics" / "second_model" / "reward.json").is_file()
+    assert "## Does the reward read the text?" in report and "genre share (diagnostic)" in report
+    scored = pl.read_parquet(run / "round_01" / "scored.parquet")
+    assert scored["genre_share"].drop_nulls().is_between(0.0, 1.0).all()
     # the item vectors of the knowledge rows: the file's answer alone for items 1 and 50
     from tasks.rlrf4rec.encode import encode_texts, frame_vectors
 
@@ -151,6 +163,11 @@ def test_mlflow_metrics_per_round(tiny_run) -> None:
     for key in ("learning.drift.kl_per_token", "learning.heldout.vs_policy_0.diff"):
         assert sorted(m.step for m in client.get_metric_history(parent_id, key)) == [1, 2]
     assert parent.data.params["rounds"] == "2"
+    for key in ("reward_diagnostics.columns.ndcg_at_5.swapped.changed_share",
+                "reward_diagnostics.columns.ndcg_at_5.reliability.pair_agreement",
+                "reward_diagnostics.knowledge_ablation.diff",
+                "reward_diagnostics.seconds.total"):  # fmt: skip
+        assert key in parent.data.metrics, key
 
     # the run's story: one key per stage and Fig. 4 with step = round, counts as parameters,
     # provenance tags, the data set as an input, the DPO curve per optimiser step
@@ -356,6 +373,20 @@ def test_profiles_belong_to_their_flow() -> None:
     assert not hasattr(direct, "knowledge_encoding")
     with pytest.raises(ValidationError, match="profile"):
         DirectParams(profile="huge")
+
+
+def test_loop_check_profile_is_a_diagnostic() -> None:
+    """loop-check pairs by the genre reward, named a diagnostic in --help and the form."""
+    from flows.iterate import IterateParams, LoopConfig
+
+    check = IterateParams(profile="loop-check").resolved()
+    cfg = LoopConfig.of(check)
+    assert cfg.pairing.reward_col == "genre_share" and check.max_users == 0
+    assert (cfg.dpo.lr, cfg.dpo.beta, cfg.dpo.epochs) == (5e-4, 0.1, 2.0)
+    assert cfg.reward_diagnostics and check.run_name == "loop-check-ml-100k"
+    fields = IterateParams.model_fields
+    assert "DIAGNOSTIC" in fields["reward_metric"].description
+    assert "DIAGNOSTIC" in fields["profile"].description
 
 
 def test_item_knowledge_by_profile_and_bad_paths_refused(tmp_path: Path) -> None:
