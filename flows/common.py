@@ -39,6 +39,7 @@ from tasks.common import stopping
 from tasks.common.io import remove_stale_temporaries
 from tasks.common.runlock import RunLockedError, run_lock
 from tasks.common.stage import InputRef
+from tasks.data.assets import POLICY_HELP
 
 log = logging.getLogger(__name__)
 
@@ -413,10 +414,7 @@ class RunParams(BaseModel):
     data_dir: str | None = Field(
         None, description="folder with the data set's files (optional for ml-100k)"
     )
-    policy_model: str = Field(
-        "SmolLM2-135M-Instruct",
-        description="policy LLM: the offline default, a local model folder or a HF id",
-    )
+    policy_model: str = Field("SmolLM2-135M-Instruct", description=POLICY_HELP)
     backend: Literal["auto", "vllm", "transformers"] = Field(
         "auto",
         description="generation backend; auto = chosen once per run folder: vLLM where its "

@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 from pydantic import Field, field_validator, model_validator
 
 from flows.common import RunParams
+from tasks.data.assets import ENCODER_HELP
 from tasks.data.datasets import AmazonConfig
 from tasks.data.prepare import lists_config_for
 from tasks.llm.dpo import DPOConfig
@@ -116,10 +117,7 @@ class IterateParams(RunParams):
         None, ge=0, description="seeded random subset of users; 0 = all (profile)"
     )
     seed: int = Field(42, ge=0, description="seed of the data split, negatives and sampling")
-    encoder: str = Field(
-        "all-MiniLM-L6-v2",
-        description="knowledge encoder: the offline default, a local folder or a HF id",
-    )
+    encoder: str = Field("all-MiniLM-L6-v2", description=ENCODER_HELP)
     rounds: int | None = Field(None, ge=1, description="DPO rounds R (profile)")
     n_samples: int | None = Field(
         None, ge=2, description="N texts sampled per train user and round (profile)"

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from tasks.common.hardware import torch_dtype
+from tasks.llm.chat import stop_token_ids
 
 if TYPE_CHECKING:
     from tasks.llm.generate import SamplingConfig
@@ -116,10 +117,7 @@ def run_transformers(
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id
-    eos_ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(lm.generation_config, "eos_token_id", None)
-    eos_ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    eos_ids.discard(None)
+    eos_ids = set(stop_token_ids(tokenizer, lm.generation_config))  # the model's, as vLLM's
     batch_size = batch_size or (32 if device.type == "cuda" else 8)
     # Longest first: batches of similar lengths waste less padding. The order is fixed by the
     # inputs, so the batches, their seeds and the texts are too.

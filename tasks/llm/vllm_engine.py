@@ -44,6 +44,7 @@ import polars as pl
 
 from tasks.common import children
 from tasks.common.hardware import cpu_dtype
+from tasks.llm.chat import stop_token_ids
 from tasks.llm.devices import available_gpus, physical_gpu
 from tasks.llm.vllm_worker import REPLY_PREFIX
 
@@ -422,6 +423,7 @@ def run_vllm(
                 "top_p": cfg.top_p,
                 "max_tokens": cfg.max_new_tokens,
                 "seed": cfg.seed,
+                "stop_token_ids": stop_token_ids(model),  # the model's, as the HF backend's
             },
             "lora": lora,
         }

@@ -24,7 +24,8 @@ ENGINE.json: keyword arguments of ``vllm.LLM`` (``model``, ``seed``, ``dtype``,
 JOB.json: ``prompts_path`` (parquet: ``idx`` Int64, ``prompt_token_ids`` List(Int64), the
 chat-formatted prompts already tokenized), ``out_path`` (parquet written: ``idx``,
 ``sample_idx``, ``text``, ``n_tokens``, ``finish_reason``), ``stats_path`` (JSON written),
-``sampling`` (``n``, ``temperature``, ``top_p``, ``max_tokens``, ``seed``) and ``lora``
+``sampling`` (``n``, ``temperature``, ``top_p``, ``max_tokens``, ``seed``, ``stop_token_ids``:
+:func:`tasks.llm.chat.stop_token_ids` of the served model) and ``lora``
 (``{"name", "id", "path"}`` or null).
 """
 
@@ -94,6 +95,7 @@ def run_job(llm: Any, job: dict[str, Any]) -> dict[str, Any]:
         temperature=float(s["temperature"]),
         top_p=float(s["top_p"]),
         max_tokens=int(s["max_tokens"]),
+        stop_token_ids=[int(i) for i in s.get("stop_token_ids") or []],
     )
     lora_request = None
     if job.get("lora"):

@@ -138,6 +138,53 @@ def test_packed_pairs_score_like_trl_rows(
     torch.testing.assert_close(packed_grad, plain_grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def tiny_qwen2_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer Qwen2 (the opt-in Qwen2.5-Coder policies' architecture: biased q/k/v, an
+    untied output matrix) with random weights and non-zero q/k biases."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.bias.normal_()
+            layer.self_attn.k_proj.bias.normal_()
+    out = tmp_path_factory.mktemp("tiny-qwen2")
+    model.save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager", "split"])
+def test_packed_pairs_score_like_trl_rows_on_qwen2(
+    tiny_qwen2_path: str, implementation: str
+) -> None:
+    g = torch.Generator().manual_seed(1)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(5, 1000, (n,), generator=g).tolist()
+
+    batch = trl_batch([(tokens(9), tokens(4), tokens(6)), (tokens(5), tokens(7), tokens(2))])
+    plain, plain_grad = fused_outputs(tiny_qwen2_path, batch, False, implementation)
+    packed, packed_grad = fused_outputs(tiny_qwen2_path, batch, True, implementation)
+    for name, value in plain.items():
+        if value.dtype == torch.bool:
+            assert torch.equal(packed[name], value), name
+        else:
+            torch.testing.assert_close(packed[name], value, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed_grad, plain_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_split_attention_equals_one_masked_call() -> None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
