@@ -1,32 +1,29 @@
-"""What every flow shares: the parameters every run has, the command line and the Prefect form
-built from a pydantic model, one lock-and-track wrapper around a pipeline, MLflow tracking with
-explicit run ids, and the task-runner choice.
+"""What every flow shares: the parameters every run has, the Prefect form built from a pydantic
+model, one lock-and-track wrapper around a pipeline, the task-runner choice and the command line
+that runs a flow (its parser: :mod:`flows.cli`; MLflow: :mod:`flows.tracking`).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import functools
 import inspect
 import json
 import logging
-import math
 import os
 import shlex
 import shutil
 import sys
 import tempfile
-import types
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from flows.cli import parse_params
 from flows.prefect_runs import (
     cancel_flow_runs,
     mark_crashed,
@@ -35,6 +32,7 @@ from flows.prefect_runs import (
 )
 from flows.preflight import PreflightError, preflight
 from flows.run_record import RunRecord, SettingChangedError
+from flows.tracking import Tracker, tracker_for
 from tasks.common import stopping
 from tasks.common.io import remove_stale_temporaries
 from tasks.common.runlock import RunLockedError, run_lock
@@ -42,244 +40,9 @@ from tasks.common.stage import InputRef
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-# --------------------------------------------------------------------------- MLflow
-
-
-def tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI``, else SQLite at an absolute path in the project."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
-
-
-class Tracker:
-    """MLflow logging with explicit run ids (safe from Prefect's worker threads).
-
-    Every call names its run id; nothing relies on MLflow's thread-local active run.
-    """
-
-    def __init__(self, experiment: str, uri: str | None = None) -> None:
-        import mlflow
-        from mlflow.tracking import MlflowClient
-
-        self.uri = uri or tracking_uri()
-        mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = (
-            found.experiment_id if found else self.client.create_experiment(experiment)
-        )
-
-    def start(self, name: str, parent_run_id: str | None = None, tags: dict | None = None) -> str:
-        """Create a run (a child when ``parent_run_id`` is given) and return its id.
-
-        A child of the same name under the same parent (a resumed run's round) is reopened
-        instead of duplicated.
-        """
-        all_tags = dict(tags or {})
-        if parent_run_id:
-            found = self.find(name, parent_run_id)
-            if found:
-                self.reopen(found)
-                return found
-            all_tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
-        return run.info.run_id
-
-    def exists(self, run_id: str) -> bool:
-        """Whether ``run_id`` is a live (not deleted) run of this experiment."""
-        try:
-            run = self.client.get_run(run_id)
-        except Exception:  # noqa: BLE001 - MLflow raises its own error types per store
-            return False
-        return run.info.experiment_id == self.experiment_id and (
-            run.info.lifecycle_stage == "active"
-        )
-
-    def reopen(self, run_id: str) -> None:
-        """Mark a finished, failed or killed run RUNNING again (a resume continues it)."""
-        self.client.update_run(run_id, status="RUNNING")
-
-    def open_children(self, parent_run_id: str) -> list[str]:
-        query = f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"
-        return [r.info.run_id for r in self.client.search_runs([self.experiment_id], query)]
-
-    def end_family(self, parent_run_id: str, status: str) -> None:
-        """End the parent run and every child still RUNNING with ``status``."""
-        for child in self.open_children(parent_run_id):
-            self.client.set_terminated(child, status)
-        self.client.set_terminated(parent_run_id, status)
-
-    def find(self, name: str, parent_run_id: str | None = None) -> str | None:
-        """The id of an unfinished-or-finished run with this name (and parent), if any."""
-        query = f"attributes.run_name = '{name}'"
-        if parent_run_id:
-            query += f" and tags.mlflow.parentRunId = '{parent_run_id}'"
-        runs = self.client.search_runs([self.experiment_id], query, max_results=1)
-        return runs[0].info.run_id if runs else None
-
-    def params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        flat = [Param(k, str(v)[:6000]) for k, v in _flatten(params).items()]
-        existing = self.client.get_run(run_id).data.params
-        fresh = [p for p in flat if p.key not in existing]
-        for start in range(0, len(fresh), 100):
-            self.client.log_batch(run_id, params=fresh[start : start + 100])
-
-    def metrics(self, run_id: str, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        rows = [
-            Metric(_clean_key(k), float(v), now, step or 0)
-            for k, v in _flatten(metrics).items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-        ]
-        for start in range(0, len(rows), 500):
-            self.client.log_batch(run_id, metrics=rows[start : start + 500])
-
-    def artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-        path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(run_id, str(path), artifact_path)
-        elif path.exists():
-            self.client.log_artifact(run_id, str(path), artifact_path)
-
-    def end(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status)
-
-
-def _clean_key(key: str) -> str:
-    """MLflow keys allow letters, digits and ``_-./ ``: ``ndcg@5`` becomes ``ndcg_at_5``."""
-    key = key.replace("@", "_at_")
-    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
-
-
-def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in obj.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def _arg_type(annotation: Any) -> tuple[Any, list | None, bool]:
-    """(converter, choices, is_bool) for a pydantic field annotation."""
-    origin = get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in get_args(annotation) if a is not type(None)]
-        return _arg_type(args[0]) if len(args) == 1 else (str, None, False)
-    if origin is Literal:
-        choices = list(get_args(annotation))
-        return type(choices[0]), choices, False
-    if origin is list:
-        (inner,) = get_args(annotation) or (str,)
-        conv, choices, _ = _arg_type(inner)
-        return _ListOf(conv, choices), None, False
-    if annotation is bool:
-        return bool, None, True
-    if annotation in (int, float, str):
-        return annotation, None, False
-    return str, None, False
-
-
-class _ListOf:
-    """argparse type for a comma-separated list (``1,2,3`` or ``dlcm,prm``)."""
-
-    def __init__(self, conv: Any, choices: list | None) -> None:
-        self.conv, self.choices = conv, choices
-        self.__name__ = "list"
-
-    def __call__(self, text: str) -> list:
-        values = [self.conv(v.strip()) for v in text.split(",") if v.strip()]
-        bad = [v for v in values if self.choices and v not in self.choices]
-        if bad:
-            raise argparse.ArgumentTypeError(
-                f"invalid choice {bad[0]!r} (choose from {', '.join(map(str, self.choices))})"
-            )
-        return values
-
-
-def build_parser(model: type[BaseModel], prog: str, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one ``--flag`` per field of ``model`` (help = its description)."""
-    from flows.prefect_ui import form_description
-
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=description,
-    )
-    for name, field in model.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        conv, choices, is_bool = _arg_type(field.annotation)
-        if name == "profile" and getattr(model, "PROFILES", None):
-            choices = list(model.PROFILES)  # the flow's own profiles, not every flow's
-        help_text = form_description(model, name).replace("%", "%%")
-        default = field.default if field.default is not None else None
-        if is_bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
-        else:
-            if isinstance(conv, _ListOf):
-                arg_type: Any = conv
-            elif conv in (int, float) and not choices:
-                arg_type = conv
-            else:
-                arg_type = str
-            if isinstance(default, list):
-                default = ",".join(map(str, default))
-            parser.add_argument(
-                flag,
-                type=arg_type,
-                choices=[str(c) for c in choices] if choices else None,
-                default=None,
-                help=f"{help_text} (default: {default})" if default is not None else help_text,
-            )
-    parser.set_defaults(_prog=prog)
-    return parser
-
-
-def parse_params(model: type[BaseModel], argv: list[str] | None, prog: str, description: str):
-    """Parse ``argv`` into ``model``; only the flags given override the model's defaults.
-
-    Returns ``(params, explicit)`` where ``explicit`` holds the names set on the command line.
-    Validation errors exit with status 2 and a message naming the parameter.
-    """
-    parser = build_parser(model, prog, description)
-    ns = vars(parser.parse_args(argv))
-    ns.pop("_prog", None)
-    given = {k: v for k, v in ns.items() if v is not None}
-    for name, value in list(given.items()):
-        _, choices, _ = _arg_type(model.model_fields[name].annotation)
-        if choices and not isinstance(choices[0], str):
-            given[name] = type(choices[0])(value)
-    try:
-        return model(**given), set(given)
-    except ValidationError as exc:
-        parser.exit(2, f"{prog}: error: {format_validation_error(exc)}\n")
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    """One line per bad parameter: ``--name: message``."""
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ())) or "parameters"
-        parts.append(f"--{loc.replace('_', '-')}: {err.get('msg')}")
-    return "; ".join(parts)
 
 
 # --------------------------------------------------------------------------- task runner
@@ -508,16 +271,6 @@ class RunContext:
     @property
     def tracker(self) -> Tracker:
         return tracker_for(self.experiment)
-
-
-def tracker_for(experiment: str) -> Tracker:
-    """One :class:`Tracker` per experiment, tracking store and process."""
-    return _tracker(experiment, tracking_uri())
-
-
-@functools.lru_cache(maxsize=8)
-def _tracker(experiment: str, uri: str) -> Tracker:
-    return Tracker(experiment, uri)
 
 
 def run_tracked(

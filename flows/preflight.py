@@ -24,10 +24,10 @@ def preflight(p: Any, *, encoder: str | None = None) -> None:
     """Check ``p`` (a resolved :class:`flows.common.RunParams`) can run here.
 
     Resolves the policy model (and ``encoder``), checks that ``runs_dir`` can be written and
-    that the MLflow tracking store (:func:`flows.common.tracking_uri`) can be written or, over
+    that the MLflow tracking store (:func:`flows.tracking.tracking_uri`) can be written or, over
     HTTP, answers within :data:`HTTP_TIMEOUT_S` seconds.
     """
-    from flows.common import tracking_uri
+    from flows.tracking import tracking_uri
     from tasks.data.assets import encoder_model, policy_model
 
     policy_model(p.policy_model)  # AssetError: one line naming the model

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-log = logging.getLogger(__name__)
+from flows.tracking import PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger(__name__)
 
 
 def git_commit(root: Path = PROJECT_ROOT) -> tuple[str, bool]:

@@ -16,7 +16,7 @@ import polars as pl
 from tasks.common.hardware import torch_dtype
 
 if TYPE_CHECKING:
-    from tasks.llm.generate import SamplingConfig
+    from tasks.llm.sampling import SamplingConfig
 
 
 def _seed_for_batch(seed: int, batch: int) -> int:

@@ -8,7 +8,8 @@ import pytest
 from prefect.utilities.callables import parameter_schema
 from prefect.utilities.schema_tools import validate
 
-from flows.direct import DirectParams, direct_flow
+from flows.direct import direct_flow
+from flows.direct_params import DirectParams
 from flows.iterate import IterateParams, iterate
 from flows.prefect_ui import artifact_key, form_description, profile_values
 

@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import polars as pl
 import pytest
 
-from flows.common import Tracker
 from flows.metric_shapes import log_training_curve, per_stage, step_history
 from flows.provenance import git_commit, log_dataset, mlflow_run_url, tag_run
+from flows.tracking import Tracker
 from tasks.common.hardware import cpu_model
 from tasks.common.stage import Artefact, stage
 

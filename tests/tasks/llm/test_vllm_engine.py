@@ -10,7 +10,8 @@ import pytest
 
 from tasks.llm.devices import available_gpus
 from tasks.llm.engine_pool import keep_engines
-from tasks.llm.generate import SamplingConfig, generate
+from tasks.llm.generate import generate
+from tasks.llm.sampling import SamplingConfig
 from tasks.llm.vllm_engine import (
     CPU_KV_MIN_BYTES,
     CPU_KV_SEQUENCES,
