@@ -463,7 +463,7 @@ def run_main(
     """A flow's command line: parse the parameters, run the flow, print the report."""
     from tasks.common.stage import failed_stage
     from tasks.data.assets import AssetError
-    from tasks.data.datasets import DataError
+    from tasks.data.schema import DataError
     from tasks.llm.vllm_engine import GenerationError
 
     params, _ = parse_params(model, argv, prog, description)

@@ -32,6 +32,7 @@ from flows.metric_shapes import log_training_curve, per_stage
 from flows.prefect_ui import progress, publish_report
 from tasks.common.stage import Artefact, InputRef, measured_seconds
 from tasks.data.datasets import AmazonConfig
+from tasks.data.lists import ListsConfig
 from tasks.data.prepare import lists_config_for
 from tasks.llm import stages as llm_stages
 from tasks.llm.dpo import DPOConfig
@@ -40,7 +41,6 @@ from tasks.llm.generate import SamplingConfig
 from tasks.llm.policy import Policy
 from tasks.pairing import PairingConfig
 from tasks.rlrf4rec import stages
-from tasks.rlrf4rec.lists import ListsConfig
 from tasks.rlrf4rec.reranker import TrainConfig
 from tasks.rlrf4rec.reward import REWARD_COLUMNS
 from tasks.rlrf4rec.stages import Shard

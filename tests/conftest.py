@@ -189,8 +189,8 @@ FAST = {
 def make_run(root: Path) -> Path:
     """A prepared run: 16 users x 34 ratings, 60 items; 4 lists per user; 9/3/4 users in
     train/valid/test. Users like items of their own parity (a learnable signal)."""
+    from tasks.data.lists import ListsConfig
     from tasks.data.prepare import prepare
-    from tasks.rlrf4rec.lists import ListsConfig
 
     src = root / "ml-100k"
     src.mkdir(parents=True)

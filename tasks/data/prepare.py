@@ -2,9 +2,9 @@
 
 Artefacts, under ``<run>/data/`` (written to a temporary folder, then renamed into place):
 ``users.parquet``, ``items.parquet``, ``ratings.parquet``, ``history.parquet``,
-``lists.parquet`` (schemas in :mod:`tasks.data.datasets` and :mod:`tasks.rlrf4rec.lists`) and
+``lists.parquet`` (schemas in :mod:`tasks.data.schema` and :mod:`tasks.data.lists`) and
 ``meta.json`` (data set, task settings, counts, and what the loader merged or dropped:
-``counts.cleaning``, see :data:`tasks.data.datasets.CLEANING`).
+``counts.cleaning``, see :data:`tasks.data.schema.CLEANING`).
 
 ``out`` is the run folder: it must be a folder (or not exist yet) and must not be a prepared
 ``data`` folder itself (that would write ``data/data``). ``max_users`` must leave the test split
@@ -38,16 +38,11 @@ import polars as pl
 
 from tasks.common.io import atomic_dir
 from tasks.common.runlock import RunLockedError, run_lock
+from tasks.data.amazon_books import AMAZON_BUILDS, AmazonConfig
 from tasks.data.assets import AssetError
-from tasks.data.datasets import (
-    AMAZON_BUILDS,
-    CLEANING,
-    DATASETS,
-    AmazonConfig,
-    DataError,
-    load_dataset,
-)
-from tasks.rlrf4rec.lists import ListsConfig, RerankLists, build_lists, lists_counts
+from tasks.data.datasets import DATASETS, load_dataset
+from tasks.data.lists import ListsConfig, RerankLists, build_lists, lists_counts
+from tasks.data.schema import CLEANING, DataError
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +120,7 @@ def prepare(
 
     ``max_users`` keeps a seeded random subset of the users (their lists are exactly those of
     the full preparation); 0 or None keeps all. ``amazon`` chooses how Amazon-Books is built
-    (:class:`tasks.data.datasets.AmazonConfig`); without ``cfg`` the ``kar`` build takes KAR's
+    (:class:`tasks.data.amazon_books.AmazonConfig`); without ``cfg`` the ``kar`` build takes KAR's
     task settings (:func:`lists_config_for`). Nothing is written when loading or building
     fails; an existing ``<out>/data`` is replaced only once the new one is complete.
     """
@@ -222,7 +217,7 @@ def load_prepared(run_dir: str | Path) -> PreparedData:
 
 
 def format_counts(counts: dict) -> str:
-    """Human-readable summary of :func:`tasks.rlrf4rec.lists.lists_counts`."""
+    """Human-readable summary of :func:`tasks.data.lists.lists_counts`."""
     lines = [
         f"dataset           {counts['dataset']}",
         f"users             {counts['users']:,} ({counts['users_with_lists']:,} with lists)",

@@ -5,9 +5,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from tasks.data.datasets import DataError
+from tasks.data.lists import ListsConfig
 from tasks.data.prepare import load_prepared, main, prepare
-from tasks.rlrf4rec.lists import ListsConfig
+from tasks.data.schema import DataError
 
 
 def test_prepare_writes_parquet_and_meta(ml1m_dir: Path, tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from tasks.data.datasets import DataError
 from tasks.data.prepare import PreparedData, load_prepared
+from tasks.data.schema import DataError
 from tasks.rlrf4rec.item_knowledge import (
     item_knowledge_texts,
     item_prompts,
