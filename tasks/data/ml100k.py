@@ -5,15 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.data.reading import (
-    check_ids,
-    check_unique,
-    data_lines,
-    parse_int,
-    rating_data,
-    read_ratings,
-    split_fields,
-)
+from tasks.data.reading import data_lines, parse_id, parse_int, rated_data, split_fields
 from tasks.data.schema import DataError, RatingData
 
 # ML-100K genre flags, in u.item column order (u.genre).
@@ -38,11 +30,9 @@ def _read_users(path: Path, sep: str, skip_header: bool = False) -> tuple[list[d
     users, user_ids = [], set()
     for lineno, line in data_lines(path, "auto", skip_header=skip_header):
         uid, age, gender, occupation, zipcode = split_fields(path, lineno, line, sep, 5)
-        user = parse_int(path, lineno, uid, "user id")
-        check_unique(path, lineno, user, user_ids, "user")
         users.append(
             {
-                "user_id": user,
+                "user_id": parse_id(path, lineno, uid, user_ids, "user"),
                 "gender": gender,
                 "age": parse_int(path, lineno, age, "age"),
                 "occupation": occupation,
@@ -59,8 +49,7 @@ def _load_ml100k_grouplens(folder: Path) -> RatingData:
     path = folder / "u.item"
     for lineno, line in data_lines(path, "auto"):
         parts = split_fields(path, lineno, line, "|", 5 + len(ML100K_GENRES))
-        item = parse_int(path, lineno, parts[0], "item id")
-        check_unique(path, lineno, item, item_ids, "item")
+        item = parse_id(path, lineno, parts[0], item_ids, "item")
         flags = parts[5:]
         if any(f not in ("0", "1") for f in flags):
             raise DataError(f"{path}:{lineno}: genre flags must be 0 or 1")
@@ -68,10 +57,7 @@ def _load_ml100k_grouplens(folder: Path) -> RatingData:
         items.append(
             {"item_id": item, "title": parts[1].strip(), "genres": genres, "source_id": parts[0]}
         )
-    path = folder / "u.data"
-    ratings = read_ratings(path, "\t")
-    check_ids(ratings, user_ids, item_ids, path)
-    return rating_data("ml-100k", users, items, ratings)
+    return rated_data("ml-100k", users, user_ids, items, item_ids, folder / "u.data", "\t")
 
 
 def _load_ml100k_recbole(folder: Path) -> RatingData:
@@ -80,13 +66,10 @@ def _load_ml100k_recbole(folder: Path) -> RatingData:
     path = folder / "ml-100k.item"
     for lineno, line in data_lines(path, "auto", skip_header=True):
         iid, title, year, genres = split_fields(path, lineno, line, "\t", 4)
-        item = parse_int(path, lineno, iid, "item id")
-        check_unique(path, lineno, item, item_ids, "item")
+        item = parse_id(path, lineno, iid, item_ids, "item")
         title = title.strip()
         if year.strip():
             title = f"{title} ({year.strip()})"
         items.append({"item_id": item, "title": title, "genres": genres.split(), "source_id": iid})
-    path = folder / "ml-100k.inter"
-    ratings = read_ratings(path, "\t", skip_header=True)
-    check_ids(ratings, user_ids, item_ids, path)
-    return rating_data("ml-100k", users, items, ratings)
+    inter = folder / "ml-100k.inter"
+    return rated_data("ml-100k", users, user_ids, items, item_ids, inter, "\t", skip_header=True)

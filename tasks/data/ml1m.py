@@ -1,19 +1,11 @@
-"""MovieLens-1M (``users.dat``, ``movies.dat``, ``ratings.dat``; ``::``-separated, latin-1) in
-the normalised schema (:mod:`tasks.data.schema`)."""
+"""MovieLens-1M in the normalised schema (:mod:`tasks.data.schema`): ``users.dat`` (occupation
+codes become names), ``movies.dat``, ``ratings.dat``; ``::``-separated, latin-1."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.data.reading import (
-    check_ids,
-    check_unique,
-    data_lines,
-    parse_int,
-    rating_data,
-    read_ratings,
-    split_fields,
-)
+from tasks.data.reading import data_lines, parse_id, parse_int, rated_data, split_fields
 from tasks.data.schema import DataError, RatingData
 
 # ML-1M occupation codes (README of the GroupLens ML-1M release).
@@ -32,8 +24,7 @@ def load_ml1m(folder: str | Path) -> RatingData:
     path = folder / "users.dat"
     for lineno, line in data_lines(path, "auto"):
         uid, gender, age, occupation, zipcode = split_fields(path, lineno, line, "::", 5)
-        user = parse_int(path, lineno, uid, "user id")
-        check_unique(path, lineno, user, user_ids, "user")
+        user = parse_id(path, lineno, uid, user_ids, "user")
         occ = parse_int(path, lineno, occupation, "occupation code")
         if not 0 <= occ < len(ML1M_OCCUPATIONS):
             raise DataError(f"{path}:{lineno}: occupation code {occ} is out of range 0..20")
@@ -51,17 +42,12 @@ def load_ml1m(folder: str | Path) -> RatingData:
     path = folder / "movies.dat"
     for lineno, line in data_lines(path, "auto"):
         iid, title, genres = split_fields(path, lineno, line, "::", 3)
-        item = parse_int(path, lineno, iid, "item id")
-        check_unique(path, lineno, item, item_ids, "item")
         items.append(
             {
-                "item_id": item,
+                "item_id": parse_id(path, lineno, iid, item_ids, "item"),
                 "title": title.strip(),
                 "genres": [g for g in genres.split("|") if g],
                 "source_id": iid,
             }
         )
-    path = folder / "ratings.dat"
-    ratings = read_ratings(path, "::")
-    check_ids(ratings, user_ids, item_ids, path)
-    return rating_data("ml-1m", users, items, ratings)
+    return rated_data("ml-1m", users, user_ids, items, item_ids, folder / "ratings.dat", "::")

@@ -197,3 +197,28 @@ def read_ratings(path: Path, sep: str, skip_header: bool = False) -> list[Rating
             )
         )
     return ratings
+
+
+def parse_id(path: Path, lineno: int, value: str, seen: set[int], what: str) -> int:
+    """A ``what`` id (``user``, ``item``) that must be an integer not ``seen`` before; added
+    to ``seen``."""
+    key = parse_int(path, lineno, value, f"{what} id")
+    check_unique(path, lineno, key, seen, what)
+    return key
+
+
+def rated_data(
+    name: str,
+    users: list[dict],
+    user_ids: set[int],
+    items: list[dict],
+    item_ids: set[int],
+    ratings_path: Path,
+    sep: str,
+    skip_header: bool = False,
+) -> RatingData:
+    """Read the ratings file of a data set whose users and items are read
+    (:func:`read_ratings`), check every rating's user and item exist, build the frames."""
+    ratings = read_ratings(ratings_path, sep, skip_header)
+    check_ids(ratings, user_ids, item_ids, ratings_path)
+    return rating_data(name, users, items, ratings)

@@ -1,9 +1,13 @@
-"""The sampling settings of one generation call, shared by the generator and its backends."""
+"""The sampling settings of one generation call, and the raw samples a backend returns, shared
+by the generator and its backends."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import polars as pl
 
 
 @dataclass(frozen=True)
@@ -41,3 +45,25 @@ class SamplingConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for JSON, MLflow params and the worker)."""
         return asdict(self)
+
+
+def raw_sample_rows() -> dict[str, list]:
+    """Empty columns for a backend's samples, filled one answer at a time:
+    ``idx`` (the prompt's position), ``sample_idx``, ``text``, ``n_tokens``, ``finish``."""
+    return {k: [] for k in ("idx", "sample_idx", "text", "n_tokens", "finish")}
+
+
+def raw_samples_frame(rows: dict[str, list]) -> pl.DataFrame:
+    """The samples of :func:`raw_sample_rows` as a frame: ``idx`` Int64, ``sample_idx`` Int32,
+    ``text`` Utf8, ``n_tokens`` Int32, ``finish_reason`` Utf8 (``stop`` or ``length``)."""
+    import polars as pl
+
+    return pl.DataFrame(
+        {
+            "idx": pl.Series(rows["idx"], dtype=pl.Int64),
+            "sample_idx": pl.Series(rows["sample_idx"], dtype=pl.Int32),
+            "text": pl.Series(rows["text"], dtype=pl.Utf8),
+            "n_tokens": pl.Series(rows["n_tokens"], dtype=pl.Int32),
+            "finish_reason": pl.Series(rows["finish"], dtype=pl.Utf8),
+        }
+    )
