@@ -134,6 +134,7 @@ def prepare(
     check_out(out)
     data = load_dataset(dataset, data_dir, min_interactions=min_interactions, amazon=amazon)
     rerank = build_lists(data, cfg)
+    _check_test_split(rerank, cfg)
     if max_users:
         rerank = _checked_subset(rerank, max_users, cfg)
     counts = lists_counts(rerank, data)
@@ -161,6 +162,17 @@ def prepare(
 
 def _split_sizes(users: pl.DataFrame) -> dict[str, int]:
     return {s: int((users["split"] == s).sum()) for s in ("train", "valid", "test")}
+
+
+def _check_test_split(rerank: RerankLists, cfg: ListsConfig) -> None:
+    """Refuse a split with no test user: Table I is measured on the test users."""
+    full = _split_sizes(rerank.users)
+    if not full["test"]:
+        sizes = ", ".join(f"{full[s]} {s}" for s in ("train", "valid", "test"))
+        raise DataError(
+            f"test_frac {cfg.test_frac} leaves the test split empty ({sizes} of "
+            f"{rerank.users.height} users with lists, seed {cfg.seed}); raise --test-frac"
+        )
 
 
 def _checked_subset(rerank: RerankLists, max_users: int, cfg: ListsConfig) -> RerankLists:
@@ -283,9 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _argument_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the command line, in one line, before any work (None: nothing)."""
-    for name, value in (("--test-frac", args.test_frac), ("--valid-frac", args.valid_frac)):
-        if not 0.0 <= value < 1.0:
-            return f"{name} must be in [0, 1), got {value}"
+    if not 0.0 < args.test_frac < 1.0:
+        return (
+            f"--test-frac must be in (0, 1), got {args.test_frac}: the test users are the ones "
+            "Table I is measured on"
+        )
+    if not 0.0 <= args.valid_frac < 1.0:
+        return f"--valid-frac must be in [0, 1), got {args.valid_frac}"
     if args.max_users is not None and args.max_users < 0:
         return f"--max-users must be >= 0 (0 keeps all users), got {args.max_users}"
     if args.seed < 0:
@@ -303,10 +319,29 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    new_folder = not Path(args.out).exists()
     problem = _argument_problem(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    code = _prepare_command(args)
+    if code and new_folder:
+        _remove_if_only_lock(Path(args.out))
+    return code
+
+
+def _remove_if_only_lock(folder: Path) -> None:
+    """Remove ``folder``, made by a command that failed, when it holds only its ``.lock``."""
+    try:
+        if {p.name for p in folder.iterdir()} <= {".lock"}:
+            (folder / ".lock").unlink(missing_ok=True)
+            folder.rmdir()
+    except OSError:
+        pass  # it is not ours to clean any further
+
+
+def _prepare_command(args: argparse.Namespace) -> int:
+    """``prepare`` under the run folder's lock; the exit status (1 and one line on failure)."""
     amazon = AmazonConfig(build=args.amazon_build)
     cfg = lists_config_for(
         args.dataset,
