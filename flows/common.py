@@ -479,7 +479,11 @@ def run_main(
     except (AssetError, RunLockedError, SettingChangedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (GenerationError, DataError) as exc:
+    except DataError as exc:  # bad data fails the same way again: no advice to resume
+        where = failed_stage()
+        print(f"error{f' in stage {where!r}' if where else ''}: {exc}", file=sys.stderr)
+        return 1
+    except GenerationError as exc:
         where = failed_stage()
         print(
             f"error{f' in stage {where!r}' if where else ''}: {exc}. Every finished stage is "

@@ -23,6 +23,17 @@ import polars as pl
 from tasks.data.reading import data_lines, parse_int, parse_rating
 from tasks.data.schema import CLEANING, ITEM_SCHEMA, DataError, RatingData
 
+# The files each build reads, each as the names it accepts (the first one found is read).
+KCORE_REVIEWS = ("Books.json", "Books.json.gz", "Books.jsonl")
+KCORE_META = ("meta_Books.json", "meta_Books.json.gz", "meta_Books.jsonl")
+KAR_REVIEWS = ("Books_5.json.gz", "Books_5.json")
+KAR_META = ("meta_Books.json.gz", "meta_Books.json")
+
+
+def needed_files(build: str) -> tuple[tuple[str, ...], ...]:
+    """The files the ``build`` reads, in reading order, each as the names it accepts."""
+    return (KAR_REVIEWS, KAR_META) if build == "kar" else (KCORE_META, KCORE_REVIEWS)
+
 
 def _find(folder: Path, names: tuple[str, ...]) -> Path:
     for name in names:
@@ -83,7 +94,7 @@ def load_amazon_books(folder: str | Path, min_interactions: int = 5) -> RatingDa
     are no user features.
     """
     folder = Path(folder)
-    meta_path = _find(folder, ("meta_Books.json", "meta_Books.json.gz", "meta_Books.jsonl"))
+    meta_path = _find(folder, KCORE_META)
     titles: dict[str, tuple[str, list[str]]] = {}
     for lineno, obj in _json_lines(meta_path):
         asin = obj.get("asin")
@@ -94,7 +105,7 @@ def load_amazon_books(folder: str | Path, min_interactions: int = 5) -> RatingDa
         if not isinstance(title, str) or not title.strip():
             continue
         titles.setdefault(asin, (" ".join(title.split()), genres))
-    reviews_path = _find(folder, ("Books.json", "Books.json.gz", "Books.jsonl"))
+    reviews_path = _find(folder, KCORE_REVIEWS)
     rows: dict[tuple[str, str], tuple[int, int]] = {}
     cleaning = dict.fromkeys(CLEANING, 0)
     for lineno, obj in _json_lines(reviews_path):
@@ -305,7 +316,7 @@ def load_amazon_books_kar(folder: str | Path, cfg: AmazonConfig | None = None) -
     """
     cfg = cfg or AmazonConfig(build="kar")
     folder = Path(folder)
-    reviews_path = _find(folder, ("Books_5.json.gz", "Books_5.json"))
+    reviews_path = _find(folder, KAR_REVIEWS)
     cleaning = dict.fromkeys(CLEANING, 0)
     cols: dict[str, list] = {"user": [], "asin": [], "rating": [], "timestamp": []}
     for lineno, obj in _json_lines(reviews_path):
@@ -340,7 +351,7 @@ def load_amazon_books_kar(folder: str | Path, cfg: AmazonConfig | None = None) -
             f"{cfg.user_core} and items with at least {cfg.item_core} ratings"
         )
     kept = set(frame["asin"].unique().to_list())
-    meta_path = _find(folder, ("meta_Books.json.gz", "meta_Books.json"))
+    meta_path = _find(folder, KAR_META)
     meta: dict[str, tuple[str, str, str]] = {}
     for lineno, obj in _json_lines(meta_path):
         asin = obj.get("asin")

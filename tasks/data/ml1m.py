@@ -16,6 +16,8 @@ ML1M_OCCUPATIONS = [
     "self-employed", "technician/engineer", "tradesman/craftsman", "unemployed", "writer",
 ]  # fmt: skip
 
+ML1M_FILES = ("users.dat", "movies.dat", "ratings.dat")  # in reading order
+
 
 def load_ml1m(folder: str | Path) -> RatingData:
     """Load MovieLens-1M (``ratings.dat``, ``movies.dat``, ``users.dat``; ``::``, latin-1)."""
