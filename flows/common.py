@@ -464,6 +464,7 @@ def run_main(
     from tasks.common.stage import failed_stage
     from tasks.data.assets import AssetError
     from tasks.data.schema import DataError
+    from tasks.llm.backend import ModelLoadError
     from tasks.llm.vllm_engine import GenerationError
 
     params, _ = parse_params(model, argv, prog, description)
@@ -476,7 +477,7 @@ def run_main(
     start_temporary_prefect_api()
     try:
         result = flow_fn(**params.model_dump(exclude_unset=True))
-    except (AssetError, RunLockedError, SettingChangedError) as exc:
+    except (AssetError, ModelLoadError, RunLockedError, SettingChangedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except DataError as exc:  # bad data fails the same way again: no advice to resume
