@@ -204,7 +204,11 @@ def cpu_kv_cache_bytes(
 
 
 def _worker_env(gpu: int | None) -> dict[str, str]:
+    """The worker's environment: this process's, with vLLM's settings, the GPU it may see, this
+    package on its path, and this process's temporary folder (a run's ``<run>/.tmp``, removed
+    with the run: vLLM's ``vllm_dist_<uuid>`` files land there, not in ``/tmp``)."""
     env = dict(os.environ)
+    env["TMPDIR"] = tempfile.gettempdir()
     env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -138,6 +138,20 @@ def test_worker_finds_the_package_from_any_folder(tmp_path, monkeypatch) -> None
     assert (root / "tasks" / "llm" / "vllm_worker.py").is_file()
 
 
+def test_worker_temporaries_stay_in_the_runs_tmp(tmp_path, monkeypatch) -> None:
+    """vLLM writes ``vllm_dist_<uuid>`` into the worker's temporary folder: during a run that is
+    the run's ``.tmp`` (removed with the run), never ``/tmp``."""
+    import tempfile
+
+    from tasks.llm.vllm_engine import _worker_env
+
+    run_tmp = tmp_path / "run" / ".tmp"
+    run_tmp.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(run_tmp))  # as flows.common.run_temporaries
+    monkeypatch.setenv("TMPDIR", "/tmp")
+    assert _worker_env(None)["TMPDIR"] == str(run_tmp)
+
+
 def test_the_kv_cache_of_a_job_holds_its_sequences(default_policy_path: str) -> None:
     # a 540-token prompt in blocks of 128: 4 shared blocks; each of 4 samples holds one block
     # for the prompt's last 28 tokens and its 96-token answer: 8 blocks (1,024 slots)
