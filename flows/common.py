@@ -32,7 +32,7 @@ from flows.prefect_runs import (
 )
 from flows.preflight import PreflightError, preflight
 from flows.run_record import RunRecord, SettingChangedError
-from flows.tracking import Tracker, tracker_for
+from flows.tracking import Tracker, changed_params, tracker_for
 from tasks.common import stopping
 from tasks.common.io import remove_stale_temporaries
 from tasks.common.runlock import RunLockedError, run_lock
@@ -145,13 +145,16 @@ def params_flow(model: type[BaseModel], run: Any, name: str, summary: str, **flo
 class RunParams(BaseModel):
     """The parameters every flow has; a flow's model adds its own and its ``PROFILES``.
 
-    Subclasses set ``PROFILES`` (values for every field left unset, per profile) and
-    ``RUN_PREFIX`` (the default run name is ``<prefix><profile>-<dataset>``).
+    Subclasses set ``PROFILES`` (values for every field left unset, per profile),
+    ``RUN_PREFIX`` (the default run name is ``<prefix><profile>-<dataset>``) and, when the
+    model lives outside its flow's module, ``FLOW_MODULE`` (MLflow's source, e.g.
+    ``flows.direct``).
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {}
     RUN_PREFIX: ClassVar[str] = ""
+    FLOW_MODULE: ClassVar[str] = ""
 
     profile: Literal["quick", "study", "paper"] = Field(
         "quick",
@@ -364,18 +367,45 @@ def _keep_backend(p: RunParams, record: RunRecord, policy: str) -> str:
 
 def _parent_run(tracker: Tracker, record: RunRecord, p: RunParams, run_dir: Path) -> str:
     """The run folder's MLflow parent run: the recorded one, reopened, when it is in this
-    store and experiment; else a new one, recorded."""
+    store and experiment and its parameters are this start's; else a new one, recorded.
+
+    MLflow parameters cannot change, and a parent must never show a value its latest results
+    did not use: a start with changed parameters (``--temperature 0.7`` after 1.0) gets a new
+    parent run, tagged ``previous_parent_run_id`` and ``params.changed`` (the old one is tagged
+    ``superseded_by``), and the stages it reuses log their figures there again.
+    """
     old = record.mlflow.get("parent_run_id")
     same_store = record.mlflow.get("tracking_uri") == tracker.uri
-    if old and same_store and tracker.exists(old):
+    params = p.model_dump()
+    reuse = bool(old and same_store and tracker.exists(old))
+    changed: list[str] = []
+    if reuse:
         for child in tracker.open_children(old):  # left RUNNING by a killed process
             tracker.client.set_terminated(child, "KILLED")
+        changed = changed_params(tracker.client.get_run(old).data.params, params)
+    if reuse and not changed:
         tracker.reopen(old)
         tracker.client.set_tag(old, "starts", str(record.starts))
         parent = old
     else:
-        tags = {"run_dir": str(run_dir), **{f"settings.{k}": v for k, v in record.settings.items()}}
+        tags = {
+            "run_dir": str(run_dir),
+            "starts": str(record.starts),
+            **{f"settings.{k}": v for k, v in record.settings.items()},
+        }
+        if changed:
+            tags |= {"previous_parent_run_id": old, "params.changed": ", ".join(changed)}
         parent = tracker.start(p.run_name or run_dir.name, tags=tags)
+        if changed:
+            if tracker.client.get_run(old).info.status == "RUNNING":  # a killed start's
+                tracker.end(old, "KILLED")
+            tracker.client.set_tag(old, "superseded_by", parent)
+            log.info(
+                "MLflow: parameters changed (%s): new parent run %s after %s",
+                ", ".join(changed),
+                parent,
+                old,
+            )
         record.mlflow = {
             "tracking_uri": tracker.uri,
             "experiment_id": tracker.experiment_id,
@@ -383,7 +413,7 @@ def _parent_run(tracker: Tracker, record: RunRecord, p: RunParams, run_dir: Path
         }
     for key, value in record.settings.items():
         tracker.client.set_tag(parent, f"settings.{key}", value)
-    tracker.params(parent, p.model_dump())
+    tracker.params(parent, params)
     return parent
 
 

@@ -101,6 +101,7 @@ class DirectParams(RunParams):
 
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = PROFILES
     RUN_PREFIX: ClassVar[str] = "direct-"
+    FLOW_MODULE: ClassVar[str] = "flows.direct"
 
     dataset: Literal["ml-100k", "ml-1m"] = Field("ml-100k", description="data set")
     zip_table: str | None = Field(

@@ -8,6 +8,7 @@ server answers, and the data set's files are there. Each failure is one
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import fcntl
 import json
@@ -47,6 +48,7 @@ def preflight(p: Any, *, encoder: str | None = None) -> None:
     check_writable(Path(p.runs_dir), "--runs-dir")
     check_run_folder(p.run_dir())
     check_tracking_store(tracking_uri())
+    check_artifact_location(tracking_uri(), p.experiment)
     if getattr(p, "dataset", None):
         check_data(p)
 
@@ -111,6 +113,33 @@ def check_run_folder(run_dir: Path) -> None:
                 "choose another --run-name"
             ) from None
         fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def check_artifact_location(uri: str, experiment: str) -> None:
+    """Raise :class:`PreflightError` unless the experiment's artefact folder can be written
+    (a SQLite store: the location the experiment has, read from the database without MLflow,
+    else the one it will be created with, :func:`flows.tracking.artifact_location`)."""
+    import sqlite3
+
+    from flows.tracking import artifact_location
+
+    if not uri.startswith("sqlite:///"):
+        return
+    location = artifact_location(uri, experiment)
+    db = Path(uri[len("sqlite:///") :])
+    if db.is_file():
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+                row = con.execute(
+                    "SELECT artifact_location FROM experiments WHERE name = ?", (experiment,)
+                ).fetchone()
+        except sqlite3.Error:
+            row = None  # an empty or older database: MLflow creates or migrates it
+        location = row[0] if row and row[0] else location
+    parsed = urllib.parse.urlparse(location or "")
+    if parsed.scheme in ("", "file") and parsed.path:
+        where = f"MLflow experiment {experiment!r}: its artefact folder"
+        check_writable(Path(urllib.parse.unquote(parsed.path)), where)
 
 
 def check_data(p: Any) -> None:

@@ -7,13 +7,38 @@ Every call names its run id, so logging is safe from Prefect's worker threads.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+ARTIFACTS_DIR = "mlartifacts"
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment's artefacts go: beside a SQLite store (``<its folder>/mlartifacts/
+    <experiment>``), whatever folder the command runs from; None (the store's own choice) for
+    a folder store or a server. MLflow's default for SQLite, ``./mlruns``, is relative to the
+    working folder of the process that creates the experiment."""
+    root = sqlite_artifact_root(uri)
+    return (root / experiment).as_uri() if root else None
+
+
+def sqlite_artifact_root(uri: str) -> Path | None:
+    """``<folder of the database>/mlartifacts`` for ``sqlite:///<file>``, else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = uri[len("sqlite:///") :]
+    if db in ("", ":memory:"):
+        return None
+    return Path(db).expanduser().resolve().parent / ARTIFACTS_DIR
 
 
 def tracking_uri() -> str:
@@ -36,7 +61,11 @@ class Tracker:
         self.client = MlflowClient(self.uri)
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = (
-            found.experiment_id if found else self.client.create_experiment(experiment)
+            found.experiment_id
+            if found
+            else self.client.create_experiment(
+                experiment, artifact_location=artifact_location(self.uri, experiment)
+            )
         )
 
     def start(self, name: str, parent_run_id: str | None = None, tags: dict | None = None) -> str:
@@ -87,14 +116,26 @@ class Tracker:
         runs = self.client.search_runs([self.experiment_id], query, max_results=1)
         return runs[0].info.run_id if runs else None
 
-    def params(self, run_id: str, params: Mapping[str, Any]) -> None:
+    def params(self, run_id: str, params: Mapping[str, Any]) -> list[str]:
+        """Log ``params`` (flattened: ``data.users``) on ``run_id``: the keys it lacks. MLflow
+        keeps a parameter's first value, so a key logged before with another value is not
+        logged again: its name is returned (and warned about), for the caller to start a new
+        run (:func:`flows.common._parent_run` does for the flow's parameters)."""
         from mlflow.entities import Param
 
-        flat = [Param(k, str(v)[:6000]) for k, v in _flatten(params).items()]
+        flat = param_values(params)
         existing = self.client.get_run(run_id).data.params
-        fresh = [p for p in flat if p.key not in existing]
+        fresh = [Param(k, v) for k, v in flat.items() if k not in existing]
         for start in range(0, len(fresh), 100):
             self.client.log_batch(run_id, params=fresh[start : start + 100])
+        changed = changed_params(existing, params)
+        if changed:
+            log.warning(
+                "MLflow run %s keeps earlier values of %s (MLflow parameters cannot change)",
+                run_id,
+                ", ".join(changed),
+            )
+        return changed
 
     def metrics(self, run_id: str, metrics: Mapping[str, Any], step: int | None = None) -> None:
         import time
@@ -119,6 +160,18 @@ class Tracker:
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
+
+
+def param_values(params: Mapping[str, Any]) -> dict[str, str]:
+    """``params`` flattened (``data.users``) with each value as MLflow stores it (text, at most
+    6,000 characters)."""
+    return {k: str(v)[:6000] for k, v in _flatten(params).items()}
+
+
+def changed_params(logged: Mapping[str, str], params: Mapping[str, Any]) -> list[str]:
+    """The keys of ``params`` that ``logged`` (a run's MLflow parameters) holds with another
+    value, sorted."""
+    return sorted(k for k, v in param_values(params).items() if k in logged and logged[k] != v)
 
 
 def _clean_key(key: str) -> str:
