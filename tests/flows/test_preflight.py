@@ -184,3 +184,20 @@ def test_cli_refuses_missing_data_files_before_any_work(
     assert code == 2
     assert err.count("\n") == 1 and "movies.dat: file not found" in err and "resume" not in err
     assert not (runs / "nodata").exists()
+
+
+def test_unwritable_artefact_folder_of_an_existing_experiment(tmp_path: Path) -> None:
+    """The experiment was created with artefacts in a folder that cannot be written (an old
+    ``./mlruns``): one line before any work, not an ``OSError`` at the end of round 1."""
+    import sqlite3
+
+    from flows.preflight import check_artifact_location
+
+    db = tmp_path / "mlflow.db"
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE experiments (name TEXT, artifact_location TEXT)")
+        con.execute("INSERT INTO experiments VALUES ('old', ?)", (UNWRITABLE.as_uri(),))
+    with pytest.raises(PreflightError, match=r"experiment 'old': its artefact folder .*cannot"):
+        check_artifact_location(f"sqlite:///{db}", "old")
+    check_artifact_location(f"sqlite:///{db}", "new")  # a new one goes beside the store
+    assert (tmp_path / "mlartifacts" / "new").is_dir()
