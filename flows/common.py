@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -30,6 +30,7 @@ from flows.prefect_runs import (
     start_temporary_prefect_api,
     stop_temporary_prefect_api,
 )
+from flows.prefect_ui import warnings_in_run_log
 from flows.preflight import PreflightError, preflight
 from flows.run_record import RunRecord, SettingChangedError
 from flows.tracking import Tracker, changed_params, tracker_for
@@ -136,7 +137,30 @@ def params_flow(model: type[BaseModel], run: Any, name: str, summary: str, **flo
     fn.__name__ = fn.__qualname__ = name.replace("-", "_")
     fn.__signature__ = flat_signature(model)  # type: ignore[attr-defined]
     fn.__doc__ = flat_docstring(model, summary)
+    flow_kwargs.setdefault("flow_run_name", _flow_run_namer(model, name))
     return flow(name=name, **flow_kwargs)(fn)
+
+
+def flow_run_name_of(model: type[RunParams], parameters: Mapping[str, Any]) -> str:
+    """The name of a flow run with ``parameters``: the run name they resolve to (``ui-tiny``,
+    ``paper-ml-100k-2026-12-13`` for a dated schedule), so the Prefect UI lists runs by the
+    run folder they write."""
+    return str(model(**parameters).resolved().run_name)
+
+
+def _flow_run_namer(model: type[RunParams], fallback: str) -> Callable[[], str]:
+    """Prefect's ``flow_run_name``: :func:`flow_run_name_of` the flow run's parameters (the
+    flow's name where they do not resolve: a name never fails a run)."""
+
+    def flow_run_name() -> str:
+        try:
+            from prefect.runtime import flow_run
+
+            return flow_run_name_of(model, flow_run.parameters)
+        except Exception:  # noqa: BLE001
+            return fallback
+
+    return flow_run_name
 
 
 # --------------------------------------------------------------------------- shared parameters
@@ -335,7 +359,8 @@ def run_tracked(
         _arm_stop(p, tracker, parent, run_dir)
         runner = make_task_runner(p.task_runner)
         try:
-            result = pipeline.with_options(task_runner=runner)(p, ctx)
+            with warnings_in_run_log():
+                result = pipeline.with_options(task_runner=runner)(p, ctx)
         except BaseException:
             tracker.end_family(parent, "FAILED")
             raise

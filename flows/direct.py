@@ -136,7 +136,11 @@ direct_flow = params_flow(
 )
 
 
-@flow(name="rlrf4rec-direct-pipeline", validate_parameters=False)
+@flow(
+    name="rlrf4rec-direct-pipeline",
+    validate_parameters=False,
+    flow_run_name="{p.run_name}: pipeline",
+)
 def direct_pipeline(p: DirectParams, ctx: RunContext) -> dict:
     """Base -> SFT -> DPO / online RL / RLHF, each evaluated, for every seed; the report."""
     t_start = time.perf_counter()

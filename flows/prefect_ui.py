@@ -8,10 +8,12 @@ each profile puts there.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +111,44 @@ def progress(message: str, *args: Any) -> None:
     """One quiet progress line in the log of the run a user follows (``round 1/2: 100 users
     sampled, ...``)."""
     run_logger().info(message, *args)
+
+
+PROJECT_LOGGERS = ("tasks", "flows", "models")
+
+
+class _WarningsToRunLog(logging.Handler):
+    """Sends the project's warnings to the run log a user follows (:func:`run_logger`)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self._inside = threading.local()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == log.name or getattr(self._inside, "active", False):
+            return  # a progress line, or this handler's own line outside Prefect
+        self._inside.active = True
+        try:
+            run_logger().log(record.levelno, "%s", record.getMessage())
+        except Exception:  # noqa: BLE001 - the line is on stdout whatever happens here
+            pass
+        finally:
+            self._inside.active = False
+
+
+@contextlib.contextmanager
+def warnings_in_run_log() -> Iterator[None]:
+    """While open, the warnings of the project's loggers (``tasks.*``, ``flows.*``,
+    ``models.*``: no preference pairs, samples with no reward list, ...) reach the Prefect flow
+    run's log too, not only the worker's stdout."""
+    handler = _WarningsToRunLog()
+    loggers = [logging.getLogger(name) for name in PROJECT_LOGGERS]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
 
 
 def run_day() -> str:

@@ -150,3 +150,48 @@ def test_the_deployments_parameters_pass_the_form() -> None:
         if deployment.get("schedules"):  # a weekly run: dated, never a fixed name
             assert deployment["parameters"].get("dated") is True, deployment["name"]
             assert "run_name" not in deployment["parameters"], deployment["name"]
+
+
+def test_flow_runs_are_named_after_their_run(monkeypatch) -> None:
+    """The Prefect UI lists ``ui-tiny``, ``paper-ml-100k-2026-12-13``: not ``delta3-minnobia``."""
+    from datetime import UTC, datetime
+
+    from prefect.runtime import flow_run
+
+    monkeypatch.setitem(flow_run.FIELDS, "id", lambda: "a-flow-run")
+    monkeypatch.setitem(
+        flow_run.FIELDS, "scheduled_start_time", lambda: datetime(2026, 12, 13, 2, tzinfo=UTC)
+    )
+    monkeypatch.setitem(flow_run.FIELDS, "parameters", lambda: {"run_name": "ui-tiny"})
+    assert iterate.flow_run_name() == "ui-tiny" and direct_flow.flow_run_name() == "ui-tiny"
+    monkeypatch.setitem(flow_run.FIELDS, "parameters", lambda: {"profile": "paper", "dated": True})
+    assert iterate.flow_run_name() == "paper-ml-100k-2026-12-13"
+    assert direct_flow.flow_run_name() == "direct-paper-ml-100k-2026-12-13"
+    monkeypatch.setitem(flow_run.FIELDS, "parameters", lambda: {"rounds": 0})  # never raises
+    assert iterate.flow_run_name() == iterate.name
+
+
+def test_the_projects_warnings_reach_the_run_log(monkeypatch) -> None:
+    """Warnings of the project's loggers go to the flow run's log too, only while a run is on,
+    and the run log's own lines are not sent twice."""
+    import logging
+
+    import flows.prefect_ui as ui
+
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    run_log = logging.getLogger("test.run-log")
+    run_log.propagate = False
+    run_log.addHandler(Collect())
+    monkeypatch.setattr(ui, "run_logger", lambda: run_log)
+    with ui.warnings_in_run_log():
+        logging.getLogger("tasks.pairing").warning("round %d: no preference pairs", 1)
+        logging.getLogger("tasks.pairing").info("an info line stays on stdout")
+        logging.getLogger("flows.progress").warning("a progress line")
+        logging.getLogger("transformers").warning("a library's warning stays on stdout")
+    logging.getLogger("tasks.pairing").warning("after the run")
+    assert seen == ["round 1: no preference pairs"]
