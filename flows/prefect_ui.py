@@ -194,7 +194,7 @@ def publish_report(
     its id, or None outside a flow run or when the server refuses it."""
     if not flow_run_info():
         return None
-    text = figures_as_notes(Path(report).read_text())
+    text = figures_embedded(Path(report).read_text(), Path(report).parent)
     link = ""
     if mlflow_url:
         link = f"MLflow run: [{mlflow_run_id or mlflow_url}]({mlflow_url})\n\n"
@@ -213,6 +213,29 @@ def publish_report(
 
 
 _IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
+
+
+EMBED_MAX_BYTES = 1_500_000
+_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
+
+
+def figures_embedded(markdown: str, folder: Path) -> str:
+    """The report's figures, files beside it that a Prefect artefact cannot reach, embedded in
+    the markdown as data URIs so the artefact shows them; a figure that is missing, of another
+    type or over :data:`EMBED_MAX_BYTES` becomes a note naming its file
+    (:func:`figures_as_notes`)."""
+    import base64
+
+    def embed(match: re.Match[str]) -> str:
+        caption, name = match.group(1), match.group(2)
+        path = folder / name
+        mime = _MIME.get(path.suffix.lower())
+        if mime and path.is_file() and path.stat().st_size <= EMBED_MAX_BYTES:
+            data = base64.b64encode(path.read_bytes()).decode()
+            return f"![{caption}](data:{mime};base64,{data})"
+        return figures_as_notes(match.group(0))
+
+    return _IMAGE.sub(embed, markdown)
 
 
 def figures_as_notes(markdown: str) -> str:

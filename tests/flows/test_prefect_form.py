@@ -195,3 +195,19 @@ def test_the_projects_warnings_reach_the_run_log(monkeypatch) -> None:
         logging.getLogger("transformers").warning("a library's warning stays on stdout")
     logging.getLogger("tasks.pairing").warning("after the run")
     assert seen == ["round 1: no preference pairs"]
+
+
+def test_the_artefact_shows_the_figures(tmp_path) -> None:
+    """The report's PNGs are embedded (a data URI the artefact can show); a missing one is a
+    note naming its file."""
+    import base64
+
+    from flows.prefect_ui import figures_embedded
+
+    png = base64.b64decode(
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    )
+    (tmp_path / "fig4_rounds.png").write_bytes(png)
+    text = figures_embedded("a\n![per-round curve](fig4_rounds.png)\n![x](gone.png)", tmp_path)
+    assert "![per-round curve](data:image/png;base64,iVBORw0KGgo" in text
+    assert "`gone.png` in the run folder" in text and "![x]" not in text
