@@ -190,7 +190,18 @@ def test_the_report_is_a_prefect_artefact(prefect_harness, tmp_path: Path) -> No
     from flows.prefect_ui import flow_run_info, progress, publish_report
 
     report = tmp_path / "report.md"
-    report.write_text("# RLRF4Rec run report\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+    report.write_text(
+        "# RLRF4Rec run report\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n![curve](fig.png)\n"
+    )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot([0, 1, 2], [0.5, 0.6, 0.55])
+    fig.savefig(tmp_path / "fig.png")
+    plt.close(fig)
 
     @flow
     def publishing() -> dict:
@@ -208,6 +219,7 @@ def test_the_report_is_a_prefect_artefact(prefect_harness, tmp_path: Path) -> No
     assert found is not None and found.type == "markdown"
     assert "MLflow run: [1](http://mlflow/#/r/1)" in found.data
     assert "| 1 | 2 |" in found.data
+    assert "![curve](data:image/png;base64," in found.data  # the figure travels with it
     assert str(found.flow_run_id) == result["id"]
 
 
