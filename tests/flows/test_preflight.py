@@ -140,20 +140,8 @@ def test_model_with_an_unparsable_config(tmp_path: Path) -> None:
     check_model_config("HuggingFaceTB/SmolLM2-135M-Instruct", "--policy-model")  # a hub id
 
 
-def _broken_copy(tiny_llm_path: str, root: Path) -> Path:
-    """The tiny model's files, linked, with a config.json cut in the middle."""
-    model = root / "broken-model"
-    model.mkdir()
-    for f in Path(tiny_llm_path).iterdir():
-        if f.name != "config.json":
-            (model / f.name).symlink_to(f)
-    text = (Path(tiny_llm_path) / "config.json").read_text()
-    (model / "config.json").write_text(text[: len(text) // 2])
-    return model
-
-
 def test_cli_refuses_a_model_with_a_broken_config(
-    monkeypatch, capsys, tmp_path: Path, tiny_llm_path
+    monkeypatch, capsys, tmp_path: Path, broken_config_llm: Path
 ) -> None:
     """End to end on the tiny model: one line, exit 2, no run folder and no run.json (so no
     backend is recorded for a run folder that a fixed config would then keep using)."""
@@ -161,8 +149,9 @@ def test_cli_refuses_a_model_with_a_broken_config(
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = tmp_path / "runs"
-    model = _broken_copy(tiny_llm_path, tmp_path)
-    code = main(["--policy-model", str(model), "--runs-dir", str(runs), "--run-name", "bad"])
+    code = main(
+        ["--policy-model", str(broken_config_llm), "--runs-dir", str(runs), "--run-name", "bad"]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and "config.json cannot be read as JSON" in err

@@ -11,6 +11,20 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 
+def _failing(tmp_path: Path, ml100k_dir: Path, tiny_llm_path: str, name: str) -> dict:
+    """The parameters of a tiny run that fails early: too few users (``max_users`` 2), so a
+    stage fails (preparing the data or the reward model)."""
+    return {
+        "run_name": name,
+        "runs_dir": str(tmp_path / "runs"),
+        "data_dir": str(ml100k_dir),
+        "max_users": 2,
+        "policy_model": tiny_llm_path,
+        "backend": "transformers",
+        "experiment": f"tiny-{name}",
+    }
+
+
 def test_a_failed_run_is_marked_failed_and_its_resume_reuses_the_parent(
     tmp_path: Path, tiny_llm_path: str, ml100k_dir: Path, prefect_harness, monkeypatch
 ) -> None:
@@ -18,15 +32,7 @@ def test_a_failed_run_is_marked_failed_and_its_resume_reuses_the_parent(
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setitem(os.environ, "MLFLOW_TRACKING_URI", uri)
-    params = {
-        "run_name": "fails",
-        "runs_dir": str(tmp_path / "runs"),
-        "data_dir": str(ml100k_dir),
-        "max_users": 2,  # too few users: a stage fails (preparing the data or the reward model)
-        "policy_model": tiny_llm_path,
-        "backend": "transformers",
-        "experiment": "tiny-fails",
-    }
+    params = _failing(tmp_path, ml100k_dir, tiny_llm_path, "fails")
     for _ in range(2):
         with pytest.raises(ValueError):  # DataError is a ValueError
             iterate(**params)
@@ -48,15 +54,7 @@ def test_a_changed_parameter_opens_a_new_parent_run(
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setitem(os.environ, "MLFLOW_TRACKING_URI", uri)
-    params = {
-        "run_name": "temps",
-        "runs_dir": str(tmp_path / "runs"),
-        "data_dir": str(ml100k_dir),
-        "max_users": 2,  # fails early (see above): the parent run is made all the same
-        "policy_model": tiny_llm_path,
-        "backend": "transformers",
-        "experiment": "tiny-temps",
-    }
+    params = _failing(tmp_path, ml100k_dir, tiny_llm_path, "temps")  # a parent run all the same
     for temperature in (1.0, 0.7):
         with pytest.raises(ValueError):
             iterate(**params, temperature=temperature)

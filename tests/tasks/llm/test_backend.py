@@ -56,7 +56,7 @@ def test_auto_is_vllm_where_its_engine_starts(
 
 
 def test_a_model_that_does_not_load_is_no_backend_choice(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_llm_path: str
+    monkeypatch: pytest.MonkeyPatch, broken_config_llm: Path, tiny_llm_path: str
 ) -> None:
     """The engine fails because the model's config.json is cut: that is the model's fault, not
     vLLM's, so ``auto`` chooses nothing (before, it chose transformers and the run folder kept
@@ -64,15 +64,8 @@ def test_a_model_that_does_not_load_is_no_backend_choice(
     monkeypatch.setattr(backend_mod, "vllm_importable", lambda: True)
     monkeypatch.setattr(backend_mod, "VLLMEngine", _Engine)
     _Engine.fail, _Engine.started = True, []
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for f in Path(tiny_llm_path).iterdir():
-        if f.name != "config.json":
-            (broken / f.name).symlink_to(f)
-    text = (Path(tiny_llm_path) / "config.json").read_text()
-    (broken / "config.json").write_text(text[: len(text) // 2])
-    with pytest.raises(ModelLoadError, match=r"--policy-model .*broken does not load"):
-        choose_backend("auto", str(broken))
+    with pytest.raises(ModelLoadError, match=r"--policy-model .*broken-model does not load"):
+        choose_backend("auto", str(broken_config_llm))
     assert choose_backend("auto", tiny_llm_path).backend == "transformers"  # vLLM's own fault
 
 
