@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import polars as pl  # noqa: E402
 
 from tasks.llm.devices import available_gpus  # noqa: E402
-from tasks.llm.generate import SamplingConfig, generate  # noqa: E402
+from tasks.llm.generate import generate  # noqa: E402
 from tasks.llm.lora import merged_checkpoint  # noqa: E402
+from tasks.llm.sampling import SamplingConfig  # noqa: E402
 from tasks.llm.vllm_engine import VLLMEngine  # noqa: E402
 
 log = logging.getLogger("bench_generation")

@@ -29,7 +29,8 @@ import polars as pl  # noqa: E402
 from models.stats import paired_bootstrap_ci  # noqa: E402
 from tasks.data.assets import default_encoder_folder, policy_model  # noqa: E402
 from tasks.data.prepare import load_prepared  # noqa: E402
-from tasks.llm.generate import SamplingConfig, generate  # noqa: E402
+from tasks.llm.generate import generate  # noqa: E402
+from tasks.llm.sampling import SamplingConfig  # noqa: E402
 from tasks.rlrf4rec.encode import encode_texts  # noqa: E402
 from tasks.rlrf4rec.prompts import knowledge_text, prompt_table  # noqa: E402
 from tasks.rlrf4rec.reward import score_samples  # noqa: E402

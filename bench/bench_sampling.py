@@ -54,7 +54,8 @@ from ceiling import ModelShape, decode_bound, measure_ceilings, print_ceilings  
 
 from tasks.llm.chat import chat_prompt, load_tokenizer  # noqa: E402
 from tasks.llm.cpu_norm import ENV as NORM_ENV  # noqa: E402
-from tasks.llm.generate import SamplingConfig, generate  # noqa: E402
+from tasks.llm.generate import generate  # noqa: E402
+from tasks.llm.sampling import SamplingConfig  # noqa: E402
 from tasks.llm.top_p import ENV as TOP_P_ENV  # noqa: E402
 from tasks.llm.vllm_engine import (  # noqa: E402
     KV_ENV,

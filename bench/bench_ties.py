@@ -76,7 +76,8 @@ def vectors_of(samples: pl.DataFrame, prefix: dict[int, str], encoder: str, enco
 
 
 def fresh_samples(run: Path, policy: str, temperature: float, n: int, max_new_tokens: int):
-    from tasks.llm.generate import SamplingConfig, generate
+    from tasks.llm.generate import generate
+    from tasks.llm.sampling import SamplingConfig
 
     prompts = pl.read_parquet(run / "prompts.parquet").filter(pl.col("split") == "train")
     cfg = SamplingConfig(

@@ -1,40 +1,39 @@
-"""What every flow shares: the parameters every run has, the command line and the Prefect form
-built from a pydantic model, one lock-and-track wrapper around a pipeline, MLflow tracking with
-explicit run ids, and the task-runner choice.
+"""What every flow shares: the parameters every run has, the Prefect form built from a pydantic
+model, one lock-and-track wrapper around a pipeline, the task-runner choice and the command line
+that runs a flow (its parser: :mod:`flows.cli`; MLflow: :mod:`flows.tracking`).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import functools
 import inspect
 import json
 import logging
-import math
 import os
 import shlex
 import shutil
 import sys
 import tempfile
-import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from flows.cli import parse_params
 from flows.prefect_runs import (
     cancel_flow_runs,
     mark_crashed,
     start_temporary_prefect_api,
     stop_temporary_prefect_api,
 )
+from flows.prefect_ui import warnings_in_run_log
 from flows.preflight import PreflightError, preflight
 from flows.run_record import RunRecord, SettingChangedError
+from flows.tracking import Tracker, changed_params, tracker_for
 from tasks.common import stopping
 from tasks.common.io import remove_stale_temporaries
 from tasks.common.runlock import RunLockedError, run_lock
@@ -43,244 +42,9 @@ from tasks.data.assets import POLICY_HELP
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-# --------------------------------------------------------------------------- MLflow
-
-
-def tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI``, else SQLite at an absolute path in the project."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
-
-
-class Tracker:
-    """MLflow logging with explicit run ids (safe from Prefect's worker threads).
-
-    Every call names its run id; nothing relies on MLflow's thread-local active run.
-    """
-
-    def __init__(self, experiment: str, uri: str | None = None) -> None:
-        import mlflow
-        from mlflow.tracking import MlflowClient
-
-        self.uri = uri or tracking_uri()
-        mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = (
-            found.experiment_id if found else self.client.create_experiment(experiment)
-        )
-
-    def start(self, name: str, parent_run_id: str | None = None, tags: dict | None = None) -> str:
-        """Create a run (a child when ``parent_run_id`` is given) and return its id.
-
-        A child of the same name under the same parent (a resumed run's round) is reopened
-        instead of duplicated.
-        """
-        all_tags = dict(tags or {})
-        if parent_run_id:
-            found = self.find(name, parent_run_id)
-            if found:
-                self.reopen(found)
-                return found
-            all_tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
-        return run.info.run_id
-
-    def exists(self, run_id: str) -> bool:
-        """Whether ``run_id`` is a live (not deleted) run of this experiment."""
-        try:
-            run = self.client.get_run(run_id)
-        except Exception:  # noqa: BLE001 - MLflow raises its own error types per store
-            return False
-        return run.info.experiment_id == self.experiment_id and (
-            run.info.lifecycle_stage == "active"
-        )
-
-    def reopen(self, run_id: str) -> None:
-        """Mark a finished, failed or killed run RUNNING again (a resume continues it)."""
-        self.client.update_run(run_id, status="RUNNING")
-
-    def open_children(self, parent_run_id: str) -> list[str]:
-        query = f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"
-        return [r.info.run_id for r in self.client.search_runs([self.experiment_id], query)]
-
-    def end_family(self, parent_run_id: str, status: str) -> None:
-        """End the parent run and every child still RUNNING with ``status``."""
-        for child in self.open_children(parent_run_id):
-            self.client.set_terminated(child, status)
-        self.client.set_terminated(parent_run_id, status)
-
-    def find(self, name: str, parent_run_id: str | None = None) -> str | None:
-        """The id of an unfinished-or-finished run with this name (and parent), if any."""
-        query = f"attributes.run_name = '{name}'"
-        if parent_run_id:
-            query += f" and tags.mlflow.parentRunId = '{parent_run_id}'"
-        runs = self.client.search_runs([self.experiment_id], query, max_results=1)
-        return runs[0].info.run_id if runs else None
-
-    def params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        flat = [Param(k, str(v)[:6000]) for k, v in _flatten(params).items()]
-        existing = self.client.get_run(run_id).data.params
-        fresh = [p for p in flat if p.key not in existing]
-        for start in range(0, len(fresh), 100):
-            self.client.log_batch(run_id, params=fresh[start : start + 100])
-
-    def metrics(self, run_id: str, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        rows = [
-            Metric(_clean_key(k), float(v), now, step or 0)
-            for k, v in _flatten(metrics).items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-        ]
-        for start in range(0, len(rows), 500):
-            self.client.log_batch(run_id, metrics=rows[start : start + 500])
-
-    def artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-        path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(run_id, str(path), artifact_path)
-        elif path.exists():
-            self.client.log_artifact(run_id, str(path), artifact_path)
-
-    def end(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status)
-
-
-def _clean_key(key: str) -> str:
-    """MLflow keys allow letters, digits and ``_-./ ``: ``ndcg@5`` becomes ``ndcg_at_5``."""
-    key = key.replace("@", "_at_")
-    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
-
-
-def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in obj.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def _arg_type(annotation: Any) -> tuple[Any, list | None, bool]:
-    """(converter, choices, is_bool) for a pydantic field annotation."""
-    origin = get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in get_args(annotation) if a is not type(None)]
-        return _arg_type(args[0]) if len(args) == 1 else (str, None, False)
-    if origin is Literal:
-        choices = list(get_args(annotation))
-        return type(choices[0]), choices, False
-    if origin is list:
-        (inner,) = get_args(annotation) or (str,)
-        conv, choices, _ = _arg_type(inner)
-        return _ListOf(conv, choices), None, False
-    if annotation is bool:
-        return bool, None, True
-    if annotation in (int, float, str):
-        return annotation, None, False
-    return str, None, False
-
-
-class _ListOf:
-    """argparse type for a comma-separated list (``1,2,3`` or ``dlcm,prm``)."""
-
-    def __init__(self, conv: Any, choices: list | None) -> None:
-        self.conv, self.choices = conv, choices
-        self.__name__ = "list"
-
-    def __call__(self, text: str) -> list:
-        values = [self.conv(v.strip()) for v in text.split(",") if v.strip()]
-        bad = [v for v in values if self.choices and v not in self.choices]
-        if bad:
-            raise argparse.ArgumentTypeError(
-                f"invalid choice {bad[0]!r} (choose from {', '.join(map(str, self.choices))})"
-            )
-        return values
-
-
-def build_parser(model: type[BaseModel], prog: str, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one ``--flag`` per field of ``model`` (help = its description)."""
-    from flows.prefect_ui import form_description
-
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=description,
-    )
-    for name, field in model.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        conv, choices, is_bool = _arg_type(field.annotation)
-        if name == "profile" and getattr(model, "PROFILES", None):
-            choices = list(model.PROFILES)  # the flow's own profiles, not every flow's
-        help_text = form_description(model, name).replace("%", "%%")
-        default = field.default if field.default is not None else None
-        if is_bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
-        else:
-            if isinstance(conv, _ListOf):
-                arg_type: Any = conv
-            elif conv in (int, float) and not choices:
-                arg_type = conv
-            else:
-                arg_type = str
-            if isinstance(default, list):
-                default = ",".join(map(str, default))
-            parser.add_argument(
-                flag,
-                type=arg_type,
-                choices=[str(c) for c in choices] if choices else None,
-                default=None,
-                help=f"{help_text} (default: {default})" if default is not None else help_text,
-            )
-    parser.set_defaults(_prog=prog)
-    return parser
-
-
-def parse_params(model: type[BaseModel], argv: list[str] | None, prog: str, description: str):
-    """Parse ``argv`` into ``model``; only the flags given override the model's defaults.
-
-    Returns ``(params, explicit)`` where ``explicit`` holds the names set on the command line.
-    Validation errors exit with status 2 and a message naming the parameter.
-    """
-    parser = build_parser(model, prog, description)
-    ns = vars(parser.parse_args(argv))
-    ns.pop("_prog", None)
-    given = {k: v for k, v in ns.items() if v is not None}
-    for name, value in list(given.items()):
-        _, choices, _ = _arg_type(model.model_fields[name].annotation)
-        if choices and not isinstance(choices[0], str):
-            given[name] = type(choices[0])(value)
-    try:
-        return model(**given), set(given)
-    except ValidationError as exc:
-        parser.exit(2, f"{prog}: error: {format_validation_error(exc)}\n")
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    """One line per bad parameter: ``--name: message``."""
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ())) or "parameters"
-        parts.append(f"--{loc.replace('_', '-')}: {err.get('msg')}")
-    return "; ".join(parts)
 
 
 # --------------------------------------------------------------------------- task runner
@@ -374,7 +138,30 @@ def params_flow(model: type[BaseModel], run: Any, name: str, summary: str, **flo
     fn.__name__ = fn.__qualname__ = name.replace("-", "_")
     fn.__signature__ = flat_signature(model)  # type: ignore[attr-defined]
     fn.__doc__ = flat_docstring(model, summary)
+    flow_kwargs.setdefault("flow_run_name", _flow_run_namer(model, name))
     return flow(name=name, **flow_kwargs)(fn)
+
+
+def flow_run_name_of(model: type[RunParams], parameters: Mapping[str, Any]) -> str:
+    """The name of a flow run with ``parameters``: the run name they resolve to (``ui-tiny``,
+    ``paper-ml-100k-2026-12-13`` for a dated schedule), so the Prefect UI lists runs by the
+    run folder they write."""
+    return str(model(**parameters).resolved().run_name)
+
+
+def _flow_run_namer(model: type[RunParams], fallback: str) -> Callable[[], str]:
+    """Prefect's ``flow_run_name``: :func:`flow_run_name_of` the flow run's parameters (the
+    flow's name where they do not resolve: a name never fails a run)."""
+
+    def flow_run_name() -> str:
+        try:
+            from prefect.runtime import flow_run
+
+            return flow_run_name_of(model, flow_run.parameters)
+        except Exception:  # noqa: BLE001
+            return fallback
+
+    return flow_run_name
 
 
 # --------------------------------------------------------------------------- shared parameters
@@ -383,13 +170,16 @@ def params_flow(model: type[BaseModel], run: Any, name: str, summary: str, **flo
 class RunParams(BaseModel):
     """The parameters every flow has; a flow's model adds its own and its ``PROFILES``.
 
-    Subclasses set ``PROFILES`` (values for every field left unset, per profile) and
-    ``RUN_PREFIX`` (the default run name is ``<prefix><profile>-<dataset>``).
+    Subclasses set ``PROFILES`` (values for every field left unset, per profile),
+    ``RUN_PREFIX`` (the default run name is ``<prefix><profile>-<dataset>``) and, when the
+    model lives outside its flow's module, ``FLOW_MODULE`` (MLflow's source, e.g.
+    ``flows.direct``).
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {}
     RUN_PREFIX: ClassVar[str] = ""
+    FLOW_MODULE: ClassVar[str] = ""
 
     profile: Literal["quick", "study", "paper"] = Field(
         "quick",
@@ -508,16 +298,6 @@ class RunContext:
         return tracker_for(self.experiment)
 
 
-def tracker_for(experiment: str) -> Tracker:
-    """One :class:`Tracker` per experiment, tracking store and process."""
-    return _tracker(experiment, tracking_uri())
-
-
-@functools.lru_cache(maxsize=8)
-def _tracker(experiment: str, uri: str) -> Tracker:
-    return Tracker(experiment, uri)
-
-
 def run_tracked(
     p: RunParams,
     pipeline: Any,
@@ -577,7 +357,8 @@ def run_tracked(
         _arm_stop(p, tracker, parent, run_dir)
         runner = make_task_runner(p.task_runner)
         try:
-            result = pipeline.with_options(task_runner=runner)(p, ctx)
+            with warnings_in_run_log():
+                result = pipeline.with_options(task_runner=runner)(p, ctx)
         except BaseException:
             tracker.end_family(parent, "FAILED")
             raise
@@ -609,18 +390,45 @@ def _keep_backend(p: RunParams, record: RunRecord, policy: str) -> str:
 
 def _parent_run(tracker: Tracker, record: RunRecord, p: RunParams, run_dir: Path) -> str:
     """The run folder's MLflow parent run: the recorded one, reopened, when it is in this
-    store and experiment; else a new one, recorded."""
+    store and experiment and its parameters are this start's; else a new one, recorded.
+
+    MLflow parameters cannot change, and a parent must never show a value its latest results
+    did not use: a start with changed parameters (``--temperature 0.7`` after 1.0) gets a new
+    parent run, tagged ``previous_parent_run_id`` and ``params.changed`` (the old one is tagged
+    ``superseded_by``), and the stages it reuses log their figures there again.
+    """
     old = record.mlflow.get("parent_run_id")
     same_store = record.mlflow.get("tracking_uri") == tracker.uri
-    if old and same_store and tracker.exists(old):
+    params = p.model_dump()
+    reuse = bool(old and same_store and tracker.exists(old))
+    changed: list[str] = []
+    if reuse:
         for child in tracker.open_children(old):  # left RUNNING by a killed process
             tracker.client.set_terminated(child, "KILLED")
+        changed = changed_params(tracker.client.get_run(old).data.params, params)
+    if reuse and not changed:
         tracker.reopen(old)
         tracker.client.set_tag(old, "starts", str(record.starts))
         parent = old
     else:
-        tags = {"run_dir": str(run_dir), **{f"settings.{k}": v for k, v in record.settings.items()}}
+        tags = {
+            "run_dir": str(run_dir),
+            "starts": str(record.starts),
+            **{f"settings.{k}": v for k, v in record.settings.items()},
+        }
+        if changed:
+            tags |= {"previous_parent_run_id": old, "params.changed": ", ".join(changed)}
         parent = tracker.start(p.run_name or run_dir.name, tags=tags)
+        if changed:
+            if tracker.client.get_run(old).info.status == "RUNNING":  # a killed start's
+                tracker.end(old, "KILLED")
+            tracker.client.set_tag(old, "superseded_by", parent)
+            log.info(
+                "MLflow: parameters changed (%s): new parent run %s after %s",
+                ", ".join(changed),
+                parent,
+                old,
+            )
         record.mlflow = {
             "tracking_uri": tracker.uri,
             "experiment_id": tracker.experiment_id,
@@ -628,7 +436,7 @@ def _parent_run(tracker: Tracker, record: RunRecord, p: RunParams, run_dir: Path
         }
     for key, value in record.settings.items():
         tracker.client.set_tag(parent, f"settings.{key}", value)
-    tracker.params(parent, p.model_dump())
+    tracker.params(parent, params)
     return parent
 
 
@@ -708,7 +516,8 @@ def run_main(
     """A flow's command line: parse the parameters, run the flow, print the report."""
     from tasks.common.stage import failed_stage
     from tasks.data.assets import AssetError
-    from tasks.data.datasets import DataError
+    from tasks.data.schema import DataError
+    from tasks.llm.backend import ModelLoadError
     from tasks.llm.vllm_engine import GenerationError
 
     params, _ = parse_params(model, argv, prog, description)
@@ -721,10 +530,14 @@ def run_main(
     start_temporary_prefect_api()
     try:
         result = flow_fn(**params.model_dump(exclude_unset=True))
-    except (AssetError, RunLockedError, SettingChangedError) as exc:
+    except (AssetError, ModelLoadError, RunLockedError, SettingChangedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (GenerationError, DataError) as exc:
+    except DataError as exc:  # bad data fails the same way again: no advice to resume
+        where = failed_stage()
+        print(f"error{f' in stage {where!r}' if where else ''}: {exc}", file=sys.stderr)
+        return 1
+    except GenerationError as exc:
         where = failed_stage()
         print(
             f"error{f' in stage {where!r}' if where else ''}: {exc}. Every finished stage is "

@@ -34,7 +34,7 @@ from flows.iterate_steps import (
     train_reward_model,
     write_knowledge,
 )
-from tasks.common.stage import measured_seconds
+from tasks.common.stage import measured_seconds, stage_ledger
 from tasks.llm.engine_pool import keep_engines
 from tasks.llm.policy import Policy
 
@@ -56,10 +56,15 @@ iterate = params_flow(
 )
 
 
-@flow(name="rlrf4rec-loop", validate_parameters=False)
+@flow(name="rlrf4rec-loop", validate_parameters=False, flow_run_name="{p.run_name}: pipeline")
 def rlrf4rec_loop(p: IterateParams, ctx: RunContext) -> dict:
     """Algorithm 1: round zero, R rounds, the held-out measures, the reward's diagnostics, the
     final evaluation, the report."""
+    with stage_ledger() as stages_seen:
+        return _loop(p, ctx, stages_seen)
+
+
+def _loop(p: IterateParams, ctx: RunContext, stages_seen: list[dict]) -> dict:
     t_start = time.perf_counter()
     cfg = LoopConfig.of(p)
     inputs = prepare_inputs(p, cfg, ctx)
@@ -102,6 +107,7 @@ def rlrf4rec_loop(p: IterateParams, ctx: RunContext) -> dict:
         evaluation,
         learning,
         diagnostics=diagnostics,
+        stages_seen=stages_seen,
         timings=timings,
         t_start=t_start,
     )

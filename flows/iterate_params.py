@@ -12,11 +12,11 @@ from pydantic import Field, field_validator, model_validator
 from flows.common import RunParams
 from tasks.data.assets import ENCODER_HELP
 from tasks.data.datasets import AmazonConfig
+from tasks.data.lists import ListsConfig
 from tasks.data.prepare import lists_config_for
 from tasks.llm.dpo import DPOConfig
-from tasks.llm.generate import SamplingConfig
+from tasks.llm.sampling import SamplingConfig
 from tasks.pairing import PairingConfig
-from tasks.rlrf4rec.lists import ListsConfig
 from tasks.rlrf4rec.reranker import TrainConfig
 from tasks.rlrf4rec.reward import REWARD_COLUMNS
 
@@ -28,6 +28,7 @@ REWARD_FOLDS = 2
 class IterateParams(RunParams):
     """Parameters of one RLRF4Rec run (the Prefect UI form and the command line)."""
 
+    FLOW_MODULE: ClassVar[str] = "flows.iterate"  # MLflow's source: the module users run
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {
         "quick": {
             "max_users": 100,

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows.common import tracker_for
 from flows.iterate_learning import Learning
 from flows.iterate_params import IterateParams
 from flows.iterate_steps import Knowledge, Loop, Round
 from flows.prefect_ui import progress, publish_report
+from flows.tracking import tracker_for
 from tasks.common.stage import Artefact, measured_seconds
 from tasks.rlrf4rec import stages
 
@@ -99,6 +99,7 @@ def report(
     learning: Learning,
     *,
     diagnostics: Artefact | None,
+    stages_seen: list[dict[str, Any]],
     timings: dict[str, float],
     t_start: float,
 ) -> dict:
@@ -128,6 +129,9 @@ def report(
         },
         "data": loop.inputs.data.stats,
         "timings": timings,
+        "stages": [
+            {**entry, "out": _relative(entry["out"], loop.ctx.run_dir)} for entry in stages_seen
+        ],
         "wall_seconds": wall,
         "stage_seconds": stage_seconds,
     }
@@ -221,3 +225,10 @@ def track_report(loop: Loop, written: dict, *, wall: float, stage_seconds: float
     for path in (written["report"], written["results"], written["plot"], written["learning_plot"]):
         if path:
             tracker.artifact(parent, path)
+
+
+def _relative(path: str, root: Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return path

@@ -15,8 +15,8 @@ from flows.prefect_ui import progress
 from tasks.common.stage import Artefact, InputRef, measured_seconds
 from tasks.llm import stages as llm_stages
 from tasks.llm.engine_pool import release_engines
-from tasks.llm.generate import SamplingConfig
 from tasks.llm.policy import Policy
+from tasks.llm.sampling import SamplingConfig
 from tasks.rlrf4rec import stages
 from tasks.rlrf4rec.stages import Shard
 
@@ -328,12 +328,17 @@ def progress_round(loop: Loop, this: Round) -> None:
         dpo = f"DPO skipped ({this.dpo.skipped})"
     else:
         dpo = f"DPO loss {metrics.get('loss', float('nan')):.4f} over {metrics.get('steps')} steps"
+    import polars as pl
+
+    split = pl.read_parquet(this.scored.path, columns=["user_id", "split"]).unique("user_id")
     progress(
-        "round %d/%d: %s users sampled (%s texts, %.0f%% degenerate), reward mean %.4f, "
-        "%s pairs kept of %s users, %s",
+        "round %d/%d: %s users sampled (%d train, %d validation; %s texts, %.0f%% degenerate), "
+        "reward mean %.4f, %s pairs kept of %s train users, %s",
         this.index,
         loop.cfg.rounds,
         gen.get("users"),
+        int((split["split"] == "train").sum()),
+        int((split["split"] == "valid").sum()),
         gen.get("samples"),
         100 * gen.get("degenerate_share", 0.0),
         this.scored.stats.get(f"{loop.cfg.pairing.reward_col}_mean", float("nan")),

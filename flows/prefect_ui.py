@@ -8,10 +8,12 @@ each profile puts there.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +113,44 @@ def progress(message: str, *args: Any) -> None:
     run_logger().info(message, *args)
 
 
+PROJECT_LOGGERS = ("tasks", "flows", "models")
+
+
+class _WarningsToRunLog(logging.Handler):
+    """Sends the project's warnings to the run log a user follows (:func:`run_logger`)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self._inside = threading.local()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == log.name or getattr(self._inside, "active", False):
+            return  # a progress line, or this handler's own line outside Prefect
+        self._inside.active = True
+        try:
+            run_logger().log(record.levelno, "%s", record.getMessage())
+        except Exception:  # noqa: BLE001 - the line is on stdout whatever happens here
+            pass
+        finally:
+            self._inside.active = False
+
+
+@contextlib.contextmanager
+def warnings_in_run_log() -> Iterator[None]:
+    """While open, the warnings of the project's loggers (``tasks.*``, ``flows.*``,
+    ``models.*``: no preference pairs, samples with no reward list, ...) reach the Prefect flow
+    run's log too, not only the worker's stdout."""
+    handler = _WarningsToRunLog()
+    loggers = [logging.getLogger(name) for name in PROJECT_LOGGERS]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+
+
 def run_day() -> str:
     """The current flow run's scheduled day (UTC, ``YYYY-MM-DD``); today outside a flow run."""
     from datetime import UTC, datetime
@@ -154,7 +194,7 @@ def publish_report(
     its id, or None outside a flow run or when the server refuses it."""
     if not flow_run_info():
         return None
-    text = figures_as_notes(Path(report).read_text())
+    text = figures_embedded(Path(report).read_text(), Path(report).parent)
     link = ""
     if mlflow_url:
         link = f"MLflow run: [{mlflow_run_id or mlflow_url}]({mlflow_url})\n\n"
@@ -173,6 +213,29 @@ def publish_report(
 
 
 _IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
+
+
+EMBED_MAX_BYTES = 1_500_000
+_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
+
+
+def figures_embedded(markdown: str, folder: Path) -> str:
+    """The report's figures, files beside it that a Prefect artefact cannot reach, embedded in
+    the markdown as data URIs so the artefact shows them; a figure that is missing, of another
+    type or over :data:`EMBED_MAX_BYTES` becomes a note naming its file
+    (:func:`figures_as_notes`)."""
+    import base64
+
+    def embed(match: re.Match[str]) -> str:
+        caption, name = match.group(1), match.group(2)
+        path = folder / name
+        mime = _MIME.get(path.suffix.lower())
+        if mime and path.is_file() and path.stat().st_size <= EMBED_MAX_BYTES:
+            data = base64.b64encode(path.read_bytes()).decode()
+            return f"![{caption}](data:{mime};base64,{data})"
+        return figures_as_notes(match.group(0))
+
+    return _IMAGE.sub(embed, markdown)
 
 
 def figures_as_notes(markdown: str) -> str:

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-log = logging.getLogger(__name__)
+from flows.tracking import PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger(__name__)
 
 
 def git_commit(root: Path = PROJECT_ROOT) -> tuple[str, bool]:
@@ -56,7 +56,7 @@ def provenance_tags(p: Any, run_dir: Path) -> dict[str, str]:
         "host.cpu": cpu_model(),
         "host.cpu_dtype": cpu_dtype().name,
         # MLflow's "Source" column: the flow's module (python -m flows.iterate)
-        "mlflow.source.name": type(p).__module__,
+        "mlflow.source.name": flow_module(p),
         "mlflow.source.type": "LOCAL",
     }
     if commit:
@@ -68,7 +68,34 @@ def provenance_tags(p: Any, run_dir: Path) -> dict[str, str]:
         tags["prefect.flow_run_id"] = prefect["id"]
         if prefect.get("url"):
             tags["prefect.flow_run_url"] = prefect["url"]
+    tags["mlflow.note.content"] = run_description(p, run_dir, prefect.get("url", ""))
     return tags
+
+
+def flow_module(p: Any) -> str:
+    """The module a run's flow is started from (``flows.iterate``): the parameter model's
+    ``FLOW_MODULE`` when it lives elsewhere, else its module; never ``__main__`` (``python -m``
+    runs the module as ``__main__``: its spec keeps the real name)."""
+    import sys
+
+    name = getattr(p, "FLOW_MODULE", "") or type(p).__module__
+    if name == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        name = spec.name if spec is not None else name
+    return name
+
+
+def run_description(p: Any, run_dir: Path, prefect_url: str = "") -> str:
+    """The MLflow run's description (markdown): what ran, where its folder is, and the Prefect
+    flow run that started it."""
+    what = f"`{getattr(p, 'run_name', '') or run_dir.name}`: `python -m {flow_module(p)}`"
+    profile, dataset = getattr(p, "profile", ""), getattr(p, "dataset", "")
+    if profile:
+        what += f", profile {profile}" + (f" on {dataset}" if dataset else "")
+    lines = [what + ".", f"Run folder: `{run_dir}`."]
+    if prefect_url:
+        lines.append(f"Prefect flow run: [{prefect_url}]({prefect_url})")
+    return "\n\n".join(lines)
 
 
 def tag_run(tracker: Any, run_id: str, p: Any, run_dir: Path) -> dict[str, str]:
@@ -93,7 +120,11 @@ def mlflow_run_url(tracker: Any, run_id: str) -> str | None:
     )
     if not base:
         return None
-    return f"{base.rstrip('/')}/#/experiments/{tracker.experiment_id}/runs/{quote(run_id)}"
+    # MLflow 3 opens an experiment in its GenAI view unless the link asks for model training.
+    return (
+        f"{base.rstrip('/')}/#/experiments/{tracker.experiment_id}/runs/{quote(run_id)}"
+        "?workflowType=machine_learning"
+    )
 
 
 def log_dataset(

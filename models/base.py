@@ -5,7 +5,8 @@ A reranker scores each candidate of a batch of lists:
 - typed constructor from a :class:`RerankerConfig`;
 - ``forward(batch) -> scores [B, L]`` (logits; higher = ranked earlier);
 - ``loss(scores, labels)``: binary cross-entropy with logits, mean over all candidates;
-- ``save(dir)`` / ``load(dir)``: ``model.safetensors`` + ``config.json``.
+- ``save(dir)``: ``model.safetensors`` + ``config.json``
+  (:func:`models.rerankers.load_reranker` rebuilds the model).
 
 The model carries its catalogue as buffers, so a saved model needs nothing else to score raw
 item ids: the sorted item ids (``item_vocab``), each item's first-genre index (``item_genre``)
@@ -36,7 +37,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from models.adaptor import AdaptorConfig, ExpertGroup, HybridExpertAdaptor
@@ -196,7 +197,7 @@ def _atomic_write(target: Path, write) -> None:
 
 
 class Reranker(nn.Module):
-    """Base class: candidate features, loss, catalogue buffers, save/load (module docstring)."""
+    """Base class: candidate features, loss, catalogue buffers, save (module docstring)."""
 
     def __init__(self, cfg: RerankerConfig) -> None:
         super().__init__()
@@ -439,21 +440,3 @@ class Reranker(nn.Module):
         text = json.dumps(self.cfg.to_dict(), indent=2) + "\n"
         _atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(text))
         return directory
-
-    @classmethod
-    def load(cls, directory: str | Path, map_location: str = "cpu") -> Reranker:
-        """Rebuild a reranker saved with :meth:`save` (the right subclass for its backbone)."""
-        from models.rerankers import build_reranker
-
-        directory = Path(directory)
-        cfg_path = directory / CONFIG_FILE
-        if not cfg_path.is_file() or not (directory / WEIGHTS_FILE).is_file():
-            raise FileNotFoundError(
-                f"{directory}: not a saved reranker (needs {CONFIG_FILE} and {WEIGHTS_FILE})"
-            )
-        cfg = RerankerConfig.from_dict(json.loads(cfg_path.read_text()))
-        model = build_reranker(cfg)
-        if cls is not Reranker and not isinstance(model, cls):
-            raise TypeError(f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")
-        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device=map_location))
-        return model

@@ -28,10 +28,14 @@ float rounding (tests/models/test_rerankers.py).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from models.base import Reranker, RerankerConfig
+from models.base import CONFIG_FILE, WEIGHTS_FILE, Reranker, RerankerConfig
 
 
 def take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -304,6 +308,15 @@ def build_reranker(cfg: RerankerConfig) -> Reranker:
     return BACKBONES[cfg.backbone](cfg)
 
 
-def load_reranker(directory, map_location: str = "cpu") -> Reranker:
-    """Load a reranker saved with :meth:`models.base.Reranker.save`."""
-    return Reranker.load(directory, map_location=map_location)
+def load_reranker(directory: str | Path, map_location: str = "cpu") -> Reranker:
+    """Rebuild a reranker saved with :meth:`models.base.Reranker.save`: the class of its
+    backbone, its configuration and weights."""
+    directory = Path(directory)
+    cfg_path = directory / CONFIG_FILE
+    if not cfg_path.is_file() or not (directory / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(
+            f"{directory}: not a saved reranker (needs {CONFIG_FILE} and {WEIGHTS_FILE})"
+        )
+    model = build_reranker(RerankerConfig.from_dict(json.loads(cfg_path.read_text())))
+    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device=map_location))
+    return model

@@ -150,6 +150,19 @@ def tiny_llm_path(tmp_path_factory: pytest.TempPathFactory, default_policy_path:
     return str(out)
 
 
+@pytest.fixture
+def broken_config_llm(tmp_path: Path, tiny_llm_path: str) -> Path:
+    """The tiny model's files, linked, with its ``config.json`` cut in the middle."""
+    model = tmp_path / "broken-model"
+    model.mkdir()
+    for f in Path(tiny_llm_path).iterdir():
+        if f.name != "config.json":
+            (model / f.name).symlink_to(f)
+    text = (Path(tiny_llm_path) / "config.json").read_text()
+    (model / "config.json").write_text(text[: len(text) // 2])
+    return model
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """A temporary Prefect API on SQLite for the whole session (about 6 s to start)."""
@@ -189,8 +202,8 @@ FAST = {
 def make_run(root: Path) -> Path:
     """A prepared run: 16 users x 34 ratings, 60 items; 4 lists per user; 9/3/4 users in
     train/valid/test. Users like items of their own parity (a learnable signal)."""
+    from tasks.data.lists import ListsConfig
     from tasks.data.prepare import prepare
-    from tasks.rlrf4rec.lists import ListsConfig
 
     src = root / "ml-100k"
     src.mkdir(parents=True)

@@ -91,3 +91,21 @@ def write_json(obj: Any, path: Path) -> Path:
     with atomic_path(Path(path)) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     return Path(path)
+
+
+class DamagedFileError(RuntimeError):
+    """A file a finished stage wrote cannot be read back; the message names it."""
+
+
+def read_parquet(path: str | Path, **kwargs: Any) -> pl.DataFrame:
+    """``pl.read_parquet(path)``, but a damaged file (corrupted after its stage finished, even
+    with its size and mtime unchanged, which the stage manifests do not notice) fails with one
+    line naming it and what to do, not polars' decoding error naming no file."""
+    try:
+        return pl.read_parquet(path, **kwargs)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DamagedFileError(
+            f"{path} cannot be read ({first}); delete it and run the same command again to "
+            "recompute it"
+        ) from None

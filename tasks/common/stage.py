@@ -29,6 +29,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import textwrap
 import threading
 import time
@@ -67,7 +68,10 @@ class Artefact:
         extra: further files or folders the stage wrote (fingerprinted with ``path``).
         skipped: why nothing was computed (e.g. no preference pairs); ``None`` when it ran.
         fingerprint: ``sha256(stage key, content of the outputs)``, set by the mechanism.
-        seconds: wall time of the run that made it (also when served from the manifest).
+        seconds: wall time of the run that made it (also when served from the manifest: the
+            seconds it was made in).
+        why: why that run made it rather than serving a manifest (``temperature 1.0 -> 0.7``,
+            ``input samples changed``, ``its code changed``, ``not made before``).
         cached: whether this call was served from the manifest (not persisted).
     """
 
@@ -77,6 +81,7 @@ class Artefact:
     skipped: str | None = None
     fingerprint: str = ""
     seconds: float = 0.0
+    why: str | None = None
     cached: bool = False
 
     def outputs(self) -> list[str]:
@@ -297,6 +302,15 @@ def _stamps(paths: Iterable[str]) -> dict[str, dict[str, list[int]]]:
     return {p: tree_stamp(p) for p in paths}
 
 
+def read_manifest(out: str | Path) -> dict[str, Any] | None:
+    """The manifest of the stage writing ``out``, None when there is none (or it is damaged)."""
+    try:
+        manifest = json.loads(manifest_path(out).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
 def cached_result(out: str | Path, key: str) -> Artefact | None:
     """The manifest's result for ``key`` when the outputs it lists are unchanged, else None.
 
@@ -304,9 +318,8 @@ def cached_result(out: str | Path, key: str) -> Artefact | None:
     file merely touched is still served and a changed or deleted one is not.
     """
     path = manifest_path(out)
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):
+    manifest = read_manifest(out)
+    if manifest is None:
         return None
     if manifest.get("key") != key or manifest.get("version") != MANIFEST_VERSION:
         return None
@@ -317,6 +330,45 @@ def cached_result(out: str | Path, key: str) -> Artefact | None:
             return None
         _write_manifest(path, {**manifest, "stamps": _stamps(outputs)})
     return dataclasses.replace(result, cached=True)
+
+
+def why_again(manifest: dict[str, Any] | None, body: dict[str, Any], key: str) -> str:
+    """Why a stage whose key body is ``body`` is not served from ``manifest``: the arguments
+    that changed (``sampling.temperature 1.0 -> 0.7``, ``input samples changed``), its code,
+    the CPU dtype or a result switch; its outputs changed or deleted; or no manifest."""
+    if manifest is None:
+        return "not made before"
+    if manifest.get("key") == key:
+        return "its outputs were changed or deleted"
+    old = manifest.get("key_body") or {}
+    reasons = _changed("", old.get("arguments", {}), body.get("arguments", {}))
+    if old.get("code") != body.get("code"):
+        reasons.append("its code changed")
+    if old.get("cpu_dtype") != body.get("cpu_dtype"):
+        reasons.append(f"CPU dtype {old.get('cpu_dtype')} -> {body.get('cpu_dtype')}")
+    if old.get("environment") != body.get("environment"):
+        reasons.append("a result switch in the environment changed")
+    return "; ".join(reasons) or "its key changed"
+
+
+def _changed(prefix: str, old: Any, new: Any) -> list[str]:
+    """The differences of two key values, by dotted name."""
+    if old == new:
+        return []
+    name = prefix or "arguments"
+    if isinstance(new, dict) and ("artefact" in new or "input" in new):
+        return [f"input {name} changed"]
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _changed(f"{prefix}.{k}" if prefix else str(k), old.get(k), new.get(k))
+        return out
+    return [f"{name} {_short(old)} -> {_short(new)}"]
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
@@ -334,7 +386,10 @@ def run_stage(name: str, fn: Callable[..., Artefact], /, *args: Any, **kwargs: A
     hit = cached_result(out, key)
     if hit is not None:
         log.info("%s: unchanged, served from %s", name, manifest_path(out))
+        _record(name, out, hit)
         return hit
+    why = why_again(read_manifest(out), body, key)
+    log.info("%s: runs (%s)", name, why)
     stopping.rearm()
     t0 = time.perf_counter()
     with _running_as(name):
@@ -352,6 +407,7 @@ def run_stage(name: str, fn: Callable[..., Artefact], /, *args: Any, **kwargs: A
         result,
         fingerprint=text_sha256(key + content)[:16],
         seconds=round(time.perf_counter() - t0, 3),
+        why=why,
         cached=False,
     )
     manifest = {
@@ -364,7 +420,40 @@ def run_stage(name: str, fn: Callable[..., Artefact], /, *args: Any, **kwargs: A
         "result": result.to_json(),
     }
     _write_manifest(manifest_path(out), manifest)
+    _record(name, out, result)
     return result
+
+
+_ledger: list[dict[str, Any]] | None = None
+_ledger_lock = threading.Lock()
+
+
+@contextmanager
+def stage_ledger() -> Iterator[list[dict[str, Any]]]:
+    """Collect every stage a run serves or runs, in order: ``stage``, ``out``, ``cached``,
+    ``seconds`` (those it was made in, also when served from its manifest) and ``why`` it ran
+    again (None when served). The report's "Stages" table."""
+    global _ledger
+    entries: list[dict[str, Any]] = []
+    _ledger = entries
+    try:
+        yield entries
+    finally:
+        _ledger = None
+
+
+def _record(name: str, out: Any, artefact: Artefact) -> None:
+    if _ledger is None:
+        return
+    entry = {
+        "stage": name,
+        "out": str(out),
+        "cached": artefact.cached,
+        "seconds": artefact.seconds,
+        "why": None if artefact.cached else artefact.why,
+    }
+    with _ledger_lock:
+        _ledger.append(entry)
 
 
 _running: dict[int, list[str]] = {}
@@ -427,9 +516,47 @@ def stage(name: str, **task_options: Any) -> Callable[[Callable[P, A]], Any]:
         # patched ``print`` also catches what libraries print into a swapped ``sys.stdout`` --
         # dill disassembling a function while ``datasets`` fingerprints TRL's tokenizing map --
         # and floods the log with ~266 lines of bytecode per DPO stage.
-        options = {"log_prints": False, **task_options}
+        options = {"log_prints": False, "task_run_name": _task_run_namer(name), **task_options}
         wrapped = task(name=name, cache_policy=NO_CACHE, persist_result=False, **options)(run)
         wrapped.stage_fn = fn
         return wrapped
 
     return decorate
+
+
+def _task_run_namer(name: str) -> Callable[..., str]:
+    """Prefect's ``task_run_name`` for stage ``name``: :func:`task_run_label` of its ``out``."""
+
+    def task_run_name(parameters: dict[str, Any]) -> str:
+        try:
+            return task_run_label(name, parameters.get("out"))
+        except Exception:  # noqa: BLE001 - a name never fails a run
+            return name
+
+    return task_run_name
+
+
+_NUMBERED = re.compile(r"^([A-Za-z]+)[_-]?0*(\d+)$")
+
+
+def task_run_label(name: str, out: str | Path | None) -> str:
+    """A stage run's name in Prefect: the stage and where it writes below the run folder (the
+    first folder up that holds ``.lock`` or ``run.json``), in words: ``sample round 1``,
+    ``train-reranker eval dlcm kar seed 1``; file suffixes, and a last part named like the
+    stage, are dropped."""
+    if out is None:
+        return name
+    out = Path(out)
+    base = next(
+        (d for d in out.parents if (d / ".lock").exists() or (d / "run.json").exists()), None
+    )
+    parts = list(out.relative_to(base).parts) if base else list(out.parts[-2:])
+    words = []
+    for part in parts:
+        stem = part.split(".")[0] if not part.startswith(".") else part
+        numbered = _NUMBERED.match(stem)
+        word = f"{numbered.group(1)} {int(numbered.group(2))}" if numbered else stem
+        words.append(word.replace("_", " "))
+    if words and words[-1] in (name, name.replace("-", " ")):
+        words.pop()
+    return " ".join([name, *words])

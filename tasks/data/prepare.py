@@ -2,9 +2,9 @@
 
 Artefacts, under ``<run>/data/`` (written to a temporary folder, then renamed into place):
 ``users.parquet``, ``items.parquet``, ``ratings.parquet``, ``history.parquet``,
-``lists.parquet`` (schemas in :mod:`tasks.data.datasets` and :mod:`tasks.rlrf4rec.lists`) and
+``lists.parquet`` (schemas in :mod:`tasks.data.schema` and :mod:`tasks.data.lists`) and
 ``meta.json`` (data set, task settings, counts, and what the loader merged or dropped:
-``counts.cleaning``, see :data:`tasks.data.datasets.CLEANING`).
+``counts.cleaning``, see :data:`tasks.data.schema.CLEANING`).
 
 ``out`` is the run folder: it must be a folder (or not exist yet) and must not be a prepared
 ``data`` folder itself (that would write ``data/data``). ``max_users`` must leave the test split
@@ -38,16 +38,11 @@ import polars as pl
 
 from tasks.common.io import atomic_dir
 from tasks.common.runlock import RunLockedError, run_lock
+from tasks.data.amazon_books import AMAZON_BUILDS, AmazonConfig
 from tasks.data.assets import AssetError
-from tasks.data.datasets import (
-    AMAZON_BUILDS,
-    CLEANING,
-    DATASETS,
-    AmazonConfig,
-    DataError,
-    load_dataset,
-)
-from tasks.rlrf4rec.lists import ListsConfig, RerankLists, build_lists, lists_counts
+from tasks.data.datasets import DATASETS, load_dataset
+from tasks.data.lists import ListsConfig, RerankLists, build_lists, lists_counts
+from tasks.data.schema import CLEANING, DataError
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +120,7 @@ def prepare(
 
     ``max_users`` keeps a seeded random subset of the users (their lists are exactly those of
     the full preparation); 0 or None keeps all. ``amazon`` chooses how Amazon-Books is built
-    (:class:`tasks.data.datasets.AmazonConfig`); without ``cfg`` the ``kar`` build takes KAR's
+    (:class:`tasks.data.amazon_books.AmazonConfig`); without ``cfg`` the ``kar`` build takes KAR's
     task settings (:func:`lists_config_for`). Nothing is written when loading or building
     fails; an existing ``<out>/data`` is replaced only once the new one is complete.
     """
@@ -139,6 +134,7 @@ def prepare(
     check_out(out)
     data = load_dataset(dataset, data_dir, min_interactions=min_interactions, amazon=amazon)
     rerank = build_lists(data, cfg)
+    _check_test_split(rerank, cfg)
     if max_users:
         rerank = _checked_subset(rerank, max_users, cfg)
     counts = lists_counts(rerank, data)
@@ -166,6 +162,17 @@ def prepare(
 
 def _split_sizes(users: pl.DataFrame) -> dict[str, int]:
     return {s: int((users["split"] == s).sum()) for s in ("train", "valid", "test")}
+
+
+def _check_test_split(rerank: RerankLists, cfg: ListsConfig) -> None:
+    """Refuse a split with no test user: Table I is measured on the test users."""
+    full = _split_sizes(rerank.users)
+    if not full["test"]:
+        sizes = ", ".join(f"{full[s]} {s}" for s in ("train", "valid", "test"))
+        raise DataError(
+            f"test_frac {cfg.test_frac} leaves the test split empty ({sizes} of "
+            f"{rerank.users.height} users with lists, seed {cfg.seed}); raise --test-frac"
+        )
 
 
 def _checked_subset(rerank: RerankLists, max_users: int, cfg: ListsConfig) -> RerankLists:
@@ -222,7 +229,7 @@ def load_prepared(run_dir: str | Path) -> PreparedData:
 
 
 def format_counts(counts: dict) -> str:
-    """Human-readable summary of :func:`tasks.rlrf4rec.lists.lists_counts`."""
+    """Human-readable summary of :func:`tasks.data.lists.lists_counts`."""
     lines = [
         f"dataset           {counts['dataset']}",
         f"users             {counts['users']:,} ({counts['users_with_lists']:,} with lists)",
@@ -288,9 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _argument_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the command line, in one line, before any work (None: nothing)."""
-    for name, value in (("--test-frac", args.test_frac), ("--valid-frac", args.valid_frac)):
-        if not 0.0 <= value < 1.0:
-            return f"{name} must be in [0, 1), got {value}"
+    if not 0.0 < args.test_frac < 1.0:
+        return (
+            f"--test-frac must be in (0, 1), got {args.test_frac}: the test users are the ones "
+            "Table I is measured on"
+        )
+    if not 0.0 <= args.valid_frac < 1.0:
+        return f"--valid-frac must be in [0, 1), got {args.valid_frac}"
     if args.max_users is not None and args.max_users < 0:
         return f"--max-users must be >= 0 (0 keeps all users), got {args.max_users}"
     if args.seed < 0:
@@ -308,10 +319,29 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    new_folder = not Path(args.out).exists()
     problem = _argument_problem(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    code = _prepare_command(args)
+    if code and new_folder:
+        _remove_if_only_lock(Path(args.out))
+    return code
+
+
+def _remove_if_only_lock(folder: Path) -> None:
+    """Remove ``folder``, made by a command that failed, when it holds only its ``.lock``."""
+    try:
+        if {p.name for p in folder.iterdir()} <= {".lock"}:
+            (folder / ".lock").unlink(missing_ok=True)
+            folder.rmdir()
+    except OSError:
+        pass  # it is not ours to clean any further
+
+
+def _prepare_command(args: argparse.Namespace) -> int:
+    """``prepare`` under the run folder's lock; the exit status (1 and one line on failure)."""
     amazon = AmazonConfig(build=args.amazon_build)
     cfg = lists_config_for(
         args.dataset,

@@ -47,10 +47,10 @@ from tasks.direct.scoring import (
 )
 from tasks.direct.title_mapping import MappingConfig
 from tasks.direct.windows import WindowConfig, select
-from tasks.llm.generate import SamplingConfig
 from tasks.llm.online_rl import OnlineRLConfig
 from tasks.llm.policy import Policy
 from tasks.llm.reward_model import RewardModelConfig, RewardModelScore, train_llm_reward_model
+from tasks.llm.sampling import SamplingConfig
 from tasks.llm.sft import SFTConfig
 from tasks.llm.stages import trained_artefact
 from tasks.pairing import PairingConfig, build_pairs

@@ -9,7 +9,7 @@ Rules (docs/design.md, "The second pipeline"; the paper's section 3.1 and Figure
   at least ``min_ground_truth`` liked ratings come at or after ``t``;
 - one valid cut-off per user is drawn at random (``windows_per_train_user`` distinct ones for
   train users); the ground truth is the next ``n_ground_truth`` (5) liked movies from ``t`` on;
-- the prompt (:func:`tasks.rlrf4rec.prompts.direct_prompt`, Figure 2) shows the context's liked and
+- the prompt (:func:`tasks.direct.prompt.direct_prompt`, Figure 2) shows the context's liked and
   hated movies (each list capped to its most recent ``liked_cap`` / ``hated_cap``) with their
   genres, the user's demographics and a release-date cut-off: the data set's last rating day
   (the paper's "April 22nd, 1998" for ML-100K) or the window's own cut-off day;
@@ -49,8 +49,8 @@ import numpy as np
 import polars as pl
 
 from tasks.common.io import atomic_dir
-from tasks.data.datasets import DataError, RatingData
-from tasks.rlrf4rec.prompts import direct_prompt, format_cutoff, movie_with_genres
+from tasks.data.schema import DataError, RatingData
+from tasks.direct.prompt import direct_prompt, format_cutoff, movie_with_genres
 
 log = logging.getLogger(__name__)
 

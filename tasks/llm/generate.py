@@ -33,7 +33,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,7 +43,9 @@ from tasks.llm.chat import chat_prompt, load_tokenizer
 from tasks.llm.devices import available_gpus
 from tasks.llm.hf_backend import run_transformers
 from tasks.llm.lora import check_adapter, merged_checkpoint
-from tasks.llm.vllm_engine import GenerationError, VLLMEngine, run_vllm, vllm_importable
+from tasks.llm.sampling import SamplingConfig
+from tasks.llm.vllm_engine import GenerationError, VLLMEngine, vllm_importable
+from tasks.llm.vllm_jobs import run_vllm
 
 log = logging.getLogger(__name__)
 
@@ -62,43 +63,6 @@ SAMPLES_SCHEMA: dict[str, pl.DataType] = {
     "degenerate": pl.Boolean,
     "round": pl.Int32,
 }
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """Sampling settings of one generation call.
-
-    Attributes:
-        n: answers per prompt.
-        temperature: softmax temperature; 0 means greedy (the n answers are then identical).
-        top_p: nucleus sampling mass (1.0 disables it). No top-k on either backend.
-        max_new_tokens: token budget of an answer; an answer cut there is flagged degenerate.
-        seed: seed of the sampler.
-    """
-
-    n: int = 4
-    temperature: float = 1.0
-    top_p: float = 0.95
-    max_new_tokens: int = 256
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"SamplingConfig.n must be a positive int, got {self.n!r}")
-        if self.temperature < 0:
-            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(
-                f"SamplingConfig.max_new_tokens must be a positive int, got {self.max_new_tokens!r}"
-            )
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"SamplingConfig.seed must be an int >= 0, got {self.seed!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (for JSON, MLflow params and the worker)."""
-        return asdict(self)
 
 
 # --------------------------------------------------------------------------- shards

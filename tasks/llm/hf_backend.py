@@ -9,15 +9,13 @@ inputs give the same texts. An adapter is merged into the model in memory.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import polars as pl
 
 from tasks.common.hardware import torch_dtype
 from tasks.llm.chat import stop_token_ids
-
-if TYPE_CHECKING:
-    from tasks.llm.generate import SamplingConfig
+from tasks.llm.sampling import SamplingConfig, raw_sample_rows, raw_samples_frame
 
 
 def _seed_for_batch(seed: int, batch: int) -> int:
@@ -123,7 +121,7 @@ def run_transformers(
     # inputs, so the batches, their seeds and the texts are too.
     order = sorted(range(len(prompt_ids)), key=lambda i: (-len(prompt_ids[i]), i))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    rows: dict[str, list] = {k: [] for k in ("idx", "sample_idx", "text", "n_tokens", "finish")}
+    rows = raw_sample_rows()
     kwargs = sampling_kwargs(cfg, device)
     t1 = time.perf_counter()
     for b, batch in enumerate(tqdm(batches, desc="generate", unit="batch", leave=False)):
@@ -160,15 +158,7 @@ def run_transformers(
             rows["n_tokens"].append(n_tok)
             rows["finish"].append(finish)
     seconds = time.perf_counter() - t1
-    frame = pl.DataFrame(
-        {
-            "idx": pl.Series(rows["idx"], dtype=pl.Int64),
-            "sample_idx": pl.Series(rows["sample_idx"], dtype=pl.Int32),
-            "text": pl.Series(rows["text"], dtype=pl.Utf8),
-            "n_tokens": pl.Series(rows["n_tokens"], dtype=pl.Int32),
-            "finish_reason": pl.Series(rows["finish"], dtype=pl.Utf8),
-        }
-    )
+    frame = raw_samples_frame(rows)
     stats = {
         "generate_seconds": seconds,
         "generated_tokens": int(sum(rows["n_tokens"])),

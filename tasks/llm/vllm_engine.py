@@ -5,9 +5,10 @@ satisfied whoever calls, its memory is returned when the child ends, and ``gpu=k
 child to one GPU through ``CUDA_VISIBLE_DEVICES`` (:func:`tasks.llm.generate.generate_shard`
 runs one engine per GPU on a shard of the users; vLLM's offline data-parallel mode fails for
 dense models). :class:`VLLMEngine` starts the worker, sends it jobs and reads its replies
-(lines prefixed with :data:`tasks.llm.vllm_worker.REPLY_PREFIX`); :func:`run_vllm` runs one
-job, in a given engine or a fresh one. The engine's RNG is reseeded for every job, so the same
-seed, inputs, prompt order and shard layout give the same texts.
+(lines prefixed with :data:`tasks.llm.vllm_worker.REPLY_PREFIX`);
+:func:`tasks.llm.vllm_jobs.run_vllm` runs one job, in a given engine or a fresh one. The
+engine's RNG is reseeded for every job, so the same seed, inputs, prompt order and shard layout
+give the same texts.
 
 Adapters: a long-lived engine started with ``enable_lora=True`` serves each new adapter as a
 LoRA request (a new LoRA id per adapter folder), so a round transition is only the adapter
@@ -35,21 +36,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import polars as pl
+from typing import Any
 
 from tasks.common import children
 from tasks.common.hardware import cpu_dtype
-from tasks.llm.chat import stop_token_ids
 from tasks.llm.devices import available_gpus, physical_gpu
 from tasks.llm.vllm_worker import REPLY_PREFIX
-
-if TYPE_CHECKING:
-    from tasks.llm.generate import SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +204,11 @@ def cpu_kv_cache_bytes(
 
 
 def _worker_env(gpu: int | None) -> dict[str, str]:
+    """The worker's environment: this process's, with vLLM's settings, the GPU it may see, this
+    package on its path, and this process's temporary folder (a run's ``<run>/.tmp``, removed
+    with the run: vLLM's ``vllm_dist_<uuid>`` files land there, not in ``/tmp``)."""
     env = dict(os.environ)
+    env["TMPDIR"] = tempfile.gettempdir()
     env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -263,7 +261,7 @@ class VLLMEngine:
         self.gpu = gpu
         self.enable_lora = enable_lora
         if max_model_len is None:
-            max_model_len = min(_model_max_len(self.model), 4096)
+            max_model_len = min(model_max_len(self.model), 4096)
         self.max_model_len = max_model_len
         gpu_visible = gpu is not None or bool(available_gpus())
         self.engine_args = _engine_args(
@@ -368,95 +366,9 @@ class VLLMEngine:
         self.close()
 
 
-def _model_max_len(model: str) -> int:
+def model_max_len(model: str) -> int:
+    """The longest sequence ``model`` takes (its ``max_position_embeddings``, else 4,096)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model)
     return int(getattr(config, "max_position_embeddings", 4096) or 4096)
-
-
-@contextlib.contextmanager
-def _engine_for(fresh: VLLMEngine, reusable: bool) -> Iterator[tuple[VLLMEngine, bool]]:
-    """``(engine, started)``: a kept engine of :mod:`tasks.llm.engine_pool` when a flow keeps
-    them (never for a LoRA request), else ``fresh``, started for this job and closed after."""
-    from tasks.llm import engine_pool
-
-    pool = engine_pool.active()
-    if pool is not None and reusable:
-        with pool.lease(fresh) as leased:
-            yield leased
-        return
-    with fresh:
-        yield fresh, True
-
-
-def run_vllm(
-    prompt_ids: list[list[int]],
-    model: str,
-    cfg: SamplingConfig,
-    lora: dict[str, Any] | None,
-    gpu: int | None,
-    engine: VLLMEngine | None,
-    engine_opts: dict[str, Any],
-) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Run one vLLM job in ``engine``, or in a fresh engine started for it and stopped after.
-
-    Returns the rows keyed by ``idx`` (the prompt's position) and the worker's stats.
-    """
-    longest = max(len(p) for p in prompt_ids)
-    need = longest + cfg.max_new_tokens
-    with tempfile.TemporaryDirectory(prefix="vllm-job-") as tmp:
-        tmpd = Path(tmp)
-        pl.DataFrame(
-            {
-                "idx": pl.Series(range(len(prompt_ids)), dtype=pl.Int64),
-                "prompt_token_ids": pl.Series(prompt_ids, dtype=pl.List(pl.Int64)),
-            }
-        ).write_parquet(tmpd / "prompts.parquet")
-        job = {
-            "prompts_path": str(tmpd / "prompts.parquet"),
-            "out_path": str(tmpd / "samples.parquet"),
-            "stats_path": str(tmpd / "stats.json"),
-            "sampling": {
-                "n": cfg.n,
-                "temperature": cfg.temperature,
-                "top_p": cfg.top_p,
-                "max_tokens": cfg.max_new_tokens,
-                "seed": cfg.seed,
-                "stop_token_ids": stop_token_ids(model),  # the model's, as the HF backend's
-            },
-            "lora": lora,
-        }
-        if engine is not None:
-            if need > engine.max_model_len:
-                raise ValueError(
-                    f"prompt of {longest} tokens + max_new_tokens={cfg.max_new_tokens} exceeds "
-                    f"the engine's max_model_len={engine.max_model_len}"
-                )
-            stats = engine.run(job)
-            stats["engine_start_seconds"] = 0.0
-        else:
-            max_len = engine_opts.pop("max_model_len", None) or min(
-                _model_max_len(model), 256 * math.ceil(need / 256)
-            )
-            if need > max_len:
-                raise ValueError(
-                    f"prompt of {longest} tokens + max_new_tokens={cfg.max_new_tokens} exceeds "
-                    f"the model's {max_len} tokens: cut the history (max_prompt_tokens)"
-                )
-            fresh = VLLMEngine(
-                model,
-                gpu=gpu,
-                enable_lora=lora is not None,
-                max_lora_rank=lora_rank(Path(lora["path"])) if lora else 16,
-                max_model_len=max_len,
-                seed=cfg.seed,
-                kv_demand=CacheDemand(tuple(map(len, prompt_ids)), cfg.n, cfg.max_new_tokens),
-                **engine_opts,
-            )
-            with _engine_for(fresh, reusable=lora is None) as (engine, started):
-                stats = engine.run(job)
-            stats["engine_start_seconds"] = engine.engine_start_seconds if started else 0.0
-            stats["engine_reused"] = not started
-        rows = pl.read_parquet(tmpd / "samples.parquet")
-    return rows, stats

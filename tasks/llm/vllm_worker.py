@@ -83,6 +83,8 @@ def run_job(llm: Any, job: dict[str, Any]) -> dict[str, Any]:
     import torch
     from vllm import SamplingParams
 
+    from tasks.llm.sampling import raw_sample_rows, raw_samples_frame
+
     prompts = pl.read_parquet(job["prompts_path"])
     s = job["sampling"]
     seed = int(s["seed"])
@@ -110,7 +112,7 @@ def run_job(llm: Any, job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     outputs = llm.generate(inputs, params, lora_request=lora_request, use_tqdm=True)
     seconds = time.perf_counter() - t0
-    rows: dict[str, list] = {k: [] for k in ("idx", "sample_idx", "text", "n_tokens", "finish")}
+    rows = raw_sample_rows()
     for idx, out in zip(prompts["idx"].to_list(), outputs, strict=True):
         for j, c in enumerate(sorted(out.outputs, key=lambda c: c.index)):
             rows["idx"].append(idx)
@@ -118,15 +120,7 @@ def run_job(llm: Any, job: dict[str, Any]) -> dict[str, Any]:
             rows["text"].append(c.text)
             rows["n_tokens"].append(len(c.token_ids))
             rows["finish"].append(c.finish_reason or "length")
-    frame = pl.DataFrame(
-        {
-            "idx": pl.Series(rows["idx"], dtype=pl.Int64),
-            "sample_idx": pl.Series(rows["sample_idx"], dtype=pl.Int32),
-            "text": pl.Series(rows["text"], dtype=pl.Utf8),
-            "n_tokens": pl.Series(rows["n_tokens"], dtype=pl.Int32),
-            "finish_reason": pl.Series(rows["finish"], dtype=pl.Utf8),
-        }
-    )
+    frame = raw_samples_frame(rows)
     out_path = Path(job["out_path"])
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     frame.write_parquet(tmp)

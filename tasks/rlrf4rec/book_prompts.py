@@ -10,7 +10,7 @@ instruction's unclosed parenthesis included), and the knowledge text ``prefix + 
 (:func:`tasks.rlrf4rec.prompts.knowledge_text`) is KAR's.
 
 The item prompt names the item's brand: ``items.parquet`` of the ``kar`` Amazon build has a
-``brand`` column (:func:`tasks.data.datasets.load_amazon_books_kar`).
+``brand`` column (:func:`tasks.data.amazon_books.load_amazon_books_kar`).
 """
 
 from __future__ import annotations

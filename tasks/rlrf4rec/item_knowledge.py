@@ -21,8 +21,8 @@ from pathlib import Path
 
 import polars as pl
 
-from tasks.data.datasets import DataError
 from tasks.data.prepare import PreparedData
+from tasks.data.schema import DataError
 from tasks.rlrf4rec.book_prompts import kar_book_item_prompt_table
 from tasks.rlrf4rec.encode import item_texts
 from tasks.rlrf4rec.prompts import PromptStyle, item_prompt_table

@@ -1,4 +1,5 @@
-"""Prompts: KAR's user-preference prompt, its knowledge text, and the other prompts of the project.
+"""Prompts of the RLRF4Rec pipeline: KAR's user-preference prompt, its knowledge text, and
+KAR's item prompt.
 
 The prompt is ``profile_and_history + ". " + instruction``; the knowledge text the encoder reads
 is ``profile_and_history + ". " + answer`` (KAR encodes the prompt's profile-and-history part
@@ -9,8 +10,6 @@ Also here:
 - :func:`fit_history`: the history cut from the oldest side, whole entries only, so that the
   chat-formatted prompt fits a token budget (``max_prompt_tokens`` of :func:`prompt_table`).
 - :func:`item_prompt` / :func:`item_prompt_table`: KAR's item factual-knowledge prompt.
-- :func:`direct_prompt`: the prompt of the second pipeline (You et al., Figure 2): demographics,
-  liked and hated movies, a release-date cut-off, an answer of k titles as a list.
 
 Two styles (``style``): ``"default"``, this project's first texts, and ``"kar"``, KAR's code
 word for word (``preprocess/generate_data_and_prompt.py``, ``preprocess/pre_utils.py``): titles
@@ -28,32 +27,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
 from typing import Any, Literal
 
 import polars as pl
 
+from tasks.data import demographics
+from tasks.data.demographics import GENDER_WORDS
 from tasks.llm.chat import chat_prompt, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-# ML-1M age-bucket codes (README of the GroupLens ML-1M release).
-ML1M_AGE_BUCKETS = {
-    1: "under 18",
-    18: "18-24",
-    25: "25-34",
-    35: "35-44",
-    45: "45-49",
-    50: "50-55",
-    56: "above 56",
-}
-GENDER_WORDS = {"M": "male", "F": "female"}
 
 PromptStyle = Literal["default", "kar"]
 PROMPT_STYLES: tuple[str, ...] = ("default", "kar")
 
 # KAR's AGE_MAPPING and OCCUPATION_MAPPING (preprocess/pre_utils.py), word for word; the
-# occupations keyed by the ML-1M names of tasks.data.datasets.ML1M_OCCUPATIONS (codes 0..20).
+# occupations keyed by the ML-1M names of tasks.data.ml1m.ML1M_OCCUPATIONS (codes 0..20).
 KAR_AGE_BUCKETS = {1: "under 18", 18: "18-24", 25: "25-34", 35: "35-44", 45: "45-49"}
 KAR_AGE_BUCKETS |= {50: "50-55", 56: "56+"}
 KAR_OCCUPATIONS = {
@@ -147,13 +136,9 @@ def _with_article(occupation: str, style: PromptStyle = "default") -> str:
 
 
 def describe_age(age: int | None, dataset: str, style: PromptStyle = "default") -> str:
-    """ML-1M stores an age-bucket code; ML-100K the raw age in years."""
-    if age is None:
-        return "unknown"
-    if dataset == "ml-1m":
-        buckets = KAR_AGE_BUCKETS if style == "kar" else ML1M_AGE_BUCKETS
-        return buckets.get(int(age), str(age))
-    return str(age)
+    """ML-1M stores an age-bucket code (KAR's words with ``style="kar"``); ML-100K the raw age
+    in years (:func:`tasks.data.demographics.describe_age`)."""
+    return demographics.describe_age(age, dataset, KAR_AGE_BUCKETS if style == "kar" else None)
 
 
 def history_text(history: Sequence[HistoryEntry], style: PromptStyle = "default") -> str:
@@ -429,98 +414,3 @@ def item_prompt_table(
         },
         schema={"item_id": pl.Int64, "prompt": pl.Utf8},
     )
-
-
-# --------------------------------------------------------------------------- direct recommendation
-
-
-def _ordinal(day: int) -> str:
-    if 11 <= day % 100 <= 13:
-        return f"{day}th"
-    suffix = {1: "st", 2: "nd", 3: "rd"}.get(day % 10, "th")
-    return f"{day}{suffix}"
-
-
-def format_cutoff(when: date | datetime | int) -> str:
-    """``April 22nd, 1998`` from a date, a datetime or a unix timestamp (UTC)."""
-    if isinstance(when, bool):
-        raise TypeError("cutoff: expected a date, a datetime or a unix timestamp, got a bool")
-    if isinstance(when, int | float):
-        when = datetime.fromtimestamp(int(when), tz=UTC)
-    if not isinstance(when, date):
-        raise TypeError(
-            f"cutoff: expected a date, a datetime or a unix timestamp, got {type(when).__name__}"
-        )
-    return f"{when.strftime('%B')} {_ordinal(when.day)}, {when.year}"
-
-
-def movie_with_genres(title: str, genres: Sequence[str] | None = None) -> str:
-    """``Title (1995) (comedy, drama)`` as in You et al.'s prompt (genres lower-cased)."""
-    genres = [g.lower() for g in (genres or []) if g and g.lower() != "unknown"]
-    return f"{title} ({', '.join(genres)})" if genres else title
-
-
-def _title_list(titles: Sequence[str]) -> str:
-    # Each title is its own quoted list item: a comma inside a title never splits it.
-    return "[" + ", ".join(repr(str(t)) for t in titles) + "]"
-
-
-def direct_prompt(
-    user: dict,
-    liked: Sequence[str],
-    hated: Sequence[str],
-    cutoff: date | datetime | int | None = None,
-    k: int = 5,
-    dataset: str = "ml-100k",
-) -> str:
-    """The second pipeline's prompt (You et al., Figure 2): recommend ``k`` titles as a list.
-
-    Args:
-        user: ``gender``, ``age``, ``occupation`` (may be null), optionally ``location``
-            (a place name; the zip code is not turned into a place).
-        liked: movies of the window rated >= 3, oldest first, as display strings
-            (:func:`movie_with_genres`).
-        hated: movies of the window rated <= 2, same format.
-        cutoff: only movies released before this date (the window's end); None leaves it out.
-        k: how many titles to ask for.
-        dataset: ``ml-100k`` or ``ml-1m`` (the age wording); ``amazon-books`` asks for books.
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    books = dataset == "amazon-books"
-    noun = "books" if books else "movies"
-    parts = []
-    if not books:
-        gender = GENDER_WORDS.get(user.get("gender") or "", "")
-        who = f"I am a {gender}" if gender else "I am a user"
-        age = user.get("age")
-        if age is not None:
-            who += f", aged {describe_age(age, dataset)}"
-        if user.get("location"):
-            who += f", from {user['location']}"
-        occupation = (user.get("occupation") or "").strip()
-        if occupation and occupation.lower() not in ("none", "other"):
-            who += f", working as {occupation}"
-        parts.append(who + ".")
-    verb = "read" if books else "watched"
-    if liked:
-        parts.append(f"I have previously {verb} and liked the {noun}: {_title_list(liked)}.")
-    if hated:
-        parts.append(f"I have previously {verb} and HATED the {noun}: {_title_list(hated)}.")
-    if cutoff is not None:
-        released = "published" if books else "released"
-        parts.append(
-            f"Please provide recommendations for {noun} {released} before "
-            f"{format_cutoff(cutoff)}, based on my history."
-        )
-    item = "book" if books else "movie"
-    source = "Amazon Books" if books else "MovieLens"
-    parts.append(
-        f"Based on my profile, recommend the top {k} {noun} I am most likely to "
-        f"{'read' if books else 'watch'} next. Please provide the output in a list of strings "
-        f"format, containing only the {item} titles. Make sure to strictly adhere to the output "
-        f"format given below. Strictly do not generate any additional information other than "
-        f"the {item} names. Format: ['{item}_name', '{item}_name', ... '{item}_name'] Make sure "
-        f"to limit the recommendations to {noun} available in the {source} dataset."
-    )
-    return " ".join(parts)

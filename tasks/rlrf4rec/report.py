@@ -177,7 +177,34 @@ def markdown(results: dict, tables: dict, params: dict | None = None) -> str:
         lines += ["", "## Wall time per stage (s)", "", "| stage | seconds |", "|---|---|"]
         for name, sec in timings.items():
             lines.append(f"| {name} | {sec:.1f} |")
+    lines += stages_section(results.get("stages") or [])
     return "\n".join(lines) + "\n"
+
+
+def stages_section(stages: list[dict]) -> list[str]:
+    """Which stages this start ran (and why) and which it served from their manifests, with
+    the seconds each took when it was made."""
+    if not stages:
+        return []
+    ran = [s for s in stages if not s.get("cached")]
+    served = [s for s in stages if s.get("cached")]
+    lines = [
+        "",
+        "## Stages of this start",
+        "",
+        f"{len(ran)} ran, {len(served)} served from their manifests (made in "
+        f"{sum(float(s.get('seconds') or 0) for s in served):.1f} s by an earlier start). "
+        "Seconds: what the stage took when it was made.",
+        "",
+        "| stage | output | this start | seconds |",
+        "|---|---|---|---|",
+    ]
+    for s in stages:
+        state = "served (made earlier)" if s.get("cached") else f"ran: {s.get('why') or ''}"
+        lines.append(
+            f"| {s['stage']} | `{s['out']}` | {state} | {float(s.get('seconds') or 0):.1f} |"
+        )
+    return lines
 
 
 def test_set_size(results: dict) -> str:

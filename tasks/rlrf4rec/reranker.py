@@ -5,19 +5,21 @@
   ``config.json``) and ``train_log.json`` into ``out_dir``. All randomness comes from
   ``TrainConfig.seed``.
 - :func:`evaluate_reranker` scores a split's lists and returns MAP@K / NDCG@K for K in
-  {1, 3, 5, 7} plus the per-list values (for paired confidence intervals);
-  :func:`reference_results` gives the reference rows: the initial (shuffled) order, a
-  train-popularity scorer and the oracle.
+  {1, 3, 5, 7} plus the per-list values (for paired confidence intervals; an
+  :class:`tasks.rlrf4rec.reranker_results.EvalResult`);
+  :func:`tasks.rlrf4rec.reranker_results.reference_results` gives the reference rows: the
+  initial (shuffled) order, a train-popularity scorer and the oracle.
 - Knowledge: ``user_vectors`` (``user_id`` Int64, ``vector`` List[Float32]) gives one
   knowledge vector per user; ``None`` trains the base row without knowledge. ``item_vectors``
   (``item_id``, ``vector``) adds the adaptor's item task; the vectors are stored in the model,
   so scoring later needs only the user vectors.
 - Cross-fitting for the reward (see :mod:`tasks.rlrf4rec.reward`): with ``TrainConfig.exclude_fold =
-  k`` the train users of fold ``k`` (:func:`user_folds`) are left out of training.
+  k`` the train users of fold ``k`` (:func:`tasks.rlrf4rec.reranker_data.user_folds`) are
+  left out of training.
 
-
-``data_dir`` is always the run folder that holds ``data/`` (as
-:func:`tasks.data.prepare.load_prepared`).
+The arrays a model reads (lists, catalogue, vectors, batches) are built by
+:mod:`tasks.rlrf4rec.reranker_data`. ``data_dir`` is always the run
+folder that holds ``data/`` (as :func:`tasks.data.prepare.load_prepared`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -38,16 +40,25 @@ import torch
 from tqdm.auto import tqdm
 
 from models.base import Arch, RerankerConfig
-from models.metrics import KS, map_at_k_per_list, metrics_per_list
+from models.metrics import map_at_k_per_list
 from models.rerankers import Reranker, build_reranker, load_reranker
-from tasks.common.io import atomic_dir, write_json, write_parquet
+from tasks.common.io import atomic_dir, write_json
 from tasks.data.prepare import PreparedData, load_prepared
-from tasks.rlrf4rec.encode import frame_vectors
 from tasks.rlrf4rec.knowledge_training import DrawTable, knowledge_contrast, other_user_rows
+from tasks.rlrf4rec.reranker_data import (
+    ItemIndex,
+    VectorTable,
+    build_item_index,
+    catalogue_vectors,
+    list_arrays,
+    make_batch,
+    predict_scores,
+    user_folds,
+)
+from tasks.rlrf4rec.reranker_results import EvalResult, evaluate_scores, split_lists
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "valid", "test")
 SELECT_METRIC = "map@5"
 TRAIN_LOG = "train_log.json"
 
@@ -169,79 +180,6 @@ class TrainConfig:
 # --------------------------------------------------------------------------- data
 
 
-@dataclass
-class ItemIndex:
-    """Item vocabulary of a run: sorted ids, first-genre index per item, genre names."""
-
-    item_ids: np.ndarray  # [n_items] int64, increasing
-    item_genre: np.ndarray  # [n_items] int64, 0 = no genre
-    genre_names: list[str]
-
-
-def build_item_index(items: pl.DataFrame) -> ItemIndex:
-    """The catalogue of ``items.parquet``; an item's genre is the first of its ``genres``."""
-    items = items.sort("item_id")
-    first = items["genres"].list.first().fill_null("").to_list()
-    names = sorted({g for g in first if g})
-    index = {g: i + 1 for i, g in enumerate(names)}
-    genre = np.array([index.get(g, 0) for g in first], dtype=np.int64)
-    return ItemIndex(items["item_id"].to_numpy().astype(np.int64), genre, names)
-
-
-@dataclass
-class ListArrays:
-    """A set of lists as arrays: ``item_ids`` / ``labels`` ``[N, L]``, ids ``[N]``."""
-
-    list_id: np.ndarray
-    user_id: np.ndarray
-    item_ids: np.ndarray
-    labels: np.ndarray
-
-    @property
-    def n(self) -> int:
-        return int(self.list_id.shape[0])
-
-
-def list_arrays(lists: pl.DataFrame) -> ListArrays:
-    """Arrays of a ``lists.parquet`` frame (its order kept; lists must share one length)."""
-    n = lists.height
-    if n == 0:
-        empty = np.zeros((0, 0), dtype=np.int64)
-        return ListArrays(np.zeros(0, np.int64), np.zeros(0, np.int64), empty, empty)
-    lengths = lists["item_ids"].list.len()
-    if lengths.min() != lengths.max():
-        raise ValueError("lists must all have the same length")
-    width = int(lengths[0])
-    items = lists["item_ids"].explode().to_numpy().astype(np.int64).reshape(n, width)
-    labels = lists["labels"].explode().to_numpy().astype(np.float32).reshape(n, width)
-    return ListArrays(
-        lists["list_id"].to_numpy().astype(np.int64),
-        lists["user_id"].to_numpy().astype(np.int64),
-        items,
-        labels,
-    )
-
-
-def user_folds(users: pl.DataFrame, n_folds: int = 2, seed: int = 0) -> pl.DataFrame:
-    """Assign every non-test user to one of ``n_folds`` folds (seeded, balanced).
-
-    Args:
-        users: ``users.parquet`` (``user_id``, ``split``).
-        n_folds: number of folds (>= 1).
-        seed: seed of the permutation of the sorted user ids.
-
-    Returns:
-        ``user_id`` Int64, ``split`` Utf8, ``fold`` Int64 for the train and valid users.
-    """
-    if n_folds < 1:
-        raise ValueError(f"n_folds must be >= 1, got {n_folds}")
-    part = users.filter(pl.col("split") != "test").sort("user_id").select("user_id", "split")
-    perm = np.random.default_rng(seed).permutation(part.height)
-    fold = np.empty(part.height, dtype=np.int64)
-    fold[perm] = np.arange(part.height) % n_folds
-    return part.with_columns(pl.Series("fold", fold, dtype=pl.Int64))
-
-
 def training_lists(data: PreparedData, cfg: TrainConfig) -> pl.DataFrame:
     """The lists a reranker trains on: the train split, less fold ``cfg.exclude_fold``."""
     lists = data.lists.filter(pl.col("split") == "train")
@@ -250,188 +188,6 @@ def training_lists(data: PreparedData, cfg: TrainConfig) -> pl.DataFrame:
         held = folds.filter(pl.col("fold") == cfg.exclude_fold)["user_id"]
         lists = lists.filter(~pl.col("user_id").is_in(held.implode()))
     return lists
-
-
-# --------------------------------------------------------------------------- vectors
-
-
-class VectorTable:
-    """Knowledge vectors keyed by id: ``matrix`` ``[n, dim]`` and ``rows(ids)``."""
-
-    def __init__(self, frame: pl.DataFrame, id_col: str, what: str) -> None:
-        if id_col not in frame.columns or "vector" not in frame.columns:
-            raise ValueError(
-                f"{what} must have columns {id_col!r} and 'vector', got {frame.columns}"
-            )
-        if frame[id_col].is_duplicated().any():
-            dup = frame.filter(pl.col(id_col).is_duplicated())[id_col].unique().to_list()[:5]
-            raise ValueError(f"{what} has more than one vector for {id_col} {dup}")
-        self.what = what
-        self.ids = frame[id_col].to_numpy().astype(np.int64)
-        self.matrix = frame_vectors(frame, "vector")
-        if not np.isfinite(self.matrix).all():
-            raise ValueError(f"{what} holds non-finite values")
-        order = np.argsort(self.ids)
-        self._sorted, self._order = self.ids[order], order
-
-    @property
-    def dim(self) -> int:
-        return int(self.matrix.shape[1])
-
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        """Row of each id in ``matrix``; raises naming the ids that have no vector."""
-        ids = np.asarray(ids, dtype=np.int64)
-        pos = np.searchsorted(self._sorted, ids).clip(max=max(len(self._sorted) - 1, 0))
-        ok = (self._sorted[pos] == ids) if len(self._sorted) else np.zeros(len(ids), bool)
-        if not ok.all():
-            missing = np.unique(ids[~ok])
-            raise ValueError(
-                f"{self.what} has no vector for {len(missing)} ids, e.g. {missing[:5].tolist()}"
-            )
-        return self._order[pos]
-
-
-def _item_matrix(item_vectors: pl.DataFrame, catalogue: ItemIndex) -> np.ndarray:
-    table = VectorTable(item_vectors, "item_id", "item_vectors")
-    return table.matrix[table.rows(catalogue.item_ids)]
-
-
-# --------------------------------------------------------------------------- scoring
-
-
-def make_batch(
-    items: np.ndarray, user_rows: np.ndarray | None, users: np.ndarray | None
-) -> dict[str, torch.Tensor]:
-    """A model batch for lists ``items`` ``[b, L]`` whose users are ``user_rows`` of ``users``."""
-    batch = {"item_ids": torch.from_numpy(items)}
-    if users is not None and user_rows is not None:
-        uniq, inv = np.unique(user_rows, return_inverse=True)
-        batch["user_vec"] = torch.from_numpy(users[uniq])
-        batch["user_index"] = torch.from_numpy(inv.astype(np.int64))
-    return batch
-
-
-@torch.inference_mode()
-def predict_scores(
-    model: Reranker,
-    item_ids: np.ndarray,
-    users: np.ndarray | None = None,
-    user_rows: np.ndarray | None = None,
-    batch_size: int = 4096,
-) -> np.ndarray:
-    """Scores of lists with a model in eval mode.
-
-    Args:
-        model: the reranker.
-        item_ids: ``[N, L]`` raw item ids.
-        users: ``[U, dim]`` user knowledge vectors (knowledge models).
-        user_rows: ``[N]`` row of ``users`` for each list.
-        batch_size: lists per forward pass.
-
-    Returns:
-        ``[N, L]`` float32 logits.
-    """
-    if model.cfg.knowledge and (users is None or user_rows is None):
-        raise ValueError("this model reads user knowledge: pass user vectors")
-    was_training = model.training
-    model.eval()
-    out = np.zeros(item_ids.shape, dtype=np.float32)
-    for start in range(0, item_ids.shape[0], batch_size):
-        sl = slice(start, start + batch_size)
-        rows = user_rows[sl] if user_rows is not None else None
-        out[sl] = model(make_batch(item_ids[sl], rows, users)).float().numpy()
-    model.train(was_training)
-    return out
-
-
-# --------------------------------------------------------------------------- results
-
-
-@dataclass
-class EvalResult:
-    """Metrics of one system on one split.
-
-    Attributes:
-        name: the system (``"dlcm"``, ``"prm+knowledge"``, ``"popularity"``, ...).
-        split: ``train`` / ``valid`` / ``test``.
-        metrics: ``{"map@1": ..., "ndcg@7": ...}`` means over lists.
-        per_list: ``list_id``, ``user_id`` and one column per metric, one row per list.
-    """
-
-    name: str
-    split: str
-    metrics: dict[str, float]
-    per_list: pl.DataFrame = field(repr=False)
-
-    @property
-    def n_lists(self) -> int:
-        return self.per_list.height
-
-    def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "split": self.split,
-            "n_lists": self.n_lists,
-            "metrics": self.metrics,
-        }
-
-
-def evaluate_scores(
-    name: str, split: str, arrays: ListArrays, scores: np.ndarray, ks=KS
-) -> EvalResult:
-    """An :class:`EvalResult` from scores ``[N, L]`` of ``arrays``' lists."""
-    if arrays.n == 0:
-        raise ValueError(f"no lists to evaluate in split {split!r}")
-    per = metrics_per_list(arrays.labels, scores, ks)
-    frame = pl.DataFrame(
-        {"list_id": arrays.list_id, "user_id": arrays.user_id}
-        | {k: v.astype(np.float64) for k, v in per.items()}
-    )
-    return EvalResult(name, split, {k: float(v.mean()) for k, v in per.items()}, frame)
-
-
-def write_eval(result: EvalResult, path: str | Path, per_list: bool = True) -> Path:
-    """Write ``result`` as JSON to ``path`` (and its per-list values beside it as parquet,
-    ``<stem>.per_list.parquet``). Both writes are atomic. Returns ``path``."""
-    path = Path(path)
-    write_json(result.to_dict(), path)
-    if per_list:
-        write_parquet(result.per_list, path.with_name(f"{path.stem}.per_list.parquet"))
-    return path
-
-
-def _split_lists(data: PreparedData, split: str) -> pl.DataFrame:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return data.lists.filter(pl.col("split") == split).sort("list_id")
-
-
-def popularity(data: PreparedData) -> pl.DataFrame:
-    """``item_id``, ``count``: ratings of each item by train-split users (all their ratings)."""
-    train_users = data.users.filter(pl.col("split") == "train")["user_id"]
-    return (
-        data.ratings.filter(pl.col("user_id").is_in(train_users.implode()))
-        .group_by("item_id")
-        .agg(pl.len().alias("count"))
-    )
-
-
-def reference_results(data_dir: str | Path, split: str = "test") -> dict[str, EvalResult]:
-    """Reference rows on ``split``: ``initial`` (the shuffled order), ``popularity`` (train
-    popularity, ties by position) and ``oracle`` (labels)."""
-    data = load_prepared(data_dir)
-    arrays = list_arrays(_split_lists(data, split))
-    n, width = arrays.item_ids.shape
-    initial = np.broadcast_to(-np.arange(width, dtype=np.float32), (n, width))
-    pop = popularity(data)
-    counts = dict(zip(pop["item_id"].to_list(), pop["count"].to_list(), strict=True))
-    lookup = np.vectorize(lambda i: counts.get(int(i), 0), otypes=[np.float32])
-    pop_scores = lookup(arrays.item_ids) if n else np.zeros((0, width), np.float32)
-    return {
-        "initial": evaluate_scores("initial", split, arrays, initial),
-        "popularity": evaluate_scores("popularity", split, arrays, pop_scores),
-        "oracle": evaluate_scores("oracle", split, arrays, arrays.labels),
-    }
 
 
 # --------------------------------------------------------------------------- training
@@ -494,7 +250,7 @@ def train_reranker(
     data = load_prepared(data_dir)
     catalogue = build_item_index(data.items)
     train = list_arrays(training_lists(data, cfg))
-    valid = list_arrays(_split_lists(data, "valid"))
+    valid = list_arrays(split_lists(data, "valid"))
     if train.n == 0:
         raise ValueError(f"{data_dir}: no training lists (split 'train' after fold exclusion)")
     if valid.n == 0:
@@ -512,7 +268,7 @@ def train_reranker(
         users, user_dim = table.matrix, table.dim
         train_rows, valid_rows = table.rows(train.user_id), table.rows(valid.user_id)
         if item_vectors is not None:
-            item_matrix = _item_matrix(item_vectors, catalogue)
+            item_matrix = catalogue_vectors(item_vectors, catalogue)
             item_dim = item_matrix.shape[1]
 
     gen = _set_seed(cfg.seed)
@@ -633,7 +389,7 @@ def load_model_with_items(model_dir: Path, item_vectors: pl.DataFrame | None) ->
             raise ValueError(f"item_vectors given but {model_dir} has no item knowledge")
         vocab = model.item_vocab.numpy()
         cat = ItemIndex(vocab, model.item_genre[1:].numpy(), list(model.cfg.genre_names))
-        matrix = _item_matrix(item_vectors, cat)
+        matrix = catalogue_vectors(item_vectors, cat)
         if matrix.shape[1] != model.cfg.item_dim:
             raise ValueError(
                 f"item_vectors have width {matrix.shape[1]}, the model expects {model.cfg.item_dim}"
@@ -666,7 +422,7 @@ def evaluate_reranker(
     """
     model = load_model_with_items(Path(model_dir), item_vectors)
     data = load_prepared(data_dir)
-    arrays = list_arrays(_split_lists(data, split))
+    arrays = list_arrays(split_lists(data, split))
     users = rows = None
     if model.cfg.knowledge:
         if user_vectors is None:

@@ -22,9 +22,9 @@ from tasks.llm.policy import Policy
 
 if TYPE_CHECKING:
     from tasks.data.datasets import AmazonConfig
+    from tasks.data.lists import ListsConfig
     from tasks.llm.generate import SamplingConfig
     from tasks.pairing import PairingConfig
-    from tasks.rlrf4rec.lists import ListsConfig
     from tasks.rlrf4rec.reranker import TrainConfig
 
 log = logging.getLogger(__name__)

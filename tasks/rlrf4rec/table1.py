@@ -39,20 +39,13 @@ from models.metrics import KS
 from models.stats import paired_bootstrap_ci, seed_summary
 from tasks.common.io import write_json
 from tasks.data.assets import DEFAULT_ENCODER, AssetError
-from tasks.data.datasets import DataError
 from tasks.data.prepare import load_prepared
+from tasks.data.schema import DataError
 from tasks.rlrf4rec.encode import encode_frame, encode_texts, vectors_frame
 from tasks.rlrf4rec.item_knowledge import item_knowledge_texts, read_item_knowledge
 from tasks.rlrf4rec.prompts import prompt_table
-from tasks.rlrf4rec.reranker import (
-    TRAIN_LOG,
-    EvalResult,
-    TrainConfig,
-    evaluate_reranker,
-    reference_results,
-    train_reranker,
-    write_eval,
-)
+from tasks.rlrf4rec.reranker import TRAIN_LOG, TrainConfig, evaluate_reranker, train_reranker
+from tasks.rlrf4rec.reranker_results import EvalResult, reference_results, write_eval
 
 log = logging.getLogger(__name__)
 

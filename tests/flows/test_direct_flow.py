@@ -15,8 +15,10 @@ import pytest
 from pydantic import ValidationError
 
 import tasks.direct.stages as stages
-from flows.common import RunLockedError, parse_params, run_lock
-from flows.direct import DESCRIPTION, DirectParams, StageConfigs, main
+from flows.cli import parse_params
+from flows.direct import DESCRIPTION, main
+from flows.direct_params import DirectParams, StageConfigs
+from tasks.common.runlock import RunLockedError, run_lock
 from tasks.pairing import PairingConfig
 
 # --------------------------------------------------------------------------- parameters

@@ -207,7 +207,7 @@ def test_second_run_is_cached(tiny_run) -> None:
 
 
 def test_second_writer_is_refused(tiny_run) -> None:
-    from flows.common import RunLockedError, run_lock
+    from tasks.common.runlock import RunLockedError, run_lock
 
     run = Path(tiny_run["result"]["run_dir"])
     with run_lock(run), pytest.raises(RunLockedError, match="in use by another run"):
@@ -216,7 +216,7 @@ def test_second_writer_is_refused(tiny_run) -> None:
 
 
 def test_lock_removes_what_a_killed_run_left(tiny_run) -> None:
-    from flows.common import run_lock
+    from tasks.common.runlock import run_lock
 
     run = Path(tiny_run["result"]["run_dir"])
     stale = run / "round_01" / ".dpo.k1ll3d.tmp"
@@ -360,7 +360,7 @@ def test_round_train_users_is_a_seeded_subset(tmp_path: Path) -> None:
 def test_profiles_belong_to_their_flow() -> None:
     from pydantic import ValidationError
 
-    from flows.direct import DirectParams
+    from flows.direct_params import DirectParams
     from flows.iterate import IterateParams
 
     study = IterateParams(profile="study").resolved()

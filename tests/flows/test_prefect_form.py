@@ -8,7 +8,8 @@ import pytest
 from prefect.utilities.callables import parameter_schema
 from prefect.utilities.schema_tools import validate
 
-from flows.direct import DirectParams, direct_flow
+from flows.direct import direct_flow
+from flows.direct_params import DirectParams
 from flows.iterate import IterateParams, iterate
 from flows.prefect_ui import artifact_key, form_description, profile_values
 
@@ -149,3 +150,64 @@ def test_the_deployments_parameters_pass_the_form() -> None:
         if deployment.get("schedules"):  # a weekly run: dated, never a fixed name
             assert deployment["parameters"].get("dated") is True, deployment["name"]
             assert "run_name" not in deployment["parameters"], deployment["name"]
+
+
+def test_flow_runs_are_named_after_their_run(monkeypatch) -> None:
+    """The Prefect UI lists ``ui-tiny``, ``paper-ml-100k-2026-12-13``: not ``delta3-minnobia``."""
+    from datetime import UTC, datetime
+
+    from prefect.runtime import flow_run
+
+    monkeypatch.setitem(flow_run.FIELDS, "id", lambda: "a-flow-run")
+    monkeypatch.setitem(
+        flow_run.FIELDS, "scheduled_start_time", lambda: datetime(2026, 12, 13, 2, tzinfo=UTC)
+    )
+    monkeypatch.setitem(flow_run.FIELDS, "parameters", lambda: {"run_name": "ui-tiny"})
+    assert iterate.flow_run_name() == "ui-tiny" and direct_flow.flow_run_name() == "ui-tiny"
+    monkeypatch.setitem(flow_run.FIELDS, "parameters", lambda: {"profile": "paper", "dated": True})
+    assert iterate.flow_run_name() == "paper-ml-100k-2026-12-13"
+    assert direct_flow.flow_run_name() == "direct-paper-ml-100k-2026-12-13"
+    monkeypatch.setitem(flow_run.FIELDS, "parameters", lambda: {"rounds": 0})  # never raises
+    assert iterate.flow_run_name() == iterate.name
+
+
+def test_the_projects_warnings_reach_the_run_log(monkeypatch) -> None:
+    """Warnings of the project's loggers go to the flow run's log too, only while a run is on,
+    and the run log's own lines are not sent twice."""
+    import logging
+
+    import flows.prefect_ui as ui
+
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    run_log = logging.getLogger("test.run-log")
+    run_log.propagate = False
+    run_log.addHandler(Collect())
+    monkeypatch.setattr(ui, "run_logger", lambda: run_log)
+    with ui.warnings_in_run_log():
+        logging.getLogger("tasks.pairing").warning("round %d: no preference pairs", 1)
+        logging.getLogger("tasks.pairing").info("an info line stays on stdout")
+        logging.getLogger("flows.progress").warning("a progress line")
+        logging.getLogger("transformers").warning("a library's warning stays on stdout")
+    logging.getLogger("tasks.pairing").warning("after the run")
+    assert seen == ["round 1: no preference pairs"]
+
+
+def test_the_artefact_shows_the_figures(tmp_path) -> None:
+    """The report's PNGs are embedded (a data URI the artefact can show); a missing one is a
+    note naming its file."""
+    import base64
+
+    from flows.prefect_ui import figures_embedded
+
+    png = base64.b64decode(
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    )
+    (tmp_path / "fig4_rounds.png").write_bytes(png)
+    text = figures_embedded("a\n![per-round curve](fig4_rounds.png)\n![x](gone.png)", tmp_path)
+    assert "![per-round curve](data:image/png;base64,iVBORw0KGgo" in text
+    assert "`gone.png` in the run folder" in text and "![x]" not in text

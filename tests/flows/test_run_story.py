@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import polars as pl
 import pytest
 
-from flows.common import Tracker
 from flows.metric_shapes import log_training_curve, per_stage, step_history
 from flows.provenance import git_commit, log_dataset, mlflow_run_url, tag_run
+from flows.tracking import Tracker
 from tasks.common.hardware import cpu_model
 from tasks.common.stage import Artefact, stage
 
@@ -62,7 +62,71 @@ def test_mlflow_run_url(tracker: Tracker, monkeypatch) -> None:
     assert mlflow_run_url(tracker, "abc") is None  # a local store has no address
     monkeypatch.setenv("MLFLOW_UI_URL", "http://127.0.0.1:5000/")
     url = mlflow_run_url(tracker, "abc")
-    assert url == f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/abc"
+    assert url == (  # the Model training view, not MLflow 3's GenAI view
+        f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/abc"
+        "?workflowType=machine_learning"
+    )
+
+
+def test_source_and_description(tracker: Tracker, tmp_path: Path, monkeypatch) -> None:
+    """``python -m flows.iterate`` runs the module as ``__main__``: the source still names it;
+    the description says what ran and links the Prefect flow run."""
+    import sys
+
+    from flows.direct_params import DirectParams
+    from flows.provenance import flow_module, run_description
+
+    main_module = SimpleNamespace(__spec__=SimpleNamespace(name="flows.iterate"))
+    monkeypatch.setitem(sys.modules, "__main__", main_module)
+    as_main = type("IterateParams", (), {"__module__": "__main__"})()
+    assert flow_module(as_main) == "flows.iterate"
+    assert flow_module(DirectParams()) == "flows.direct"
+    text = run_description(DirectParams(run_name="d1"), tmp_path / "d1", "http://prefect/run/1")
+    assert "`d1`: `python -m flows.direct`" in text
+    assert "[http://prefect/run/1](http://prefect/run/1)" in text
+    run = tracker.start("p")
+    tag_run(tracker, run, DirectParams(run_name="d1"), tmp_path / "d1")
+    assert "python -m flows.direct" in tracker.client.get_run(run).data.tags["mlflow.note.content"]
+
+
+def test_artefacts_land_beside_the_store(tmp_path: Path, monkeypatch) -> None:
+    """Not in ``./mlruns`` of whatever folder the command runs from."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    store = tmp_path / "store"
+    store.mkdir()
+    tracker = Tracker("art", f"sqlite:///{store / 'mlflow.db'}")
+    run = tracker.start("r")
+    (tmp_path / "report.md").write_text("# report\n")
+    tracker.artifact(run, tmp_path / "report.md")
+    assert list((store / "mlartifacts" / "art").rglob("report.md"))
+    assert not (elsewhere / "mlruns").exists()
+
+
+def test_changed_parameters_start_a_new_parent(tracker: Tracker, tmp_path: Path) -> None:
+    """MLflow keeps a parameter's first value: a start with another temperature gets a new
+    parent run (linked both ways); the same parameters again reuse it."""
+    from flows.common import _parent_run
+    from flows.direct_params import DirectParams
+    from flows.run_record import RunRecord
+
+    record, run_dir = RunRecord.load(tmp_path / "r"), tmp_path / "r"
+    record.starts = 1
+    first = DirectParams(run_name="r").resolved()
+    a = _parent_run(tracker, record, first, run_dir)
+    got = tracker.client.get_run(a).data
+    assert got.params["temperature"] == "1.0" and got.tags["starts"] == "1"
+    record.starts = 2
+    b = _parent_run(tracker, record, first.model_copy(update={"temperature": 0.7}), run_dir)
+    assert b != a and record.mlflow["parent_run_id"] == b
+    got = tracker.client.get_run(b).data
+    assert got.params["temperature"] == "0.7"
+    assert got.tags["previous_parent_run_id"] == a and got.tags["params.changed"] == "temperature"
+    assert tracker.client.get_run(a).data.tags["superseded_by"] == b
+    record.starts = 3
+    again = _parent_run(tracker, record, first.model_copy(update={"temperature": 0.7}), run_dir)
+    assert again == b and tracker.client.get_run(b).data.tags["starts"] == "3"
 
 
 def test_stage_seconds_are_one_key_per_stage() -> None:
@@ -126,7 +190,18 @@ def test_the_report_is_a_prefect_artefact(prefect_harness, tmp_path: Path) -> No
     from flows.prefect_ui import flow_run_info, progress, publish_report
 
     report = tmp_path / "report.md"
-    report.write_text("# RLRF4Rec run report\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+    report.write_text(
+        "# RLRF4Rec run report\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n![curve](fig.png)\n"
+    )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot([0, 1, 2], [0.5, 0.6, 0.55])
+    fig.savefig(tmp_path / "fig.png")
+    plt.close(fig)
 
     @flow
     def publishing() -> dict:
@@ -144,6 +219,7 @@ def test_the_report_is_a_prefect_artefact(prefect_harness, tmp_path: Path) -> No
     assert found is not None and found.type == "markdown"
     assert "MLflow run: [1](http://mlflow/#/r/1)" in found.data
     assert "| 1 | 2 |" in found.data
+    assert "![curve](data:image/png;base64," in found.data  # the figure travels with it
     assert str(found.flow_run_id) == result["id"]
 
 

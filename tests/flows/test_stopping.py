@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.common import PROJECT_ROOT
+from flows.tracking import PROJECT_ROOT
 
 
 def flow_cmd(runs: Path, policy: str, **extra: str) -> list[str]:

@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import polars as pl
+import pytest
 
 from tasks.common.io import remove_stale_temporaries, write_parquet
 
@@ -40,3 +41,18 @@ def test_killed_writer_leaves_only_temporaries_and_they_are_removed(tmp_path: Pa
     assert pl.read_parquet(done)["x"].to_list() == [1, 2]  # finished work untouched
     assert (tmp_path / ".hidden").exists() and (tmp_path / "round_01").is_dir()
     assert remove_stale_temporaries(tmp_path) == []
+
+
+def test_a_damaged_parquet_names_its_file(tmp_path) -> None:
+    """Bytes flipped in place (same size, which the manifests do not notice): one line naming
+    the file and what to do, not polars' decoding error."""
+    from tasks.common.io import DamagedFileError, read_parquet
+
+    path = tmp_path / "scored.parquet"
+    pl.DataFrame({"user_id": list(range(2000)), "reward": [0.5] * 2000}).write_parquet(path)
+    assert read_parquet(path).height == 2000
+    data = bytearray(path.read_bytes())
+    data[4:20] = bytes(b ^ 0xFF for b in data[4:20])  # the first page's header, after "PAR1"
+    path.write_bytes(bytes(data))
+    with pytest.raises(DamagedFileError, match=r"scored\.parquet cannot be read .*delete it"):
+        read_parquet(path)

@@ -199,3 +199,40 @@ def test_a_result_switch_in_the_environment_runs_again(
     monkeypatch.setenv("UNRELATED_VARIABLE", "1")
     again = run_stage("numbers", write_numbers, out=tmp_path / "a.txt", cfg=Cfg())
     assert CALLS == ["write", "write"] and not switched.cached and again.cached
+
+
+# --------------------------------------------------------------------------- why, and names
+
+
+def test_a_run_says_why_it_was_not_served(tmp_path: Path) -> None:
+    """The reason a resumed stage ran again, kept with it (the report says it), and the seconds
+    a served one was made in."""
+    out = tmp_path / "a.txt"
+    assert run_stage("numbers", write_numbers, out=out, cfg=Cfg()).why == "not made before"
+    served = run_stage("numbers", write_numbers, out=out, cfg=Cfg())
+    assert served.cached and served.why == "not made before" and served.seconds >= 0
+    other = run_stage("numbers", write_numbers, out=out, cfg=Cfg(scale=3), n=4)
+    assert other.why == "cfg.scale 2 -> 3; n 3 -> 4"
+    down = run_stage("add", add_one, other, out=tmp_path / "b.txt")
+    up = run_stage("numbers", write_numbers, out=out, cfg=Cfg(scale=5), n=4)
+    assert run_stage("add", add_one, up, out=tmp_path / "b.txt").why == "input source changed"
+    assert down.why == "not made before"
+    out.write_text("edited")
+    again = run_stage("numbers", write_numbers, out=out, cfg=Cfg(scale=5), n=4)
+    assert again.why == "its outputs were changed or deleted"
+
+
+def test_task_run_names_say_what_the_stage_writes(tmp_path: Path) -> None:
+    from tasks.common.stage import task_run_label
+
+    run = tmp_path / "quick-ml-100k"
+    (run / "round_01").mkdir(parents=True)
+    (run / ".lock").write_text("1")
+    assert task_run_label("sample", run / "round_01" / "samples.parquet") == (
+        "sample round 1 samples"
+    )
+    seed = run / "eval" / "dlcm" / "kar" / "seed1"
+    assert task_run_label("train-reranker", seed) == "train-reranker eval dlcm kar seed 1"
+    assert task_run_label("dpo", run / "round_02" / "dpo") == "dpo round 2"
+    assert task_run_label("sample", None) == "sample"
+    assert task_run_label("y", Path("/nonexistent/abc/out.json")) == "y abc out"  # no run

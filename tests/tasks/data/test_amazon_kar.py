@@ -9,16 +9,16 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from tasks.data.datasets import (
+from tasks.data.amazon_books import (
     AmazonConfig,
-    DataError,
     kar_clean_text,
     load_amazon_books,
     load_amazon_books_kar,
-    load_dataset,
 )
+from tasks.data.datasets import load_dataset
+from tasks.data.lists import ListsConfig
 from tasks.data.prepare import load_prepared, main, prepare
-from tasks.rlrf4rec.lists import ListsConfig
+from tasks.data.schema import DataError
 
 # Thresholds scaled down for the small fixture: users >= 3, items >= 2 review lines.
 SMALL = AmazonConfig(build="kar", user_core=3, item_core=2)

@@ -7,13 +7,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from tasks.data.datasets import (
-    DataError,
-    load_amazon_books,
-    load_dataset,
-    load_ml1m,
-    load_ml100k,
-)
+from tasks.data.amazon_books import load_amazon_books
+from tasks.data.datasets import load_dataset
+from tasks.data.ml1m import load_ml1m
+from tasks.data.ml100k import load_ml100k
+from tasks.data.schema import DataError
 from tests.conftest import N_ITEMS, N_USERS, PER_USER
 
 

@@ -5,9 +5,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from tasks.data.datasets import DataError
+from tasks.data.lists import ListsConfig
 from tasks.data.prepare import load_prepared, main, prepare
-from tasks.rlrf4rec.lists import ListsConfig
+from tasks.data.schema import DataError
 
 
 def test_prepare_writes_parquet_and_meta(ml1m_dir: Path, tmp_path: Path) -> None:
@@ -196,3 +196,42 @@ def test_merged_duplicates_in_summary_and_meta(
     assert "cleaning          2 duplicate (user, item) ratings merged, keeping the latest" in out
     meta = load_prepared(tmp_path / "r").meta
     assert meta["counts"]["cleaning"]["duplicate_ratings_merged"] == 2
+
+
+# -------------------------------------------------------------- no test users, no leftovers
+
+
+def test_cli_refuses_test_frac_zero(
+    ml1m_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``--test-frac 0`` would prepare a run with no test user: refused in one line."""
+    out = tmp_path / "r"
+    rc = main(_cli("--data-dir", str(ml1m_dir), "--out", str(out), "--test-frac", "0"))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and "--test-frac must be in (0, 1), got 0.0" in err
+    assert not out.exists()
+
+
+def test_prepare_refuses_an_empty_test_split(ml1m_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"test_frac 0\.01 leaves the test split empty"):
+        prepare("ml-1m", tmp_path / "run", ml1m_dir, ListsConfig(test_frac=0.01))
+    assert not (tmp_path / "run" / "data").exists()
+
+
+def test_failed_cli_leaves_no_new_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A prepare that fails into a folder it created removes it (no ``.lock`` left behind)."""
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    out = tmp_path / "new-run"
+    rc = main(_cli("--data-dir", str(empty), "--out", str(out)))
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "file not found" in err
+    assert not out.exists()
+    kept = tmp_path / "old-run"  # a folder that was there before stays, with what it holds
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    assert main(_cli("--data-dir", str(empty), "--out", str(kept))) == 1
+    assert (kept / "notes.txt").read_text() == "mine"

@@ -9,7 +9,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from tasks.data.datasets import RatingData, load_ml100k
+from tasks.data.ml100k import load_ml100k
+from tasks.data.schema import RatingData
 from tasks.direct.windows import (
     WindowConfig,
     build_windows,

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import polars as pl
 
-from tasks.llm.generate import SAMPLES_SCHEMA, SamplingConfig
+from tasks.llm.generate import SAMPLES_SCHEMA
+from tasks.llm.sampling import SamplingConfig
 
 PROMPTS = pl.DataFrame(
     {

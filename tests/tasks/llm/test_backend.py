@@ -3,10 +3,12 @@ transformers; an explicit backend is kept as asked."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import tasks.llm.backend as backend_mod
-from tasks.llm.backend import choose_backend
+from tasks.llm.backend import ModelLoadError, choose_backend
 from tasks.llm.vllm_engine import GenerationError
 
 
@@ -45,11 +47,26 @@ def test_auto_is_vllm_where_its_engine_starts(
 ) -> None:
     monkeypatch.setattr(backend_mod, "vllm_importable", lambda: True)
     monkeypatch.setattr(backend_mod, "VLLMEngine", _Engine)
+    monkeypatch.setattr(backend_mod, "check_model_loads", lambda policy: None)  # a placeholder
     _Engine.fail, _Engine.started = fails, []
     choice = choose_backend("auto", "policy-folder")
     assert choice.backend == expected
     assert ("did not start" in choice.reason) == fails
     assert _Engine.started == ([] if fails else ["policy-folder"])
+
+
+def test_a_model_that_does_not_load_is_no_backend_choice(
+    monkeypatch: pytest.MonkeyPatch, broken_config_llm: Path, tiny_llm_path: str
+) -> None:
+    """The engine fails because the model's config.json is cut: that is the model's fault, not
+    vLLM's, so ``auto`` chooses nothing (before, it chose transformers and the run folder kept
+    it after the config was fixed)."""
+    monkeypatch.setattr(backend_mod, "vllm_importable", lambda: True)
+    monkeypatch.setattr(backend_mod, "VLLMEngine", _Engine)
+    _Engine.fail, _Engine.started = True, []
+    with pytest.raises(ModelLoadError, match=r"--policy-model .*broken-model does not load"):
+        choose_backend("auto", str(broken_config_llm))
+    assert choose_backend("auto", tiny_llm_path).backend == "transformers"  # vLLM's own fault
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ import polars as pl
 import pytest
 
 from tasks.llm.engine_pool import ENV, active, fits, keep_engines, release_engines
-from tasks.llm.generate import SamplingConfig, generate
+from tasks.llm.generate import generate
+from tasks.llm.sampling import SamplingConfig
 from tasks.llm.vllm_engine import vllm_importable
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.llm.generate import SamplingConfig, generate
+from tasks.llm.generate import generate
 from tasks.llm.lora import merged_checkpoint
+from tasks.llm.sampling import SamplingConfig
 from tests.tasks.llm.helpers import PROMPTS, random_adapter
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

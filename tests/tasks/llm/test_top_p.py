@@ -112,8 +112,8 @@ def test_transformers_fallback_nucleus_matches_its_own_warpers(
 def test_transformers_fallback_arguments() -> None:
     """On CPU generate runs at temperature 1 and top-p 1 with the processor; greedy takes no
     sampling arguments; on GPU transformers' own warpers stay."""
-    from tasks.llm.generate import SamplingConfig
     from tasks.llm.hf_backend import NucleusProcessor, sampling_kwargs
+    from tasks.llm.sampling import SamplingConfig
 
     cpu = sampling_kwargs(SamplingConfig(temperature=0.7, top_p=0.9), torch.device("cpu"))
     assert (cpu["temperature"], cpu["top_p"], cpu["do_sample"]) == (1.0, 1.0, True)

@@ -10,7 +10,8 @@ import pytest
 
 from tasks.llm.devices import available_gpus
 from tasks.llm.engine_pool import keep_engines
-from tasks.llm.generate import SamplingConfig, generate
+from tasks.llm.generate import generate
+from tasks.llm.sampling import SamplingConfig
 from tasks.llm.vllm_engine import (
     CPU_KV_MIN_BYTES,
     CPU_KV_SEQUENCES,
@@ -135,6 +136,20 @@ def test_worker_finds_the_package_from_any_folder(tmp_path, monkeypatch) -> None
     monkeypatch.chdir(tmp_path)
     root = Path(_worker_env(None)["PYTHONPATH"].split(os.pathsep)[0])
     assert (root / "tasks" / "llm" / "vllm_worker.py").is_file()
+
+
+def test_worker_temporaries_stay_in_the_runs_tmp(tmp_path, monkeypatch) -> None:
+    """vLLM writes ``vllm_dist_<uuid>`` into the worker's temporary folder: during a run that is
+    the run's ``.tmp`` (removed with the run), never ``/tmp``."""
+    import tempfile
+
+    from tasks.llm.vllm_engine import _worker_env
+
+    run_tmp = tmp_path / "run" / ".tmp"
+    run_tmp.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(run_tmp))  # as flows.common.run_temporaries
+    monkeypatch.setenv("TMPDIR", "/tmp")
+    assert _worker_env(None)["TMPDIR"] == str(run_tmp)
 
 
 def test_the_kv_cache_of_a_job_holds_its_sequences(default_policy_path: str) -> None:

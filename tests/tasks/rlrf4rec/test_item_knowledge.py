@@ -10,8 +10,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from tasks.data.datasets import DataError
 from tasks.data.prepare import PreparedData, load_prepared
+from tasks.data.schema import DataError
 from tasks.rlrf4rec.item_knowledge import (
     item_knowledge_texts,
     item_prompts,
@@ -131,8 +131,8 @@ def test_item_knowledge_stage_answers_every_listed_item(
 ) -> None:
     """One greedy answer per listed item, to KAR's item prompt, with the generation stats."""
     from tasks.common.stage import Artefact, InputRef
-    from tasks.llm.generate import SamplingConfig
     from tasks.llm.policy import Policy
+    from tasks.llm.sampling import SamplingConfig
     from tasks.rlrf4rec import stages
 
     run = make_run(tmp_path)

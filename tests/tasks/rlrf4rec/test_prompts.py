@@ -1,9 +1,8 @@
-"""Prompts: KAR's preference prompt, chat template, history cut, item and direct prompts."""
+"""Prompts: KAR's preference prompt, chat template, history cut, item prompts."""
 
 from __future__ import annotations
 
 import functools
-from datetime import date
 from pathlib import Path
 
 import pytest
@@ -13,13 +12,10 @@ from tasks.rlrf4rec.prompts import (
     HistoryEntry,
     correct_title,
     count_prompt_tokens,
-    direct_prompt,
     fit_history,
-    format_cutoff,
     item_prompt,
     item_prompt_table,
     knowledge_text,
-    movie_with_genres,
     preference_prompt,
     profile_and_history,
     prompt_table,
@@ -133,47 +129,6 @@ def test_item_prompt() -> None:
     table = item_prompt_table(items, "ml-100k")
     assert table["item_id"].to_list() == [1, 2]
     assert table["prompt"][0] == item_prompt("A (1980)")
-
-
-def test_direct_prompt_exact_text() -> None:
-    liked = [
-        movie_with_genres("American President, The (1995)", ["Comedy", "Drama", "Romance"]),
-        "Schindler's List (1993)",
-    ]
-    text = direct_prompt(USER, liked, ["Mother (1996)"], date(1998, 4, 22), k=5)
-    assert text == (
-        "I am a female, aged 25, working as engineer. I have previously watched and liked the "
-        "movies: ['American President, The (1995) (comedy, drama, romance)', \"Schindler's "
-        "List (1993)\"]. I have previously watched and HATED the movies: ['Mother (1996)']. "
-        "Please provide recommendations for movies released before April 22nd, 1998, based on "
-        "my history. Based on my profile, recommend the top 5 movies I am most likely to watch "
-        "next. Please provide the output in a list of strings format, containing only the movie "
-        "titles. Make sure to strictly adhere to the output format given below. Strictly do not "
-        "generate any additional information other than the movie names. Format: ['movie_name', "
-        "'movie_name', ... 'movie_name'] Make sure to limit the recommendations to movies "
-        "available in the MovieLens dataset."
-    )
-    # ML-1M age buckets; no hated list and no cut-off leave their sentences out.
-    short = direct_prompt({"gender": "M", "age": 18}, ["A (1990)"], [], None, k=3, dataset="ml-1m")
-    assert short.startswith("I am a male, aged 18-24. I have previously watched and liked")
-    assert "HATED" not in short and "released before" not in short and "top 3 movies" in short
-    with pytest.raises(ValueError, match="k must be"):
-        direct_prompt(USER, [], [], None, k=0)
-
-
-@pytest.mark.parametrize(
-    ("when", "text"),
-    [
-        (date(1998, 4, 22), "April 22nd, 1998"),
-        (date(1997, 9, 1), "September 1st, 1997"),
-        (date(1997, 9, 11), "September 11th, 1997"),
-        (date(1997, 9, 23), "September 23rd, 1997"),
-        (date(1997, 9, 12), "September 12th, 1997"),
-        (893203200, "April 22nd, 1998"),  # unix seconds, UTC
-    ],
-)
-def test_format_cutoff(when: date | int, text: str) -> None:
-    assert format_cutoff(when) == text
 
 
 # --------------------------------------------------------------------------- style="kar"

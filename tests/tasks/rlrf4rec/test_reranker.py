@@ -13,12 +13,11 @@ from tasks.rlrf4rec.reranker import (
     TrainConfig,
     deterministic_torch,
     evaluate_reranker,
-    reference_results,
     train_reranker,
     training_lists,
-    user_folds,
-    write_eval,
 )
+from tasks.rlrf4rec.reranker_data import user_folds
+from tasks.rlrf4rec.reranker_results import reference_results, write_eval
 from tests.conftest import DIM, FAST, make_run, random_vectors
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

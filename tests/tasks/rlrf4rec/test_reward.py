@@ -10,7 +10,8 @@ import pytest
 
 from tasks.data.prepare import load_prepared
 from tasks.rlrf4rec.encode import frame_vectors, vectors_frame
-from tasks.rlrf4rec.reranker import TrainConfig, train_reranker, user_folds
+from tasks.rlrf4rec.reranker import TrainConfig, train_reranker
+from tasks.rlrf4rec.reranker_data import user_folds
 from tasks.rlrf4rec.reward import (
     REWARD_FILE,
     reward_lists,

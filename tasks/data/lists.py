@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
-from tasks.data.datasets import DataError, RatingData
+from tasks.data.schema import DataError, RatingData
 
 HISTORY_CAP = 30
 CHUNK = 4

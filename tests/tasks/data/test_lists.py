@@ -5,8 +5,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from tasks.data.datasets import RatingData, _frames, load_ml100k
-from tasks.rlrf4rec.lists import ListsConfig, build_lists, history_length, split_users
+from tasks.data.lists import ListsConfig, build_lists, history_length, split_users
+from tasks.data.ml100k import load_ml100k
+from tasks.data.reading import rating_data
+from tasks.data.schema import RatingData
 
 
 @pytest.mark.parametrize(("n", "expected"), [(1, 1), (2, 1), (7, 4), (20, 10), (59, 30), (200, 30)])
@@ -95,7 +97,7 @@ def hand_made() -> RatingData:
         {"item_id": k, "title": f"T{k} (1990)", "genres": ["Drama"], "source_id": str(k)}
         for k in range(1, 31)
     ]
-    return _frames("hand", users, items, ratings)
+    return rating_data("hand", users, items, ratings)
 
 
 def _lists_of(rerank, uid: int) -> list[dict]:
