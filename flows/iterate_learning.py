@@ -36,6 +36,7 @@ def measure_learning(
     knowledge texts (one per train user)."""
     import polars as pl
 
+    from tasks.common.io import read_parquet
     from tasks.data.prepare import load_prepared
     from tasks.rlrf4rec import learning
 
@@ -50,7 +51,7 @@ def measure_learning(
     timings["heldout.score"] = measured_seconds(final, final_train)
     data = load_prepared(stages.run_folder(loop.inputs.data))
     titles = learning.history_titles(data.history, data.items)
-    frames = [pl.read_parquet(a.path) for a in own]
+    frames = [read_parquet(a.path) for a in own]
     reward_col = cfg.pairing.reward_col
     shown = sorted(frames[0].filter(pl.col("split") == "valid")["user_id"].unique())[:2]
     records = []
@@ -62,14 +63,14 @@ def measure_learning(
             frames[0],
             reward_col=reward_col,
             titles=titles,
-            train_scored=_round_users(pl.read_parquet(final_train.path), loop) if is_last else None,
+            train_scored=_round_users(read_parquet(final_train.path), loop) if is_last else None,
         )
         valid = frame.filter(pl.col("split") == "valid")
         record["examples"] = learning.example_texts(valid, shown, reward_col)
         if r >= 1 and cfg.diagnostic_users:
             drift = policy_drift(loop, policies[r], own[r], own[r - 1], r)
             timings[f"heldout.drift_{r}"] = measured_seconds(drift)
-            record["drift"] = learning.drift_figures(pl.read_parquet(drift.path), cfg.dpo.beta)
+            record["drift"] = learning.drift_figures(read_parquet(drift.path), cfg.dpo.beta)
         records.append(record)
     track_learning(loop, records)
     return Learning(records, timings)
