@@ -34,7 +34,12 @@ def test_the_schema_carries_the_limits(flow) -> None:
     assert _limit(props["top_p"], "exclusiveMinimum") == 0
     assert _limit(props["top_p"], "maximum") == 1
     assert _limit(props["run_name"], "pattern") == r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
-    assert _limit(props["profile"], "enum") == ["quick", "study", "paper"]
+    profiles = (
+        ["quick", "study", "loop-check", "paper"]
+        if flow is iterate
+        else ["quick", "study", "paper"]
+    )
+    assert _limit(props["profile"], "enum") == profiles
     assert _limit(props["backend"], "enum") == ["auto", "vllm", "transformers"]
     if flow is iterate:
         assert _limit(props["rounds"], "minimum") == 1
@@ -79,11 +84,12 @@ def test_descriptions_render_in_the_ui(flow) -> None:
 
 
 def test_descriptions_name_each_profiles_value() -> None:
-    assert profile_values(IterateParams.PROFILES, "rounds") == "profile: quick 2, study 2, paper 3"
-    assert "profile: quick 2, study 2, paper 3" in form_description(IterateParams, "rounds")
+    rounds = "profile: quick 2, study 2, loop-check 2, paper 3"
+    assert profile_values(IterateParams.PROFILES, "rounds") == rounds
+    assert rounds in form_description(IterateParams, "rounds")
     assert "(profile)" not in form_description(IterateParams, "rounds")
     eval_each = form_description(IterateParams, "eval_each_round")
-    assert "quick no, study no, paper yes" in eval_each
+    assert "quick no, study no, loop-check no, paper yes" in eval_each
     assert "quick 0, study 0, paper 0,1,2" in form_description(DirectParams, "seeds")
     assert "direct-quick-ml-100k" in form_description(DirectParams, "run_name")
     assert profile_values(IterateParams.PROFILES, "seed") == ""

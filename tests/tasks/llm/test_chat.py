@@ -109,7 +109,7 @@ def test_transformers_backend_stops_at_the_templates_end_of_turn(chatml_model: s
 
 
 def test_vllm_jobs_carry_the_models_stop_tokens(chatml_model: str) -> None:
-    from tasks.llm.vllm_engine import run_vllm
+    from tasks.llm.vllm_jobs import run_vllm
 
     class Engine:
         max_model_len = 64

@@ -43,7 +43,11 @@ def test_the_kernels_compute_the_norm_written_out(installed, n: int) -> None:
     xx, rr = x.clone(), r.clone()
     normed, residual = cpu_norm.fused_add_rms_norm(xx, rr, w, EPS)
     assert normed.data_ptr() == xx.data_ptr() and residual.data_ptr() == rr.data_ptr()
-    assert torch.equal(residual, (x.float() + r.float()).to(torch.bfloat16))
+    # the fp32 sum rounded to bf16: to nearest with native bf16 (AVX-512 BF16), truncated on
+    # vLLM's emulated path (an AVX2-only CPU); either way within one bf16 ulp of the sum
+    exact = x.float() + r.float()
+    truncated = (exact.view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+    assert torch.equal(residual, exact.to(torch.bfloat16)) or torch.equal(residual, truncated)
     torch.testing.assert_close(normed.float(), written_out(residual, w), atol=2e-2, rtol=8e-3)
 
 
