@@ -38,7 +38,7 @@ from tasks.common import stopping
 from tasks.common.io import remove_stale_temporaries
 from tasks.common.runlock import RunLockedError, run_lock
 from tasks.common.stage import InputRef
-from tasks.data.assets import POLICY_HELP
+from tasks.data.parted_assets import POLICY_HELP
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from typing import Any, ClassVar, Literal, TypeVar
 from pydantic import Field, field_validator, model_validator
 
 from flows.common import RunParams
-from tasks.data.assets import ENCODER_HELP
 from tasks.data.datasets import AmazonConfig
 from tasks.data.lists import ListsConfig
+from tasks.data.parted_assets import ENCODER_HELP
 from tasks.data.prepare import lists_config_for
 from tasks.llm.dpo import DPOConfig
 from tasks.llm.sampling import SamplingConfig

