@@ -48,7 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tasks.rlrf4rec.encode import encode_knowledge, encode_texts, vectors_frame  # noqa: E402
+from tasks.data.prepare import load_prepared  # noqa: E402
+from tasks.rlrf4rec.encode import (  # noqa: E402
+    encode_knowledge,
+    encode_texts,
+    item_texts,
+    vectors_frame,
+)
 from tasks.rlrf4rec.reranker import TrainConfig  # noqa: E402
 from tasks.rlrf4rec.reward import REWARD_COLUMNS, train_reward_model  # noqa: E402
 from tasks.rlrf4rec.reward_diagnostics import diagnose  # noqa: E402
@@ -132,10 +138,15 @@ def run_candidate(
     train_vecs = training_vectors(cand, round0, round1, prefix, encoder)
     scored_vecs = sample_vectors(round1, prefix, encoder, cand.encoding)
     ablation = sample_vectors(round0, prefix, encoder, cand.encoding).select("user_id", "vector")
+    items = frames["items"]
+    if encoder != frames["run_encoder"]:  # item vectors in the candidate's encoder too
+        data = load_prepared(run)
+        vecs = encode_texts(item_texts(data.items), encoder)
+        items = vectors_frame(data.items["item_id"].to_numpy(), vecs, id_col="item_id")
     t_encode = time.perf_counter() - t0
     cfg = replace(base_cfg, knowledge_draws=cand.draws, contrastive=cand.contrastive)
     model = out / name / "reward_model"
-    meta = train_reward_model(run, model, cfg, train_vecs, frames["items"], n_folds=n_folds)
+    meta = train_reward_model(run, model, cfg, train_vecs, items, n_folds=n_folds)
     valid = float(np.mean([f["summary"]["valid"]["ndcg@5"] for f in meta["folds"]]))
     figures = diagnose(
         model,
@@ -143,7 +154,7 @@ def run_candidate(
         round0=train_vecs,
         vectors=scored_vecs,
         scored=frames["scored"],
-        items=frames["items"],
+        items=items,
         cfg=cfg,
         n_folds=n_folds,
         reward_col=frames["reward_col"],
@@ -221,6 +232,7 @@ def main() -> None:
         "items": pl.read_parquet(run / "item_vectors.parquet"),
         "reward_col": reward_col,
         "seed": int(meta["config"]["seed"]),
+        "run_encoder": encoder_model(settings.get("encoder") or "all-MiniLM-L6-v2"),
     }
     out = (args.out or run / "bench_diag").resolve()
     results = []
@@ -235,18 +247,27 @@ def main() -> None:
             cand = replace(cand, contrastive=args.contrastive)
         encoder = encoder_model(enc_name or args.encoder or settings.get("encoder") or
                                 "all-MiniLM-L6-v2")  # fmt: skip
-        res = run_candidate(
-            spec.replace("/", "_"),
-            cand,
-            run=run,
-            base_cfg=base_cfg,
-            n_folds=int(meta["n_folds"]),
-            encoder=encoder,
-            frames=frames,
-            out=out,
-        )
+        try:
+            res = run_candidate(
+                spec.replace("/", "_"),
+                cand,
+                run=run,
+                base_cfg=base_cfg,
+                n_folds=int(meta["n_folds"]),
+                encoder=encoder,
+                frames=frames,
+                out=out,
+            )
+        except Exception as exc:  # one candidate's failure must not lose the others' figures
+            print(f"{spec}: failed: {type(exc).__name__}: {exc}", flush=True)
+            continue
         results.append(res)
         print(f"{spec}: done in {res['seconds']['all']:.0f} s", flush=True)
+        print(table([res]).splitlines()[-1], flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2, default=str))
+    if not results:
+        raise SystemExit("no candidate finished")
     print()
     print(
         f"run {run.name}: round 1's {results[0]['samples']} samples of {results[0]['users']} "
