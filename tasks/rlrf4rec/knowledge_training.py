@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks.rlrf4rec.encode import frame_vectors
+from tasks.rlrf4rec.reranker_data import positions
 
 
 class DrawTable:
@@ -46,15 +47,7 @@ class DrawTable:
         return int(self.matrix.shape[1])
 
     def _pos(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64)
-        pos = np.searchsorted(self._users, ids).clip(max=max(len(self._users) - 1, 0))
-        ok = self._users[pos] == ids if len(self._users) else np.zeros(len(ids), bool)
-        if not ok.all():
-            missing = np.unique(ids[~ok])
-            raise ValueError(
-                f"{self.what} has no vector for {len(missing)} ids, e.g. {missing[:5].tolist()}"
-            )
-        return pos
+        return positions(self._users, ids, self.what)
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """``[n]`` the row of each id's first vector."""

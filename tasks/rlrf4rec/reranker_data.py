@@ -112,15 +112,21 @@ class VectorTable:
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Row of each id in ``matrix``; raises naming the ids that have no vector."""
-        ids = np.asarray(ids, dtype=np.int64)
-        pos = np.searchsorted(self._sorted, ids).clip(max=max(len(self._sorted) - 1, 0))
-        ok = (self._sorted[pos] == ids) if len(self._sorted) else np.zeros(len(ids), bool)
-        if not ok.all():
-            missing = np.unique(ids[~ok])
-            raise ValueError(
-                f"{self.what} has no vector for {len(missing)} ids, e.g. {missing[:5].tolist()}"
-            )
-        return self._order[pos]
+        return self._order[positions(self._sorted, ids, self.what)]
+
+
+def positions(sorted_ids: np.ndarray, ids: np.ndarray, what: str) -> np.ndarray:
+    """``[n]`` the position of each of ``ids`` in ``sorted_ids`` (ascending, unique); raises
+    naming the ids ``what`` has no vector for."""
+    ids = np.asarray(ids, dtype=np.int64)
+    pos = np.searchsorted(sorted_ids, ids).clip(max=max(len(sorted_ids) - 1, 0))
+    ok = (sorted_ids[pos] == ids) if len(sorted_ids) else np.zeros(len(ids), bool)
+    if not ok.all():
+        missing = np.unique(ids[~ok])
+        raise ValueError(
+            f"{what} has no vector for {len(missing)} ids, e.g. {missing[:5].tolist()}"
+        )
+    return pos
 
 
 def catalogue_vectors(item_vectors: pl.DataFrame, catalogue: ItemIndex) -> np.ndarray:
