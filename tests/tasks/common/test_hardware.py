@@ -19,6 +19,7 @@ from tasks.common.hardware import (
 )
 from tasks.llm import hf_backend, lora
 from tasks.llm import vllm_engine as eng
+from tests.conftest import tiny_lm_config
 
 # /proc/cpuinfo of a Sapphire Rapids Xeon (AMX, AVX512-BF16), first core, abridged.
 XEON_AMX = """\
@@ -88,13 +89,10 @@ def tiny_config(tmp_path: Path) -> str:
     from transformers import LlamaConfig
 
     out = tmp_path / "tiny"
-    LlamaConfig(
+    tiny_lm_config(
+        LlamaConfig,
         vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        layers=4,
         head_dim=16,
         max_position_embeddings=512,
         dtype="bfloat16",

@@ -14,6 +14,7 @@ import pytest
 
 from tasks.llm.chat import chat_prompt, end_of_turn_token_id, load_tokenizer, stop_token_ids
 from tasks.llm.generate import SamplingConfig, generate
+from tests.conftest import tiny_lm_config
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>'"
@@ -51,13 +52,13 @@ def chatml_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     out = _chatml_tokenizer(tmp_path_factory.mktemp("chatml"))
-    cfg = Qwen2Config(
+    cfg = tiny_lm_config(
+        Qwen2Config,
         vocab_size=len(WORDS),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        layers=1,
+        hidden=32,
+        heads=2,
+        kv_heads=1,
         max_position_embeddings=128,
         eos_token_id=ENDOFTEXT,
         pad_token_id=ENDOFTEXT,

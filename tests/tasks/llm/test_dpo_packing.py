@@ -11,6 +11,7 @@ import torch
 
 from tasks.llm import dpo_packing
 from tasks.llm.dpo_packing import IGNORE, pack_pairs
+from tests.conftest import tiny_lm_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -130,12 +131,7 @@ def test_packed_pairs_score_like_trl_rows(
         # and 4+8+3 = 15 positions, padded to 20
         assert calls == [(8, 8, False), (12, 20, True), (4, 4, False), (11, 15, True)] * 2
     assert (plain["log_probs"] != 0).sum() == 4 + 6 + 7 + 2  # every answer token scored
-    for name, value in plain.items():
-        if value.dtype == torch.bool:
-            assert torch.equal(packed[name], value), name
-        else:
-            torch.testing.assert_close(packed[name], value, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(packed_grad, plain_grad, rtol=1e-4, atol=1e-6)
+    assert_same_outputs(plain, packed, plain_grad, packed_grad)
 
 
 @pytest.fixture(scope="module")
@@ -144,13 +140,9 @@ def tiny_qwen2_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     untied output matrix) with random weights and non-zero q/k biases."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(
+    cfg = tiny_lm_config(
+        Qwen2Config,
         vocab_size=1024,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=False,
     )
@@ -177,12 +169,7 @@ def test_packed_pairs_score_like_trl_rows_on_qwen2(
     batch = trl_batch([(tokens(9), tokens(4), tokens(6)), (tokens(5), tokens(7), tokens(2))])
     plain, plain_grad = fused_outputs(tiny_qwen2_path, batch, False, implementation)
     packed, packed_grad = fused_outputs(tiny_qwen2_path, batch, True, implementation)
-    for name, value in plain.items():
-        if value.dtype == torch.bool:
-            assert torch.equal(packed[name], value), name
-        else:
-            torch.testing.assert_close(packed[name], value, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(packed_grad, plain_grad, rtol=1e-4, atol=1e-6)
+    assert_same_outputs(plain, packed, plain_grad, packed_grad)
 
 
 def test_split_attention_equals_one_masked_call() -> None:
@@ -270,3 +257,13 @@ def test_train_dpo_packs_the_pairs_and_learns_the_same(
     assert plain["rewards/margins"] > 0.01  # the pairs teach something
     for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
         assert packed[key] == pytest.approx(plain[key], rel=1e-3, abs=1e-5), key
+
+
+def assert_same_outputs(plain: dict, packed: dict, plain_grad, packed_grad) -> None:
+    """The packed row's outputs and gradients equal TRL's two rows (masks exactly)."""
+    for name, value in plain.items():
+        if value.dtype == torch.bool:
+            assert torch.equal(packed[name], value), name
+        else:
+            torch.testing.assert_close(packed[name], value, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed_grad, plain_grad, rtol=1e-4, atol=1e-6)
