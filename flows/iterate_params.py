@@ -36,6 +36,8 @@ class IterateParams(RunParams):
             "n_samples": 4,
             "max_new_tokens": 96,
             "max_prompt_tokens": 300,
+            "knowledge_encoding": "answer",
+            "reward_contrastive": 1.0,
             "dpo_max_steps": 2,
             "backbones": ["dlcm", "prm"],
             "seeds": [1],
@@ -52,6 +54,7 @@ class IterateParams(RunParams):
             "max_prompt_tokens": 300,
             "knowledge_encoding": "answer",
             "reward_metric": "ndcg@5+auc",
+            "reward_contrastive": 1.0,
             "round_users": 300,
             "backbones": ["dlcm", "prm"],
             "seeds": [1, 2, 3],
@@ -152,6 +155,13 @@ class IterateParams(RunParams):
         "a DIAGNOSTIC, not the paper's reward (the share of the user's 3 most liked genres, "
         "from the positives of their lists, that the text names; it checks that sampling, "
         "pairing, DPO and the rounds move the policy); default ndcg@5 (profile)",
+    )
+    reward_contrastive: float | None = Field(
+        None,
+        ge=0,
+        description="weight of the reward model's knowledge-contrastive term (a list scored "
+        "with its own user's knowledge must fit better than with another user's); 0 = the "
+        "paper's reward model (profile; quick and study 1.0: docs/reward.md says why)",
     )
     reward_diagnostics: bool = Field(
         True,
@@ -347,7 +357,12 @@ class LoopConfig:
                 max_new_tokens=answer_tokens,
                 seed=p.seed,
             ),
-            reward=replace(base, backbone=p.reward_backbone, seed=p.seed),
+            reward=replace(
+                base,
+                backbone=p.reward_backbone,
+                seed=p.seed,
+                contrastive=p.reward_contrastive or 0.0,
+            ),
             pairing=PairingConfig(
                 p.pairing, p.min_margin, REWARD_COLUMNS[p.reward_metric or "ndcg@5"]
             ),

@@ -361,13 +361,17 @@ def test_profiles_belong_to_their_flow() -> None:
     from pydantic import ValidationError
 
     from flows.direct_params import DirectParams
-    from flows.iterate import IterateParams
+    from flows.iterate import IterateParams, LoopConfig
 
     study = IterateParams(profile="study").resolved()
     assert (study.knowledge_encoding, study.reward_metric, study.max_users) == (
         "answer", "ndcg@5+auc", 0
     )  # fmt: skip
-    assert IterateParams().resolved().knowledge_encoding is None  # quick: KAR's text (default)
+    quick = IterateParams().resolved()  # quick: the best reward design of docs/reward.md
+    assert (quick.knowledge_encoding, quick.reward_contrastive) == ("answer", 1.0)
+    assert LoopConfig.of(quick).reward.contrastive == 1.0 and study.reward_contrastive == 1.0
+    paper = LoopConfig.of(IterateParams(profile="paper").resolved())
+    assert (paper.encoding, paper.reward.contrastive) == ("kar", 0.0)  # the paper's reward
     direct = DirectParams(profile="study").resolved()  # the direct flow's own study profile
     assert (direct.max_train_users, direct.sft_epochs) == (0, 0.5)
     assert not hasattr(direct, "knowledge_encoding")
