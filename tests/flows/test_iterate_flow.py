@@ -386,7 +386,7 @@ def test_loop_check_profile_is_a_diagnostic() -> None:
     check = IterateParams(profile="loop-check").resolved()
     cfg = LoopConfig.of(check)
     assert cfg.pairing.reward_col == "genre_share" and check.max_users == 400
-    assert (cfg.dpo.lr, cfg.dpo.beta, cfg.dpo.epochs) == (5e-4, 0.1, 2.0)
+    assert (cfg.dpo.lr, cfg.dpo.beta, cfg.dpo.epochs, cfg.rounds) == (5e-4, 0.1, 3.0, 3)
     assert cfg.reward_diagnostics and check.run_name == "loop-check-ml-100k"
     fields = IterateParams.model_fields
     assert "DIAGNOSTIC" in fields["reward_metric"].description

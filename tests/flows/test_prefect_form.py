@@ -84,7 +84,7 @@ def test_descriptions_render_in_the_ui(flow) -> None:
 
 
 def test_descriptions_name_each_profiles_value() -> None:
-    rounds = "profile: quick 2, study 2, loop-check 2, paper 3"
+    rounds = "profile: quick 2, study 2, loop-check 3, paper 3"
     assert profile_values(IterateParams.PROFILES, "rounds") == rounds
     assert rounds in form_description(IterateParams, "rounds")
     assert "(profile)" not in form_description(IterateParams, "rounds")
