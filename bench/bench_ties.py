@@ -41,6 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from tasks.rlrf4rec.encode import KNOWLEDGE_ENCODINGS, encode_knowledge, vectors_frame  # noqa: E402
 from tasks.rlrf4rec.reranker import TrainConfig  # noqa: E402
 from tasks.rlrf4rec.reward import score_samples, train_reward_model  # noqa: E402
+from tasks.rlrf4rec.reward_diagnostics import spread  # noqa: E402
 
 REWARD_COLUMNS = ("ndcg_at_5", "map_at_5", "soft_auc")
 
@@ -49,20 +50,16 @@ def tie_figures(scored: pl.DataFrame, col: str) -> dict[str, float]:
     """Tie share and spreads of one reward column over users with at least 2 samples."""
     per_user = (
         scored.group_by("user_id")
-        .agg(
-            (pl.col(col).max() - pl.col(col).min()).alias("spread"),
-            pl.col(col).std().alias("sd"),
-            pl.col(col).mean().alias("mean"),
-            pl.len().alias("n"),
-        )
+        .agg((pl.col(col).max() - pl.col(col).min()).alias("spread"), pl.len().alias("n"))
         .filter(pl.col("n") >= 2)
     )
+    sds = spread(scored, col)  # within- and between-user sd, as the reward diagnostics
     return {
         "users": per_user.height,
         "tied_share": float((per_user["spread"] <= 0).mean()),
         "spread_mean": float(per_user["spread"].mean()),
-        "within_sd": float(per_user["sd"].mean()),
-        "between_sd": float(per_user["mean"].std()),
+        "within_sd": sds["within_sd"],
+        "between_sd": sds["between_sd"],
     }
 
 
