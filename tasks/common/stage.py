@@ -396,6 +396,7 @@ def run_stage(name: str, fn: Callable[..., Artefact], /, *args: Any, **kwargs: A
         try:
             result = fn(*bound.args, **bound.kwargs)
         except Exception as exc:
+            stopping.hold_if_stopping()  # an error the stop caused is not the run's error
             exc.add_note(f"in stage {name!r}")
             _failed.append(name)
             raise

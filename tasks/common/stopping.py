@@ -73,6 +73,16 @@ def rearm() -> None:
             signal.signal(sig, _handle)
 
 
+def hold_if_stopping() -> None:
+    """Block the calling thread for good while a stop is under way.
+
+    A stage thread whose child the stop just ended (a vLLM worker's pipe closing) would
+    otherwise raise, and Prefect would log that error's traceback before the stop's one line;
+    the process exits within :data:`CLEANUP_SECONDS` anyway. Returns at once otherwise."""
+    if _stopping and threading.current_thread() is not threading.main_thread():
+        threading.Event().wait()
+
+
 def on_stop(cleanup: Callable[[str], None]) -> None:
     """Run ``cleanup(signal_name)`` when the run is stopped (the last registered runs first)."""
     _cleanups.append(cleanup)
