@@ -505,6 +505,20 @@ def _arm_stop(p: RunParams, tracker: Tracker, parent: str, run_dir: Path) -> Non
         stopping.on_stop(cleanup)
 
 
+def prepared_or_removed(p: RunParams, prepare: Callable[[Any], None]) -> None:
+    """``prepare(p)`` with the run folder locked; a failure removes the run folder if this
+    call made it (a run that never started leaves nothing behind)."""
+    run_dir = p.run_dir()
+    made = not run_dir.exists()
+    try:
+        with run_lock(run_dir):
+            prepare(p)
+    except BaseException:
+        if made:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
 def run_main(
     model: type[RunParams],
     flow_fn: Callable[..., dict],
@@ -512,8 +526,11 @@ def run_main(
     *,
     prog: str,
     description: str,
+    prepare_first: Callable[[Any], None] | None = None,
 ) -> int:
-    """A flow's command line: parse the parameters, run the flow, print the report."""
+    """A flow's command line: parse the parameters, check them (:func:`preflight`), prepare
+    the data with ``prepare_first`` (a fault in the data's content is then one line, before
+    Prefect and vLLM start, and leaves no run folder), run the flow, print the report."""
     from tasks.common.stage import failed_stage
     from tasks.data.assets import AssetError
     from tasks.data.schema import DataError
@@ -527,6 +544,15 @@ def run_main(
     except (PreflightError, AssetError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    if prepare_first is not None:
+        try:
+            prepared_or_removed(params.resolved(), prepare_first)
+        except (DataError, AssetError, RunLockedError) as exc:  # fails the same way again
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"{prog}: stopped while preparing the data; nothing ran yet", file=sys.stderr)
+            return 130
     start_temporary_prefect_api()
     try:
         result = flow_fn(**params.model_dump(exclude_unset=True))

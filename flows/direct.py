@@ -26,7 +26,7 @@ from flows.direct_params import STAGE_ORDER, DirectParams, StageConfigs
 from flows.metric_shapes import log_training_curve
 from flows.prefect_ui import progress, publish_report
 from flows.tracking import tracker_for
-from tasks.common.stage import Artefact, InputRef, measured_seconds
+from tasks.common.stage import Artefact, InputRef, measured_seconds, run_outside_prefect
 from tasks.direct import report as direct_report
 from tasks.direct import stages
 from tasks.direct.scoring import load_direct
@@ -163,13 +163,7 @@ def prepare_seed(
     """The seed's windows and its reference recommenders (most popular, item-kNN)."""
     cfg = StageConfigs.of(p, seed)
     out = ctx.run_dir / "direct" / f"seed_{seed}"
-    data = stages.direct_data(
-        p.dataset,
-        data_dir=InputRef.of(p.data_dir) if p.data_dir else None,
-        windows=cfg.windows,
-        zip_table=InputRef.of(p.zip_table) if p.zip_table else None,
-        out=out / "data",
-    )
+    data = seed_data(p, cfg, out)
     run = SeedRun(p, cfg, ctx, seed, first, data, out)
     run.record("data", data, results)
     if first:
@@ -183,6 +177,28 @@ def prepare_seed(
     for name in ("popular", "item_knn"):
         results.per_seed.setdefault(name, {})[seed] = baselines.stats["metrics"][name]
     return run
+
+
+def seed_data(p: DirectParams, cfg: StageConfigs, out: Path, *, now: bool = False) -> Artefact:
+    """The seed's windows under ``<out>/data``: the flow's Prefect task, or with ``now`` the
+    same stage run here, outside Prefect (see :func:`prepare_data_first`)."""
+    args = {
+        "data_dir": InputRef.of(p.data_dir) if p.data_dir else None,
+        "windows": cfg.windows,
+        "zip_table": InputRef.of(p.zip_table) if p.zip_table else None,
+        "out": out / "data",
+    }
+    if now:
+        return run_outside_prefect(stages.direct_data, p.dataset, **args)
+    return stages.direct_data(p.dataset, **args)
+
+
+def prepare_data_first(p: DirectParams) -> None:
+    """The first seed's windows before Prefect starts, for ``p`` resolved (the command line):
+    a fault in the data's content is one line; the flow's task is then served from the
+    stage's manifest."""
+    seed = (p.seeds or [0])[0]
+    seed_data(p, StageConfigs.of(p, seed), p.run_dir() / "direct" / f"seed_{seed}", now=True)
 
 
 def run_seed(run: SeedRun, results: Results) -> None:
@@ -413,7 +429,12 @@ def _brief(artefact: Artefact) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     return run_main(
-        DirectParams, direct_flow, argv, prog="python -m flows.direct", description=DESCRIPTION
+        DirectParams,
+        direct_flow,
+        argv,
+        prog="python -m flows.direct",
+        description=DESCRIPTION,
+        prepare_first=prepare_data_first,
     )
 
 

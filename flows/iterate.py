@@ -27,6 +27,7 @@ from flows.iterate_report import evaluate_table1, publish, report
 from flows.iterate_steps import (
     Loop,
     Round,
+    prepare_data_first,
     prepare_inputs,
     round_train_users,
     run_round,
@@ -118,7 +119,12 @@ DESCRIPTION = __doc__.split("\n\n")[0] + RESUME_NOTE
 
 def main(argv: list[str] | None = None) -> int:
     return run_main(
-        IterateParams, iterate, argv, prog="python -m flows.iterate", description=DESCRIPTION
+        IterateParams,
+        iterate,
+        argv,
+        prog="python -m flows.iterate",
+        description=DESCRIPTION,
+        prepare_first=prepare_data_first,
     )
 
 

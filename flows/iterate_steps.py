@@ -12,7 +12,7 @@ from flows.common import RunContext
 from flows.iterate_params import REWARD_FOLDS, IterateParams, LoopConfig, _given
 from flows.metric_shapes import log_training_curve, per_stage
 from flows.prefect_ui import progress
-from tasks.common.stage import Artefact, InputRef, measured_seconds
+from tasks.common.stage import Artefact, InputRef, measured_seconds, run_outside_prefect
 from tasks.llm import stages as llm_stages
 from tasks.llm.engine_pool import release_engines
 from tasks.llm.policy import Policy
@@ -115,16 +115,33 @@ def round_train_users(prompts: Artefact, count: int, seed: int) -> tuple[int, ..
     return tuple(sorted(int(u) for u in picked))
 
 
+def prepare_data(
+    p: IterateParams, cfg: LoopConfig, run_dir: Path, *, now: bool = False
+) -> Artefact:
+    """The data set as reranking lists under ``<run>/data``: the flow's Prefect task, or with
+    ``now`` the same stage run here, outside Prefect (the command line prepares the data before
+    Prefect and vLLM start, so a fault in the data's content is one line; the flow's task is
+    then served from the stage's manifest)."""
+    args = {
+        "data_dir": InputRef.of(p.data_dir) if p.data_dir else None,
+        "lists": cfg.lists,
+        "max_users": p.max_users or None,
+        "amazon": cfg.amazon,
+        "out": run_dir / "data",
+    }
+    if now:
+        return run_outside_prefect(stages.prepare_data, p.dataset, **args)
+    return stages.prepare_data(p.dataset, **args)
+
+
+def prepare_data_first(p: IterateParams) -> None:
+    """:func:`prepare_data` before Prefect starts, for ``p`` resolved (the command line)."""
+    prepare_data(p, LoopConfig.of(p), p.run_dir(), now=True)
+
+
 def prepare_inputs(p: IterateParams, cfg: LoopConfig, ctx: RunContext) -> Inputs:
     """The data set as reranking lists, one prompt per user, the item vectors."""
-    data = stages.prepare_data(
-        p.dataset,
-        data_dir=InputRef.of(p.data_dir) if p.data_dir else None,
-        lists=cfg.lists,
-        max_users=p.max_users or None,
-        amazon=cfg.amazon,
-        out=ctx.run_dir / "data",
-    )
+    data = prepare_data(p, cfg, ctx.run_dir)
     cap = _given(p.max_prompt_tokens, "max_prompt_tokens") or None
     prompts = stages.build_prompts(
         data,

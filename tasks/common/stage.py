@@ -425,6 +425,12 @@ def run_stage(name: str, fn: Callable[..., Artefact], /, *args: Any, **kwargs: A
     return result
 
 
+def run_outside_prefect(task: Any, /, *args: Any, **kwargs: Any) -> Artefact:
+    """Run the stage behind ``task`` (a :func:`stage`) in this thread, without Prefect: the
+    same key and manifest, so the flow's own call of ``task`` is then served from it."""
+    return run_stage(task.name, task.stage_fn, *args, **kwargs)
+
+
 _ledger: list[dict[str, Any]] | None = None
 _ledger_lock = threading.Lock()
 

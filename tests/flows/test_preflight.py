@@ -175,6 +175,33 @@ def test_cli_refuses_missing_data_files_before_any_work(
     assert not (runs / "nodata").exists()
 
 
+def test_cli_finds_a_fault_in_the_data_before_prefect_starts(
+    monkeypatch, capsys, tmp_path: Path, tiny_llm_path
+) -> None:
+    """A rating line that does not parse: one line naming the file and line, before the
+    temporary Prefect API starts, no advice to resume, and no run folder left behind."""
+    import flows.common
+    from flows.iterate import main
+
+    def no_prefect() -> None:
+        raise AssertionError("Prefect started before the data were checked")
+
+    monkeypatch.setattr(flows.common, "start_temporary_prefect_api", no_prefect)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs, data = tmp_path / "runs", tmp_path / "ml-1m"
+    data.mkdir()
+    (data / "users.dat").write_text("1::M::25::4::00000\n2::F::35::1::00000\n")
+    (data / "movies.dat").write_text("1::Toy Story (1995)::Comedy\n2::Heat (1995)::Crime\n")
+    (data / "ratings.dat").write_text("1::1::5::978300760\n1::2::five::978300761\n")
+    args = ["--dataset", "ml-1m", "--data-dir", str(data), "--runs-dir", str(runs)]
+    code = main([*args, "--policy-model", tiny_llm_path, "--run-name", "baddata"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "ratings.dat:2:" in err, err
+    assert "resume" not in err and "Traceback" not in err
+    assert not (runs / "baddata").exists()
+
+
 def test_unwritable_artefact_folder_of_an_existing_experiment(tmp_path: Path) -> None:
     """The experiment was created with artefacts in a folder that cannot be written (an old
     ``./mlruns``): one line before any work, not an ``OSError`` at the end of round 1."""
