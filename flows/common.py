@@ -524,19 +524,20 @@ def run_main(
     flow_fn: Callable[..., dict],
     argv: list[str] | None,
     *,
-    prog: str,
     description: str,
     prepare_first: Callable[[Any], None] | None = None,
 ) -> int:
-    """A flow's command line: parse the parameters, check them (:func:`preflight`), prepare
-    the data with ``prepare_first`` (a fault in the data's content is then one line, before
-    Prefect and vLLM start, and leaves no run folder), run the flow, print the report."""
+    """A flow's command line (``python -m <model.FLOW_MODULE>``): parse the parameters, check
+    them (:func:`preflight`), prepare the data with ``prepare_first`` (a fault in the data's
+    content is then one line, before Prefect and vLLM start, and leaves no run folder), run the
+    flow, print the report."""
     from tasks.common.stage import failed_stage
     from tasks.data.assets import AssetError
     from tasks.data.schema import DataError
     from tasks.llm.backend import ModelLoadError
     from tasks.llm.vllm_engine import GenerationError
 
+    prog = f"python -m {model.FLOW_MODULE}"
     params, _ = parse_params(model, argv, prog, description)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -429,12 +429,7 @@ def _brief(artefact: Artefact) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     return run_main(
-        DirectParams,
-        direct_flow,
-        argv,
-        prog="python -m flows.direct",
-        description=DESCRIPTION,
-        prepare_first=prepare_data_first,
+        DirectParams, direct_flow, argv, description=DESCRIPTION, prepare_first=prepare_data_first
     )
 
 

@@ -119,12 +119,7 @@ DESCRIPTION = __doc__.split("\n\n")[0] + RESUME_NOTE
 
 def main(argv: list[str] | None = None) -> int:
     return run_main(
-        IterateParams,
-        iterate,
-        argv,
-        prog="python -m flows.iterate",
-        description=DESCRIPTION,
-        prepare_first=prepare_data_first,
+        IterateParams, iterate, argv, description=DESCRIPTION, prepare_first=prepare_data_first
     )
 
 

@@ -38,9 +38,13 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from torch import nn
+from torch import Tensor, nn
 
 from models.adaptor import AdaptorConfig, ExpertGroup, HybridExpertAdaptor
+
+# What a backbone tabulates once per catalogue for score_pairs (its first layer's item and
+# position parts), by name: see Reranker.pair_tables.
+ItemTables = dict[str, Tensor]
 
 Backbone = Literal["dlcm", "prm"]
 Arch = Literal["default", "kar"]
@@ -357,7 +361,7 @@ class Reranker(nn.Module):
                 parts.append(self.item_repr_table())
         return torch.cat(parts, dim=-1)
 
-    def pair_tables(self) -> dict[str, torch.Tensor]:
+    def pair_tables(self) -> ItemTables:
         """What :meth:`score_pairs` precomputes per catalogue item (and per position).
 
         The first layer of every backbone is linear in the per-candidate input, which is a sum
@@ -372,7 +376,7 @@ class Reranker(nn.Module):
         item_ids: torch.Tensor,
         user_vec: torch.Tensor,
         user_rows: torch.Tensor,
-        tables: dict[str, torch.Tensor] | None = None,
+        tables: ItemTables | None = None,
     ) -> torch.Tensor:
         """Score each list with several user vectors, sharing the work of each side (eval only).
 
@@ -408,13 +412,7 @@ class Reranker(nn.Module):
         out = self._pair_scores(idx, tables, u, user_rows.clamp(min=0))
         return out.masked_fill(pad.unsqueeze(-1), 0.0)
 
-    def _pair_scores(
-        self,
-        idx: torch.Tensor,
-        tables: dict[str, torch.Tensor],
-        u: torch.Tensor,
-        rows: torch.Tensor,
-    ) -> torch.Tensor:
+    def _pair_scores(self, idx: Tensor, tables: ItemTables, u: Tensor, rows: Tensor) -> Tensor:
         """Generic: fill the user columns for every (list, vector) and run the backbone.
 
         ``idx`` ``[NL, L]`` catalogue rows, ``u`` ``[S, expert_out]``, ``rows`` ``[NL, N]``

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from torch import nn
+from torch import Tensor, nn
 
-from models.base import CONFIG_FILE, WEIGHTS_FILE, Reranker, RerankerConfig
+from models.base import CONFIG_FILE, WEIGHTS_FILE, ItemTables, Reranker, RerankerConfig
 
 
 def take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -134,7 +134,7 @@ class DLCM(Reranker):
         context = torch.tanh(self.state_proj(last[-1])).unsqueeze(1)  # [B, 1, H]
         return self.score_vec(self.dropout(out * context)).squeeze(-1)
 
-    def pair_tables(self) -> dict[str, torch.Tensor]:
+    def pair_tables(self) -> ItemTables:
         """Adds ``gi``: the GRU input projection of every catalogue item with the constant
         terms of :meth:`_pair_scores`' shifted state folded in, ``[n_items + 1, 3H]``."""
         tables = super().pair_tables()
@@ -147,13 +147,7 @@ class DLCM(Reranker):
         tables["gi"] = gi
         return tables
 
-    def _pair_scores(
-        self,
-        idx: torch.Tensor,
-        tables: dict[str, torch.Tensor],
-        u: torch.Tensor,
-        rows: torch.Tensor,
-    ) -> torch.Tensor:
+    def _pair_scores(self, idx: Tensor, tables: ItemTables, u: Tensor, rows: Tensor) -> Tensor:
         """Lists x user vectors: the GRU input projection is an item part (tabulated) plus a
         user part ``[S, 3H]``; only the recurrence (``H x 3H`` per step) runs per
         (list, vector). ``rows`` ``[NL, N]`` -> logits ``[NL, N, L]``.
@@ -235,7 +229,7 @@ class PRM(Reranker):
         fold = (w1a @ self.attn.out_proj.weight).view(-1, nh, d // nh).permute(1, 2, 0)
         return fold, w1a, w1h
 
-    def pair_tables(self) -> dict[str, torch.Tensor]:
+    def pair_tables(self) -> ItemTables:
         """Adds, per catalogue item (``*_item``, no bias) and per position (``*_pos``, with
         the position embedding and the biases): the attention projections ``qkv``
         ``[., 3d]``, each head's values through the out projection and the MLP's first layer
@@ -252,13 +246,7 @@ class PRM(Reranker):
             tables[f"h1_{part}"] = x @ w1h.T
         return tables
 
-    def _pair_scores(
-        self,
-        idx: torch.Tensor,
-        tables: dict[str, torch.Tensor],
-        u: torch.Tensor,
-        rows: torch.Tensor,
-    ) -> torch.Tensor:
+    def _pair_scores(self, idx: Tensor, tables: ItemTables, u: Tensor, rows: Tensor) -> Tensor:
         """Lists x user vectors, exactly decomposed. With ``h = h_item + h_pos + h_user`` (the
         user part is the same at every position), per head ``q_i k_j = Q_i K_j + q_u K_j +
         (terms constant in j, which the softmax cancels)``; the attention output is

@@ -254,22 +254,6 @@ def dpo_reference(cfg: DPOConfig, init_adapter: str | None) -> str:
 # --------------------------------------------------------------------------- evaluation helper
 
 
-def completion_logps(
-    model: str,
-    prompts: Sequence[str],
-    completions: Sequence[str],
-    adapter: str | None = None,
-    batch_size: int = 4,
-    device: str | None = None,
-) -> list[float]:
-    """Summed log-probability of each assistant ``completion`` after its user ``prompt``.
-
-    The completion is scored as the chat template writes it (the answer and its end-of-turn
-    token), like the DPO trainer does; ``adapter`` applies a PEFT LoRA on ``model``.
-    """
-    return completion_token_logps(model, prompts, completions, adapter, batch_size, device)[0]
-
-
 def completion_token_logps(
     model: str,
     prompts: Sequence[str],
@@ -278,7 +262,12 @@ def completion_token_logps(
     batch_size: int = 4,
     device: str | None = None,
 ) -> tuple[list[float], list[int]]:
-    """:func:`completion_logps` and the number of completion tokens each sum runs over."""
+    """Summed log-probability of each assistant ``completion`` after its user ``prompt``, and
+    the number of completion tokens each sum runs over.
+
+    The completion is scored as the chat template writes it (the answer and its end-of-turn
+    token), like the DPO trainer does; ``adapter`` applies a PEFT LoRA on ``model``.
+    """
     lm, tok, dev = _scoring_model(model, adapter, device)
     return _completion_logps(lm, tok, prompts, completions, batch_size, dev)
 
@@ -373,7 +362,6 @@ def _completion_logps(
 __all__ = [
     "DPOConfig",
     "dpo_reference",
-    "completion_logps",
     "completion_token_logps",
     "dpo_dataset",
     "policy_and_reference_logps",

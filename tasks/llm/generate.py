@@ -287,11 +287,7 @@ def generate_shard(
     out_path: str | Path,
     model: str,
     cfg: SamplingConfig,
-    backend: Backend = "auto",
-    adapter: str | None = None,
-    round_idx: int = 0,
-    gpu: int | None = None,
-    *,
+    *args: Any,
     user_ids: Sequence[int] | None = None,
     **kwargs: Any,
 ) -> str:
@@ -299,7 +295,8 @@ def generate_shard(
 
     The Prefect-mappable unit: one call per GPU, each on a shard of the users
     (``user_ids=`` from :func:`shard_users`, or a prompts file per shard). The stats go to
-    :func:`stats_path_for` ``(out_path)``. Extra keyword arguments go to :func:`generate`.
+    :func:`stats_path_for` ``(out_path)``. The other arguments (``backend``, ``adapter``,
+    ``round_idx``, ``gpu``, ...) go to :func:`generate`.
 
     Returns ``out_path`` as a string.
     """
@@ -309,7 +306,7 @@ def generate_shard(
         prompts = prompts.filter(pl.col(key).is_in([int(u) for u in user_ids]))
         if prompts.height == 0:
             raise ValueError(f"user_ids: none of the {len(user_ids)} ids is in {prompts_path}")
-    samples, stats = generate(prompts, model, cfg, backend, adapter, round_idx, gpu, **kwargs)
+    samples, stats = generate(prompts, model, cfg, *args, **kwargs)
     write_parquet(samples, Path(out_path))
     write_json({**stats, "sampling": cfg.to_dict()}, stats_path_for(out_path))
     return str(out_path)

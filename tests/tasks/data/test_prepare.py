@@ -219,9 +219,7 @@ def test_prepare_refuses_an_empty_test_split(ml1m_dir: Path, tmp_path: Path) -> 
     assert not (tmp_path / "run" / "data").exists()
 
 
-def test_failed_cli_leaves_no_new_folder(
-    tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_failed_cli_leaves_no_new_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A prepare that fails into a folder it created removes it (no ``.lock`` left behind)."""
     empty = tmp_path / "no-data"
     empty.mkdir()

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 from safetensors.torch import load_file
 
-from tasks.llm.dpo import DPOConfig, completion_logps, train_dpo
+from tasks.llm.dpo import DPOConfig, completion_token_logps, train_dpo
 from tasks.llm.lora import summarize_log
 
 PAIRS = pl.DataFrame(
@@ -29,8 +29,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _margin(model: str, adapter: str | None) -> float:
     prompts = PAIRS["prompt"].to_list()
-    chosen = completion_logps(model, prompts, PAIRS["chosen"].to_list(), adapter=adapter)
-    rejected = completion_logps(model, prompts, PAIRS["rejected"].to_list(), adapter=adapter)
+    chosen, _ = completion_token_logps(model, prompts, PAIRS["chosen"].to_list(), adapter=adapter)
+    rejected, _ = completion_token_logps(
+        model, prompts, PAIRS["rejected"].to_list(), adapter=adapter
+    )
     return sum(c - r for c, r in zip(chosen, rejected, strict=True)) / len(prompts)
 
 
