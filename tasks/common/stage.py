@@ -386,7 +386,10 @@ def run_stage(name: str, fn: Callable[..., Artefact], /, *args: Any, **kwargs: A
     hit = cached_result(out, key)
     if hit is not None:
         log.info("%s: unchanged, served from %s", name, manifest_path(out))
-        _record(name, out, hit)
+        made_here = _ran_outside.pop((name, str(out)), None)  # by this start, before its flow
+        _record(
+            name, out, made_here if made_here and made_here.fingerprint == hit.fingerprint else hit
+        )
         return hit
     why = why_again(read_manifest(out), body, key)
     log.info("%s: runs (%s)", name, why)
@@ -422,13 +425,25 @@ def run_stage(name: str, fn: Callable[..., Artefact], /, *args: Any, **kwargs: A
     }
     _write_manifest(manifest_path(out), manifest)
     _record(name, out, result)
+    if getattr(_outside, "active", False):
+        later = f"{why}; before the flow started"
+        _ran_outside[(name, str(out))] = dataclasses.replace(result, why=later)
     return result
+
+
+_ran_outside: dict[tuple[str, str], Artefact] = {}
+_outside = threading.local()
 
 
 def run_outside_prefect(task: Any, /, *args: Any, **kwargs: Any) -> Artefact:
     """Run the stage behind ``task`` (a :func:`stage`) in this thread, without Prefect: the
-    same key and manifest, so the flow's own call of ``task`` is then served from it."""
-    return run_stage(task.name, task.stage_fn, *args, **kwargs)
+    same key and manifest, so the flow's own call of ``task`` is then served from it (and
+    the run's stage ledger says it ran in this start, with why)."""
+    _outside.active = True
+    try:
+        return run_stage(task.name, task.stage_fn, *args, **kwargs)
+    finally:
+        _outside.active = False
 
 
 _ledger: list[dict[str, Any]] | None = None

@@ -226,3 +226,24 @@ def test_a_vllm_worker_killed_mid_sampling_is_an_error_naming_the_stage(
     assert code == 1, out[-2000:]
     assert "error in stage 'sample'" in out and "generate: " not in out  # no transformers run
     assert not (runs / "stopped" / "round_00" / "samples.parquet").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_vllm_samples_prints_the_stop_line_alone(
+    tmp_path: Path, tiny_llm_path: str
+) -> None:
+    """The stop ends the vLLM worker; the stage reading its pipe must not then report the
+    worker's end (``GenerationError: vLLM worker exited with status -15``) as the run's error."""
+    pytest.importorskip("vllm")
+    runs = tmp_path / "runs"
+    cmd = flow_cmd(runs, tiny_llm_path, backend="vllm", **{"max-new-tokens": "400"})
+    proc = start(cmd, tmp_path, "vllm")
+    wait_for_text(tmp_path / "vllm.log", "vLLM engine ready", proc, timeout=300)
+    time.sleep(3)  # sampling under way
+    os.killpg(proc.pid, signal.SIGINT)
+    code = proc.wait(timeout=60)
+    out = (tmp_path / "vllm.log").read_text()
+    assert code == 130, out[-2000:]
+    stop = out[out.index("SIGINT: stopping the run") :]
+    assert "stopped by SIGINT in stage 'sample'" in stop.strip().splitlines()[-1]
+    assert "GenerationError" not in out and "Traceback" not in stop, stop[-2000:]

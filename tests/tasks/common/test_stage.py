@@ -236,3 +236,23 @@ def test_task_run_names_say_what_the_stage_writes(tmp_path: Path) -> None:
     assert task_run_label("dpo", run / "round_02" / "dpo") == "dpo round 2"
     assert task_run_label("sample", None) == "sample"
     assert task_run_label("y", Path("/nonexistent/abc/out.json")) == "y abc out"  # no run
+
+
+def test_a_stage_run_before_the_flow_is_served_to_it_and_listed_as_run(tmp_path: Path) -> None:
+    """The command line prepares the data before Prefect starts (``run_outside_prefect``): the
+    flow's own call is served from the manifest without running again, and the start's ledger
+    lists it as run in this start, not as made by an earlier one."""
+    from tasks.common.stage import run_outside_prefect, stage, stage_ledger
+
+    numbers = stage("numbers")(write_numbers)
+    out = tmp_path / "a.txt"
+    first = run_outside_prefect(numbers, out=out, cfg=Cfg())
+    with stage_ledger() as seen:
+        served = run_stage("numbers", write_numbers, out=out, cfg=Cfg())
+        run_stage("numbers", write_numbers, out=out, cfg=Cfg())
+    assert CALLS == ["write"] and not first.cached and served.cached
+    assert served.fingerprint == first.fingerprint
+    assert [(e["cached"], e["why"]) for e in seen] == [
+        (False, "not made before; before the flow started"),
+        (True, None),  # a second serving is a serving
+    ]
