@@ -238,8 +238,13 @@ def test_ctrl_c_while_vllm_samples_prints_the_stop_line_alone(
     runs = tmp_path / "runs"
     cmd = flow_cmd(runs, tiny_llm_path, backend="vllm", **{"max-new-tokens": "400"})
     proc = start(cmd, tmp_path, "vllm")
-    wait_for_text(tmp_path / "vllm.log", "vLLM engine ready", proc, timeout=300)
-    time.sleep(3)  # sampling under way
+    wait_for(runs / "stopped" / ".item_vectors.parquet.stage.json", proc)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not any(
+        b"tasks.llm.vllm_worker" in _cmdline(pid) for pid in children_of(proc.pid)
+    ):
+        time.sleep(0.5)
+    time.sleep(5)  # the engine starting: the stage thread reads the worker's pipe
     os.killpg(proc.pid, signal.SIGINT)
     code = proc.wait(timeout=60)
     out = (tmp_path / "vllm.log").read_text()
@@ -247,3 +252,10 @@ def test_ctrl_c_while_vllm_samples_prints_the_stop_line_alone(
     stop = out[out.index("SIGINT: stopping the run") :]
     assert "stopped by SIGINT in stage 'sample'" in stop.strip().splitlines()[-1]
     assert "GenerationError" not in out and "Traceback" not in stop, stop[-2000:]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
