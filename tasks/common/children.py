@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 _children: weakref.WeakSet[subprocess.Popen] = weakref.WeakSet()
 _lock = threading.Lock()
+_closed = False  # set by a final kill_all: the run is stopping
 
 
 def die_with_parent() -> None:
@@ -40,10 +41,16 @@ def die_with_parent() -> None:
 
 def spawn(cmd: list[str], **kwargs: Any) -> subprocess.Popen:
     """``subprocess.Popen(cmd, **kwargs)`` in a session of its own, registered for
-    :func:`kill_all`."""
-    proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
-    register(proc)
-    return proc
+    :func:`kill_all`. Once a final :func:`kill_all` has run (the run is stopping) no child is
+    started: the calling thread waits for the process's exit instead, so a stage that was
+    about to start a vLLM worker does not leave one behind the stop."""
+    with _lock:
+        if not _closed:
+            proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
+            _children.add(proc)
+            return proc
+    threading.Event().wait()
+    raise AssertionError("unreachable")
 
 
 def register(proc: subprocess.Popen) -> None:
@@ -57,9 +64,14 @@ def running_children() -> list[subprocess.Popen]:
         return [p for p in _children if p.poll() is None]
 
 
-def kill_all(timeout: float = 3.0) -> int:
+def kill_all(timeout: float = 3.0, *, final: bool = False) -> int:
     """SIGTERM every registered child's process group, SIGKILL what is left after ``timeout``
-    seconds; returns how many were running."""
+    seconds; returns how many were running. ``final`` (a stop): :func:`spawn` starts no child
+    after this."""
+    global _closed
+    if final:
+        with _lock:
+            _closed = True
     procs = running_children()
     for proc in procs:
         _signal_group(proc, signal.SIGTERM)

@@ -113,7 +113,7 @@ def _say(line: str) -> None:
 
 def _clean_up(name: str) -> None:
     with contextlib.suppress(Exception):
-        children.kill_all()
+        children.kill_all(final=True)  # and no new child: a stage may be starting one
     for cleanup in reversed(_cleanups):
         try:
             cleanup(name)

@@ -67,3 +67,30 @@ def test_a_stop_hides_the_error_its_own_kill_causes(tmp_path: Path) -> None:
     assert lines[-1].startswith("stopped by SIGINT in stage 'sample'; every finished stage")
     assert len(lines) == 2, out  # no traceback, no "worker exited with status -15"
     assert not (tmp_path / "samples.parquet").exists()
+
+
+def test_no_child_starts_after_the_stop_ended_the_children(tmp_path: Path) -> None:
+    """A stage that starts a vLLM worker just after the stop ended the children would leave
+    that worker behind the stop (it then fails on its removed temporaries, after the stop
+    line): once the stop's final ``kill_all`` ran, ``spawn`` starts nothing and waits."""
+    marker = tmp_path / "started"
+    script = textwrap.dedent(
+        """
+        import sys, threading
+        from tasks.common import children
+
+        children.kill_all(final=True)
+        thread = threading.Thread(
+            target=lambda: children.spawn(["touch", sys.argv[1]]).wait(), daemon=True
+        )
+        thread.start()
+        thread.join(1.0)
+        print("waiting" if thread.is_alive() else "returned")
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(marker)],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert out.stdout.strip() == "waiting"
+    assert not marker.exists()
