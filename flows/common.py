@@ -508,6 +508,8 @@ def _arm_stop(p: RunParams, tracker: Tracker, parent: str, run_dir: Path) -> Non
 def prepared_or_removed(p: RunParams, prepare: Callable[[Any], None]) -> None:
     """``prepare(p)`` with the run folder locked; a failure removes the run folder if this
     call made it (a run that never started leaves nothing behind)."""
+    from tasks.data.prepare import remove_if_only_lock
+
     run_dir = p.run_dir()
     made = not run_dir.exists()
     try:
@@ -515,7 +517,7 @@ def prepared_or_removed(p: RunParams, prepare: Callable[[Any], None]) -> None:
             prepare(p)
     except BaseException:
         if made:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            remove_if_only_lock(run_dir)
         raise
 
 

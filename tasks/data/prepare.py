@@ -326,11 +326,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     code = _prepare_command(args)
     if code and new_folder:
-        _remove_if_only_lock(Path(args.out))
+        remove_if_only_lock(Path(args.out))
     return code
 
 
-def _remove_if_only_lock(folder: Path) -> None:
+def remove_if_only_lock(folder: Path) -> None:
     """Remove ``folder``, made by a command that failed, when it holds only its ``.lock``."""
     try:
         if {p.name for p in folder.iterdir()} <= {".lock"}:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.common import children, stopping
+from tasks.common import children
 from tasks.common.hardware import cpu_dtype
 from tasks.llm.devices import available_gpus, physical_gpu
 from tasks.llm.vllm_worker import REPLY_PREFIX
@@ -327,7 +327,6 @@ class VLLMEngine:
             level = logging.INFO if ("WARNING" in line or "ERROR" in line) else logging.DEBUG
             log.log(level, "vllm: %s", line.rstrip())
         code = self._proc.wait()
-        stopping.hold_if_stopping()  # the stop ended the worker: its line says so
         raise GenerationError(f"vLLM worker exited with status {code} (its log is on stderr)")
 
     def run(self, job: dict[str, Any]) -> dict[str, Any]:
