@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.data.assets import policy_model
     from tasks.rlrf4rec.prompts import count_prompt_tokens
 
-    model = args.model or policy_model()
+    model = policy_model(args.model or "default")
     pairs = build_pairs(args.run, args.pairs, args.answer_tokens, model, args.max_prompt_tokens)
     cfg = DPOConfig.paper(epochs=1.0) if args.paper else DPOConfig()
     cfg = replace(
@@ -281,7 +281,7 @@ def compare(args: argparse.Namespace) -> int:
             subprocess.run(cmd, check=True)
             rows.append(json.loads(out.read_text()))
     c = measure_ceilings()
-    shape = ModelShape.of(args.model or policy_model())
+    shape = ModelShape.of(policy_model(args.model or "default"))
     print("\n=== ceilings ===")
     print_ceilings(c)
     first = rows[0]

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tasks.data.assets import policy_model
 
-    model = args.model or policy_model()
+    model = policy_model(args.model or "default")
     prompts = real_prompts(args.run, args.users, args.max_prompt_tokens, model)
     cfg = SamplingConfig(n=args.n, max_new_tokens=args.max_new_tokens, seed=args.seed)
     device = (

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     from tasks.data.assets import policy_model
 
-    model = args.model or policy_model()
+    model = policy_model(args.model or "default")
     levers = [x.strip() for x in args.levers.split(",") if x.strip()]
     unknown = set(levers) - set(LEVERS)
     if unknown:

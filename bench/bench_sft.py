@@ -77,7 +77,7 @@ def run_one(args: argparse.Namespace) -> dict:
     from tasks.llm.sft import train_sft
 
     os.environ[trl_cpu.ENV] = HEAD_MODES.get(args.lever, "lean")
-    model = args.model or policy_model()
+    model = policy_model(args.model or "default")
     n_layers = AutoConfig.from_pretrained(model).num_hidden_layers
     cfg = lever_config(args.lever, n_layers)
     examples = build_examples(cfg.batch_size * args.steps)
@@ -117,7 +117,7 @@ def compare(args: argparse.Namespace) -> int:
     if bad:
         raise SystemExit(f"--levers: unknown {bad}; choose from {LEVERS}")
     fp32 = max(measure_matmul(torch.float32) for _ in range(2))
-    params = ModelShape.of(args.model or policy_model()).params
+    params = ModelShape.of(policy_model(args.model or "default")).params
     rows = []
     for lever in levers:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:

@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.data.assets import policy_model
 
     c = measure_ceilings()
-    shape = ModelShape.of(args.model or policy_model())
+    shape = ModelShape.of(policy_model(args.model or "default"))
     print("=== ceilings ===")
     print_ceilings(c)
     print(f"\n=== rooflines ({shape.params / 1e6:.0f}M parameters, {c.dtype}) ===")

@@ -5,7 +5,9 @@ round r = 1..R samples N texts per train user with policy r-1, encodes and score
 frozen reward model, pairs best and worst, and trains policy r with LoRA-DPO. After the last
 round every user's knowledge is regenerated with the final policy and the backbone rerankers
 are trained and evaluated on the test users: Table I (base / KAR / RLRF4Rec), Table II and the
-per-round curve (Fig. 4), in ``runs/<run>/report.md`` and MLflow.
+per-round curve (Fig. 4), in ``runs/<run>/report.md`` and MLflow. With R = 0 the run measures
+the policy alone: round one's samples are scored and paired but not trained on, and Table I
+has no RLRF4Rec row.
 
 The modules beside this one: ``iterate_params`` (parameters, profiles, typed configs),
 ``iterate_steps`` (the stages of round zero and of a round), ``iterate_learning`` (held-out
@@ -86,6 +88,9 @@ def _loop(p: IterateParams, ctx: RunContext, stages_seen: list[dict]) -> dict:
                 this = replace(this, final_knowledge=final)
             track_round(loop, this)
             rounds.append(this)
+        if not rounds:  # --rounds 0: policy 0's samples, scored and paired, without DPO
+            rounds.append(run_round(loop, 1, policies[0], reward_model, train=False))
+            track_round(loop, rounds[0])
         learning = measure_learning(loop, policies, rounds, reward_model)
     diagnostics = diagnose_reward(loop, reward_model, knowledge0, rounds[0])
     evaluation = evaluate_table1(loop, knowledge0, rounds)

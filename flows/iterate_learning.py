@@ -31,9 +31,9 @@ class Learning:
 def measure_learning(
     loop: Loop, policies: list[Policy], rounds: list[Round], reward_model: Artefact
 ) -> Learning:
-    """Score what each policy wrote: policy r < R wrote round r+1's samples; the last policy
-    writes N more texts per validation user here, and its train reward is that of its
-    knowledge texts (one per train user)."""
+    """Score what each policy wrote: policy r wrote round r+1's samples; the policy that
+    trained no round (the last, unless ``--rounds 0``) writes N more texts per validation user
+    here, and its train reward is that of its knowledge texts (one per train user)."""
     import polars as pl
 
     from tasks.common.io import read_parquet
@@ -41,14 +41,17 @@ def measure_learning(
     from tasks.rlrf4rec import learning
 
     rd, cfg, timings = loop.ctx.run_dir / "heldout", loop.cfg, {}
-    heldout, final = write_heldout(loop, policies[-1], reward_model, out_dir=rd)
+    own = [this.scored for this in rounds]  # own[r]: what policy r wrote
+    final_train = None
+    if len(policies) > len(rounds):
+        heldout, final = write_heldout(loop, policies[-1], reward_model, out_dir=rd)
+        last = rounds[-1].final_knowledge
+        assert last is not None, "the last round always writes its knowledge"
+        final_train = score(loop, reward_model, last, out=rd / "final_knowledge_scored.parquet")
+        own.append(final)
+        timings.update(heldout.seconds("heldout"))
+        timings["heldout.score"] = measured_seconds(final, final_train)
     release_engines()  # the last sampling of the run
-    last = rounds[-1].final_knowledge
-    assert last is not None, "the last round always writes its knowledge"
-    final_train = score(loop, reward_model, last, out=rd / "final_knowledge_scored.parquet")
-    own = [this.scored for this in rounds] + [final]  # own[r]: what policy r wrote
-    timings.update(heldout.seconds("heldout"))
-    timings["heldout.score"] = measured_seconds(final, final_train)
     data = load_prepared(stages.run_folder(loop.inputs.data))
     titles = learning.history_titles(data.history, data.items)
     frames = [read_parquet(a.path) for a in own]
@@ -63,7 +66,11 @@ def measure_learning(
             frames[0],
             reward_col=reward_col,
             titles=titles,
-            train_scored=_round_users(read_parquet(final_train.path), loop) if is_last else None,
+            train_scored=(
+                _round_users(read_parquet(final_train.path), loop)
+                if is_last and final_train is not None
+                else None
+            ),
         )
         valid = frame.filter(pl.col("split") == "valid")
         record["examples"] = learning.example_texts(valid, shown, reward_col)

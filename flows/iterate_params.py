@@ -123,7 +123,13 @@ class IterateParams(RunParams):
     )
     seed: int = Field(42, ge=0, description="seed of the data split, negatives and sampling")
     encoder: str = Field("all-MiniLM-L6-v2", description=ENCODER_HELP)
-    rounds: int | None = Field(None, ge=1, description="DPO rounds R (profile)")
+    rounds: int | None = Field(
+        None,
+        ge=0,
+        description="DPO rounds R (profile); 0 = measure the policy alone: its knowledge for "
+        "every user, one round's samples scored and paired without DPO, the reward "
+        "diagnostics and Table I's base, profile and KAR rows",
+    )
     n_samples: int | None = Field(
         None, ge=2, description="N texts sampled per train user and round (profile)"
     )

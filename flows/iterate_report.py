@@ -40,18 +40,14 @@ def evaluate_table1(loop: Loop, knowledge0: Knowledge, rounds: list[Round]) -> E
     """Base / profile / KAR / RLRF4Rec rerankers per backbone and seed on the test users, and
     Fig. 4's test metrics of every evaluated round (reward backbone, first seed). The profile
     row reads the profile-and-history text itself: what the LLM's text has to beat."""
-    final = rounds[-1].final_knowledge
-    assert final is not None, "the last round always writes its knowledge"
+    final = rounds[-1].final_knowledge  # None: --rounds 0, no policy was trained
     eval_dir = loop.ctx.run_dir / "eval"
     profile = stages.encode_profiles(
         loop.inputs.prompts, encoder=loop.ctx.encoder, out=eval_dir / "profile_vectors.parquet"
     )
-    rows = {
-        "base": None,
-        "profile": profile,
-        "KAR": knowledge0.vectors,
-        "RLRF4Rec": final.vectors,
-    }
+    rows = {"base": None, "profile": profile, "KAR": knowledge0.vectors}
+    if final is not None:
+        rows["RLRF4Rec"] = final.vectors
     ev = Evaluation()
     ev.timings["eval.encode_profiles"] = measured_seconds(profile)
     for backbone in loop.cfg.backbones:

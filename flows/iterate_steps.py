@@ -60,7 +60,7 @@ class Round:
     knowledge: Knowledge
     scored: Artefact
     pairs: Artefact
-    dpo: Artefact
+    dpo: Artefact | None  # None: a round that only measures its policy (``--rounds 0``)
     final_knowledge: Knowledge | None = None
 
     @property
@@ -69,22 +69,25 @@ class Round:
 
     def record(self) -> dict[str, Any]:
         """The round's row of the report and its MLflow metrics."""
-        return {
+        out = {
             "round": self.index,
             "generation": self.knowledge.samples.stats,
             "reward": self.scored.stats,
             "pairs": self.pairs.stats,
-            "dpo": {
+        }
+        if self.dpo is not None:
+            out["dpo"] = {
                 **self.dpo.stats.get("metrics", {}),
                 "skipped": int(self.dpo.skipped is not None),
                 **({"skipped_reason": self.dpo.skipped} if self.dpo.skipped else {}),
-            },
-        }
+            }
+        return out
 
     def seconds(self) -> dict[str, float]:
         out = self.knowledge.seconds(self.tag)
         for name, stage in (("score", self.scored), ("pair", self.pairs), ("dpo", self.dpo)):
-            out[f"{self.tag}.{name}"] = measured_seconds(stage)
+            if stage is not None:
+                out[f"{self.tag}.{name}"] = measured_seconds(stage)
         if self.final_knowledge is not None:
             out.update(self.final_knowledge.seconds(f"{self.tag}.knowledge"))
         return out
@@ -294,9 +297,12 @@ def train_reward_model(loop: Loop, knowledge0: Knowledge) -> Artefact:
     return reward_model
 
 
-def run_round(loop: Loop, r: int, policy: Policy, reward_model: Artefact) -> Round:
+def run_round(
+    loop: Loop, r: int, policy: Policy, reward_model: Artefact, *, train: bool = True
+) -> Round:
     """Sample N texts per train user (and per validation user, who never enter a pair), score
-    them, pair best and worst of each train user, train with DPO."""
+    them, pair best and worst of each train user, train with DPO (not when ``train`` is
+    False: the round then only measures ``policy``)."""
     rd, cfg = loop.ctx.run_dir / f"round_{r:02d}", loop.cfg
     sampling = cfg.sampling_for(r, cfg.sampling.n)
     samples = sample_users(
@@ -311,6 +317,8 @@ def run_round(loop: Loop, r: int, policy: Policy, reward_model: Artefact) -> Rou
     knowledge = Knowledge(samples, encode(loop, samples, out=rd / "vectors.parquet"))
     scored = score(loop, reward_model, knowledge, out=rd / "scored.parquet")
     pairs = stages.pair(scored, loop.inputs.prompts, cfg=cfg.pairing, out=rd / "pairs.parquet")
+    if not train:
+        return Round(r, knowledge, scored, pairs, dpo=None)
     release_engines()  # DPO needs the memory and the cores; the next round has a new policy
     dpo = llm_stages.dpo(policy, pairs, cfg=cfg.dpo_for(r), out=rd / "dpo")
     return Round(r, knowledge, scored, pairs, dpo)
@@ -330,7 +338,7 @@ def track_round(loop: Loop, this: Round) -> None:
     reward_mean = this.scored.stats.get(f"{reward_col}_mean")
     tracker.metrics(parent, {"reward_mean": reward_mean}, step=this.index)
     tracker.artifact(child, this.pairs.path)
-    if this.dpo.skipped is None:
+    if this.dpo is not None and this.dpo.skipped is None:
         log_training_curve(tracker, child, this.dpo, "dpo")
         tracker.artifact(child, this.dpo.path, "adapter")
     tracker.end(child)
@@ -340,8 +348,10 @@ def track_round(loop: Loop, this: Round) -> None:
 def progress_round(loop: Loop, this: Round) -> None:
     """The round's line in the Prefect run log: users sampled, pairs kept, DPO loss."""
     gen, pairs = this.knowledge.samples.stats, this.pairs.stats
-    metrics = this.dpo.stats.get("metrics", {})
-    if this.dpo.skipped is not None:
+    metrics = this.dpo.stats.get("metrics", {}) if this.dpo is not None else {}
+    if this.dpo is None:
+        dpo = "no DPO (--rounds 0 measures the policy)"
+    elif this.dpo.skipped is not None:
         dpo = f"DPO skipped ({this.dpo.skipped})"
     else:
         dpo = f"DPO loss {metrics.get('loss', float('nan')):.4f} over {metrics.get('steps')} steps"
@@ -352,7 +362,7 @@ def progress_round(loop: Loop, this: Round) -> None:
         "round %d/%d: %s users sampled (%d train, %d validation; %s texts, %.0f%% degenerate), "
         "reward mean %.4f, %s pairs kept of %s train users, %s",
         this.index,
-        loop.cfg.rounds,
+        max(loop.cfg.rounds, this.index),
         gen.get("users"),
         int((split["split"] == "train").sum()),
         int((split["split"] == "valid").sum()),

@@ -230,7 +230,7 @@ def test_lock_removes_what_a_killed_run_left(tiny_run) -> None:
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
-        ("--rounds", "0", "--rounds"),
+        ("--rounds", "-1", "--rounds"),
         ("--n-samples", "1", "--n-samples"),
         ("--dataset", "ml-20m", "--dataset"),
         ("--backbones", "dlcm,gru", "--backbones"),
@@ -269,6 +269,39 @@ def test_flow_runs_on_local_ray(tmp_path: Path, tiny_llm_path: str, prefect_harn
     shards = sorted((run / "round_01" / "samples").glob("shard*.parquet"))
     assert len(shards) == 2
     assert (run / "report.md").exists()
+
+
+def test_rounds_zero_measures_the_policy_without_dpo(
+    tmp_path: Path, tiny_llm_path: str, prefect_harness
+) -> None:
+    """``--rounds 0``: round 0, one round's samples scored and paired but not trained on,
+    the policy's held-out figures and the reward diagnostics; Table I without RLRF4Rec."""
+    import os
+
+    from flows.iterate import iterate
+
+    data_dir = write_grouplens(tmp_path / "ml", n_users=14, n_items=50, per_user=20)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = iterate(
+        run_name="measure", runs_dir=str(tmp_path / "runs"), data_dir=str(data_dir),
+        max_users=0, policy_model=tiny_llm_path, rounds=0, n_samples=2, max_new_tokens=8,
+        top_p=1.0, backend="transformers", backbones=["dlcm"], seeds=[1], reranker_epochs=1,
+        experiment="tiny-measure",
+    )  # fmt: skip
+    run = Path(result["run_dir"])
+    assert (run / "round_01" / "scored.parquet").is_file()
+    assert (run / "round_01" / "pairs.parquet").is_file()
+    assert not (run / "round_01" / "dpo").exists() and not (run / "heldout").exists()
+    results = json.loads((run / "results.json").read_text())
+    assert set(results["tables"]["table1"]["dlcm"]) == {"base", "profile", "KAR"}
+    rounds = results["results"]["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1] and "dpo" not in rounds[1]
+    learning = results["results"]["learning"]
+    assert [r["policy"] for r in learning] == [0] and learning[0]["heldout"]["users"] > 0
+    assert results["results"]["reward_diagnostics"]["samples"] == 2 * rounds[1]["reward"]["users"]
+    report = (run / "report.md").read_text()
+    assert "| DLCM | KAR |" in report and "| DLCM | RLRF4Rec |" not in report
+    assert "KAR-profile:ndcg@5" in report
 
 
 def test_dpo_settings_reach_the_trainer_config() -> None:
