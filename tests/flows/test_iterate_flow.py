@@ -298,7 +298,7 @@ def test_rounds_zero_measures_the_policy_without_dpo(
     assert [r["round"] for r in rounds] == [0, 1] and "dpo" not in rounds[1]
     learning = results["results"]["learning"]
     assert [r["policy"] for r in learning] == [0] and learning[0]["heldout"]["users"] > 0
-    assert results["results"]["reward_diagnostics"]["samples"] == 2 * rounds[1]["reward"]["users"]
+    assert results["results"]["reward_diagnostics"]["samples"] == rounds[1]["generation"]["samples"]
     report = (run / "report.md").read_text()
     assert "| DLCM | KAR |" in report and "| DLCM | RLRF4Rec |" not in report
     assert "KAR-profile:ndcg@5" in report
