@@ -271,6 +271,7 @@ def test_flow_runs_on_local_ray(tmp_path: Path, tiny_llm_path: str, prefect_harn
     assert (run / "report.md").exists()
 
 
+@pytest.mark.slow  # 20 s on a 2-core AMD EPYC: the default suite ran past 10 minutes with it
 def test_rounds_zero_measures_the_policy_without_dpo(
     tmp_path: Path, tiny_llm_path: str, prefect_harness
 ) -> None:

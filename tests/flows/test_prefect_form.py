@@ -42,7 +42,7 @@ def test_the_schema_carries_the_limits(flow) -> None:
     assert _limit(props["profile"], "enum") == profiles
     assert _limit(props["backend"], "enum") == ["auto", "vllm", "transformers"]
     if flow is iterate:
-        assert _limit(props["rounds"], "minimum") == 1
+        assert _limit(props["rounds"], "minimum") == 0
         assert _limit(props["max_users"], "minimum") == 0
         assert _limit(props["n_samples"], "minimum") == 2
     else:
@@ -54,7 +54,7 @@ def test_the_schema_carries_the_limits(flow) -> None:
 @pytest.mark.parametrize(
     ("flow", "bad"),
     [
-        pytest.param(iterate, {"rounds": 0}, id="iterate-rounds-0"),
+        pytest.param(iterate, {"rounds": -1}, id="iterate-rounds-negative"),
         pytest.param(iterate, {"max_users": -5}, id="iterate-max-users-negative"),
         pytest.param(iterate, {"run_name": "my run #1"}, id="iterate-run-name-space"),
         pytest.param(iterate, {"profile": "huge"}, id="iterate-profile-unknown"),
@@ -95,7 +95,7 @@ def test_descriptions_name_each_profiles_value() -> None:
     assert profile_values(IterateParams.PROFILES, "seed") == ""
     # the limits in words: for an optional field the form only says "not valid under any of
     # the given schemas"
-    assert form_description(IterateParams, "rounds").endswith("; at least 1")
+    assert form_description(IterateParams, "n_samples").endswith("; at least 2")
     assert form_description(IterateParams, "top_p").endswith("; above 0, at most 1")
     assert "(≤ 0.005)" in form_description(DirectParams, "format_bonus")
     assert "no spaces" in form_description(IterateParams, "run_name")
@@ -173,7 +173,7 @@ def test_flow_runs_are_named_after_their_run(monkeypatch) -> None:
     monkeypatch.setitem(flow_run.FIELDS, "parameters", lambda: {"profile": "paper", "dated": True})
     assert iterate.flow_run_name() == "paper-ml-100k-2026-12-13"
     assert direct_flow.flow_run_name() == "direct-paper-ml-100k-2026-12-13"
-    monkeypatch.setitem(flow_run.FIELDS, "parameters", lambda: {"rounds": 0})  # never raises
+    monkeypatch.setitem(flow_run.FIELDS, "parameters", lambda: {"rounds": -1})  # never raises
     assert iterate.flow_run_name() == iterate.name
 
 
