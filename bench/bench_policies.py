@@ -95,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{'policy':<32}{'tokens/s':>10}{'share':>8}{'vs first':>10}"
         f"{'s/pair':>9}{'share':>8}{'vs first':>10}{'peak GB':>9}"
     )
-    first = rows[0] if rows else {}
+    first = rows[0] if rows else {"sampling": {}, "dpo": {}}
+    rate0, pair0 = first["sampling"].get("tokens_per_s"), first["dpo"].get("seconds_per_pair")
     for r in rows:
         s, d = r["sampling"], r["dpo"]
         rate, per_pair = s.get("tokens_per_s"), d.get("seconds_per_pair")
-        rate0, pair0 = first["sampling"].get("tokens_per_s"), first["dpo"].get("seconds_per_pair")
         print(
             f"{r['model']:<32}{_num(rate, 1):>10}{_pct(s.get('share')):>8}"
             f"{_ratio(rate, rate0):>10}{_num(per_pair, 2):>9}{_pct(d.get('share')):>8}"
