@@ -16,6 +16,10 @@ manifest when the key is the same and its outputs are still there with the same 
 otherwise it runs again. An output's fingerprint is ``sha256(key, content)``, so a stage that
 ran again with another key, or whose outputs came out different, changes the keys of every
 stage downstream of it, and only of those.
+
+A long stage may keep finished pieces of its work in :func:`partial_dir` (a folder beside
+``out`` named by its key): they survive a stop or a crash, only a run with the same key sees
+them again, and the folder is removed once the stage completes.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import textwrap
 import threading
 import time
@@ -395,7 +400,7 @@ def run_stage(name: str, fn: Callable[..., Artefact], /, *args: Any, **kwargs: A
     log.info("%s: runs (%s)", name, why)
     stopping.rearm()
     t0 = time.perf_counter()
-    with _running_as(name):
+    with _running_as(name), _partial_work(out, key):
         try:
             result = fn(*bound.args, **bound.kwargs)
         except Exception as exc:
@@ -424,6 +429,7 @@ def run_stage(name: str, fn: Callable[..., Artefact], /, *args: Any, **kwargs: A
         "result": result.to_json(),
     }
     _write_manifest(manifest_path(out), manifest)
+    shutil.rmtree(_partial_root(out), ignore_errors=True)
     _record(name, out, result)
     if getattr(_outside, "active", False):
         later = f"{why}; before the flow started"
@@ -480,6 +486,42 @@ def _record(name: str, out: Any, artefact: Artefact) -> None:
 
 _running: dict[int, list[str]] = {}
 _failed: list[str] = []
+_partial = threading.local()
+
+
+def _partial_root(out: str | Path) -> Path:
+    path = Path(out)
+    return path.parent / f".{path.name}.partial"
+
+
+@contextmanager
+def _partial_work(out: str | Path, key: str) -> Iterator[None]:
+    """Make :func:`partial_dir` the running stage's folder; drop other keys' partial work."""
+    root = _partial_root(out)
+    if root.is_dir():
+        for stale in root.iterdir():
+            if stale.name != key[:16]:
+                shutil.rmtree(stale, ignore_errors=True)
+    before = getattr(_partial, "dir", None)
+    _partial.dir = root / key[:16]
+    try:
+        yield
+    finally:
+        _partial.dir = before
+
+
+def partial_dir() -> Path:
+    """The running stage's folder for finished pieces of its work (created on first use).
+
+    It sits beside the stage's ``out`` (``.<out name>.partial/<key>``) and outlives a stop or a
+    crash; the stage's next run with the same key finds what it holds, a run with another key
+    never does, and it is removed when the stage completes. Write into it atomically.
+    """
+    folder = getattr(_partial, "dir", None)
+    if folder is None:
+        raise RuntimeError("partial_dir() is only available inside a running stage")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 @contextmanager

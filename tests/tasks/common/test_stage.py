@@ -256,3 +256,45 @@ def test_a_stage_run_before_the_flow_is_served_to_it_and_listed_as_run(tmp_path:
         (False, "not made before; before the flow started"),
         (True, None),  # a second serving is a serving
     ]
+
+
+FAIL_AT: list[int] = []  # the piece a counted_pieces run stops at (not in its key)
+
+
+def counted_pieces(out: Path, pieces: int) -> Artefact:
+    """Writes ``pieces`` numbers, one piece at a time, keeping finished pieces in partial_dir."""
+    folder = stage_mod.partial_dir()
+    values = []
+    for i in range(pieces):
+        piece = folder / f"{i}.txt"
+        if not piece.exists():
+            if i in FAIL_AT:
+                raise RuntimeError(f"stopped at piece {i}")
+            CALLS.append(f"piece {i}")
+            piece.write_text(str(10 * i))
+        values.append(piece.read_text())
+    out.write_text(",".join(values))
+    return Artefact(str(out))
+
+
+def test_partial_work_survives_a_failed_run_for_the_same_key_only(tmp_path: Path) -> None:
+    out = tmp_path / "n.txt"
+    FAIL_AT[:] = [2]
+    with pytest.raises(RuntimeError, match="piece 2"):
+        run_stage("pieces", counted_pieces, out=out, pieces=4)
+    assert CALLS == ["piece 0", "piece 1"]
+    # another key (pieces=5) starts from nothing and drops the first key's pieces
+    CALLS.clear()
+    with pytest.raises(RuntimeError, match="piece 2"):
+        run_stage("pieces", counted_pieces, out=out, pieces=5)
+    assert CALLS == ["piece 0", "piece 1"]
+    assert len(list((tmp_path / ".n.txt.partial").iterdir())) == 1
+    # the same key again resumes: only the missing pieces are made
+    CALLS.clear()
+    FAIL_AT[:] = []
+    run_stage("pieces", counted_pieces, out=out, pieces=5)
+    assert CALLS == ["piece 2", "piece 3", "piece 4"]
+    assert out.read_text() == "0,10,20,30,40"
+    assert not (tmp_path / ".n.txt.partial").exists()
+    with pytest.raises(RuntimeError, match="only available inside a running stage"):
+        stage_mod.partial_dir()
