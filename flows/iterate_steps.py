@@ -234,7 +234,15 @@ def sample_users(
             for k in range(ctx.n_shards)
         ]
     shards = [f.result() for f in futures]
-    return stages.merge_samples(shards, out=out_dir / "samples.parquet")
+    merged = stages.merge_samples(shards, out=out_dir / "samples.parquet")
+    if not merged.cached and merged.stats.get("jobs_kept"):
+        progress(
+            "%s: %d finished jobs of %d users kept from a stopped run, not sampled again",
+            out_dir.name,
+            merged.stats["jobs_kept"],
+            stages.CHUNK_USERS,
+        )
+    return merged
 
 
 def write_knowledge(loop: Loop, policy: Policy, round_idx: int, *, out_dir: Path) -> Knowledge:

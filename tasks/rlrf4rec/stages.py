@@ -171,9 +171,10 @@ def sample(
     model, adapter = policy.serving()
     parts = partial_dir()
     frames, chunk_stats = [], []
+    kept = len(list(parts.glob("users*.parquet")))  # finished by a run that was stopped
     for i in range(0, len(users), CHUNK_USERS):
         path = parts / f"users{i:06d}.parquet"
-        if not path.exists():  # else finished by a run of this stage that was stopped
+        if not path.exists():
             samples, stats = generate(
                 table.filter(pl.col("user_id").is_in(users[i : i + CHUNK_USERS])).select(
                     "user_id", "prompt"
@@ -190,7 +191,7 @@ def sample(
         frames.append(pl.read_parquet(path))
         chunk_stats.append(json.loads(path.with_suffix(".json").read_text()))
     write_parquet(pl.concat(frames), Path(out))
-    return Artefact(str(out), stats=summed_generation_stats(chunk_stats))
+    return Artefact(str(out), stats={**summed_generation_stats(chunk_stats), "jobs_kept": kept})
 
 
 def summed_generation_stats(chunks: list[dict]) -> dict:
@@ -223,6 +224,7 @@ def merge_samples(shards: list[Artefact], out: Path) -> Artefact:
         "degenerate_share": float(samples["degenerate"].mean()) if n else 0.0,
         "backend": next((s.stats["backend"] for s in shards if "backend" in s.stats), None),
         "sample_seconds": sum(s.seconds for s in shards),
+        "jobs_kept": sum(s.stats.get("jobs_kept", 0) for s in shards),
     }
     return Artefact(str(out), stats=stats)
 

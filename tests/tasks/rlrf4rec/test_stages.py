@@ -70,6 +70,6 @@ def test_sample_runs_in_jobs_of_chunk_users_and_keeps_every_user(
     assert sorted(samples["user_id"].unique().to_list()) == [1, 2, 3, 4, 5]
     assert samples.height == 10
     # three jobs (users 1-2, 3-4, 5): their statistics add up to one shard's
-    assert got.stats["n_prompts"] == 5
+    assert got.stats["n_prompts"] == 5 and got.stats["jobs_kept"] == 0
     assert got.stats["generated_tokens"] == samples["n_tokens"].sum()
     assert not (out.parent / ".shard00.parquet.partial").exists()
