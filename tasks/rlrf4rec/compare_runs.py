@@ -185,10 +185,12 @@ def _texts(runs: Sequence[Path], loaded: Sequence[dict], names: Sequence[str]) -
         fig = knowledge_figures(run)
         rounds = data["results"].get("rounds", [])
         gen = next((r.get("generation", {}) for r in rounds if r.get("round") == 0), {})
+        # runs before generation_seconds: their sample_seconds, the same figure without a resume
+        seconds = gen.get("generation_seconds", gen.get("sample_seconds", NAN))
         lines.append(
             f"| {name} | {fig['texts']:.0f} | {fig['mean_words']:.1f} | {fig['mean_tokens']:.1f}"
             f" | {_pct(fig['cut_share'])} | {fig['distinct_2']:.3f}"
-            f" | {_pct(fig['history_title_share'])} | {gen.get('sample_seconds', NAN):.0f}"
+            f" | {_pct(fig['history_title_share'])} | {seconds:.0f}"
             f" | {gen.get('generated_tokens', 'n/a')} | {gen.get('tokens_per_s', NAN):.1f} |"
         )
     return lines

@@ -223,7 +223,9 @@ def merge_samples(shards: list[Artefact], out: Path) -> Artefact:
         "mean_chars": float(samples["text"].str.len_chars().mean()) if n else 0.0,
         "degenerate_share": float(samples["degenerate"].mean()) if n else 0.0,
         "backend": next((s.stats["backend"] for s in shards if "backend" in s.stats), None),
-        "sample_seconds": sum(s.seconds for s in shards),
+        "sample_seconds": sum(s.seconds for s in shards),  # a resumed stage's: its run's only
+        # every job's loading and generating, jobs kept from a stopped run included
+        "generation_seconds": sum(s.stats.get("seconds", 0.0) for s in shards),
         "jobs_kept": sum(s.stats.get("jobs_kept", 0) for s in shards),
     }
     return Artefact(str(out), stats=stats)

@@ -73,3 +73,35 @@ def test_sample_runs_in_jobs_of_chunk_users_and_keeps_every_user(
     assert got.stats["n_prompts"] == 5 and got.stats["jobs_kept"] == 0
     assert got.stats["generated_tokens"] == samples["n_tokens"].sum()
     assert not (out.parent / ".shard00.parquet.partial").exists()
+
+
+def test_merged_samples_count_the_seconds_of_jobs_kept_from_a_stopped_run(tmp_path: Path) -> None:
+    def shard(name: str, users: list[int]) -> Path:
+        path = tmp_path / f"{name}.parquet"
+        pl.DataFrame(
+            {
+                "user_id": users,
+                "sample_idx": [0] * len(users),
+                "text": ["likes films"] * len(users),
+                "n_tokens": [4] * len(users),
+                "degenerate": [False] * len(users),
+            }
+        ).write_parquet(path)
+        return path
+
+    # shard 0 was resumed: its stage ran 30 s, its jobs (one kept from the stopped run) 130 s
+    resumed = Artefact(
+        str(shard("shard00", [1, 2])),
+        stats={"seconds": 130.0, "generated_tokens": 8, "jobs_kept": 1, "backend": "vllm"},
+        seconds=30.0,
+    )
+    whole = Artefact(
+        str(shard("shard01", [3])), stats={"seconds": 50.0, "generated_tokens": 4}, seconds=52.0
+    )
+    got = run_stage(
+        "merge-samples", stages.merge_samples.stage_fn, [resumed, whole], out=tmp_path / "m.parquet"
+    ).stats
+    assert got["sample_seconds"] == 30.0 + 52.0  # the shard stages' wall time in this run
+    assert got["generation_seconds"] == 130.0 + 50.0  # what the texts cost
+    assert got["tokens_per_s"] == pytest.approx((8 + 4) / 130.0)  # shards run side by side
+    assert got["jobs_kept"] == 1 and got["users"] == 3
