@@ -127,10 +127,11 @@ def stage_files(run: Path) -> dict[str, int]:
     return {str(p.relative_to(run)): p.stat().st_mtime_ns for p in run.rglob("*.parquet")}
 
 
-def ctrl_c_in_sampling(tmp_path: Path, cmd: list[str]) -> Path:
+def ctrl_c_in_sampling(tmp_path: Path, policy: str) -> tuple[list[str], dict[str, int]]:
     """Start the flow, press Ctrl-C once round-0 sampling has begun, and check the stop: exit
     status 130 within seconds, the stop line last, no process left, no temporary file, the
-    MLflow run KILLED. Returns the run folder."""
+    MLflow run KILLED, no samples written. Returns the command and the run's stage files."""
+    cmd = flow_cmd(tmp_path / "runs", policy, **{"max-new-tokens": "48"})
     proc = start(cmd, tmp_path, "first")
     run = tmp_path / "runs" / "stopped"
     wait_for_text(tmp_path / "first.log", "generate:", proc)  # round-0 sampling has begun
@@ -151,17 +152,16 @@ def ctrl_c_in_sampling(tmp_path: Path, cmd: list[str]) -> Path:
     assert not list(run.rglob(".*.tmp"))
     parents = [r for r in mlflow_runs(tmp_path) if r[2] is None]
     assert [(n, s) for n, s, _ in parents] == [("stopped", "KILLED")]
-    return run
+    kept = stage_files(run)
+    assert "round_00/samples.parquet" not in kept  # the stopped stage left no output
+    return cmd, kept
 
 
 def test_ctrl_c_in_sampling_stops_within_seconds_and_keeps_the_finished_stages(
     tmp_path: Path, tiny_llm_path: str
 ) -> None:
-    cmd = flow_cmd(tmp_path / "runs", tiny_llm_path, **{"max-new-tokens": "48"})
-    run = ctrl_c_in_sampling(tmp_path, cmd)
-    kept = stage_files(run)
+    _, kept = ctrl_c_in_sampling(tmp_path, tiny_llm_path)
     assert {"data/users.parquet", "item_vectors.parquet"} <= kept.keys(), sorted(kept)
-    assert "round_00/samples.parquet" not in kept  # the stopped stage left no output
 
 
 # 114 s on a 2-core AMD EPYC (the whole flow resumed after the stop): with it the default suite
@@ -171,10 +171,8 @@ def test_ctrl_c_in_sampling_stops_within_seconds_and_keeps_the_finished_stages(
 def test_ctrl_c_in_sampling_stops_within_seconds_and_the_same_command_resumes(
     tmp_path: Path, tiny_llm_path: str
 ) -> None:
-    cmd = flow_cmd(tmp_path / "runs", tiny_llm_path, **{"max-new-tokens": "48"})
-    run = ctrl_c_in_sampling(tmp_path, cmd)
-    before = stage_files(run)
-    assert "round_00/samples.parquet" not in before  # the stopped stage left no output
+    cmd, before = ctrl_c_in_sampling(tmp_path, tiny_llm_path)
+    run = tmp_path / "runs" / "stopped"
     resumed = start(cmd, tmp_path, "resumed")
     assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-2000:]
     after = stage_files(run)
