@@ -13,7 +13,8 @@ reference. For every run the comparison gives:
   difference;
 - the reward diagnostics of the reward model trained on the run's texts;
 - the round-0 knowledge texts (one per user): length, share cut at the token budget, distinct-2,
-  share naming a title of the user's history, and the generation cost;
+  share naming a title of the user's history, how much of them restates the prompt's list of
+  factors, and the generation cost;
 - the same users' texts from every run, side by side.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,9 +33,12 @@ import polars as pl
 from models.stats import paired_bootstrap_ci
 from tasks.common.io import atomic_path
 from tasks.rlrf4rec.learning import history_titles, text_figures
+from tasks.rlrf4rec.prompts import instruction
 
 METRICS = ("map@5", "ndcg@5")
 NAN = float("nan")
+MIN_RESTATED_FACTORS = 5
+SENTENCE_END = re.compile(r"(?<=[.:!?])\s+")
 
 
 def load_results(run: Path) -> dict:
@@ -77,9 +82,33 @@ def cross_run(
     return ci
 
 
-def knowledge_figures(run: Path) -> dict[str, float]:
+def prompt_factors(dataset: str) -> list[str]:
+    """The factors the analysis instruction asks about, lower-cased ("genre", "director",
+    "actors", "time period", ...): its "factors like ..." list split at commas, slashes and
+    "and"."""
+    found = re.search(r"factors like ([^()]*)", instruction(dataset, "kar"))
+    if found is None:
+        raise ValueError(f"the {dataset} instruction names no 'factors like ...' list")
+    terms = re.split(r",|/|\band\b", found.group(1).lower())
+    return [t.strip(" .") for t in terms if t.strip(" .")]
+
+
+def restated_words(text: str, factors: Sequence[str]) -> int:
+    """Words of ``text`` up to and including its first sentence that names at least
+    :data:`MIN_RESTATED_FACTORS` of ``factors`` (the prompt's list read back); 0 without one."""
+    sentences = SENTENCE_END.split(text)
+    for k, sentence in enumerate(sentences):
+        low = sentence.lower()
+        if sum(f in low for f in factors) >= MIN_RESTATED_FACTORS:
+            return sum(len(s.split()) for s in sentences[: k + 1])
+    return 0
+
+
+def knowledge_figures(run: Path, dataset: str = "ml-100k") -> dict[str, float]:
     """The round-0 knowledge texts (``round_00/samples.parquet``): ``texts``, ``cut_share`` (cut
-    at the token budget), plus :func:`tasks.rlrf4rec.learning.text_figures`."""
+    at the token budget), ``restating_share`` (share of texts that read the prompt's factor
+    list back, :func:`restated_words`), ``restated_word_share`` (those words over all words),
+    plus :func:`tasks.rlrf4rec.learning.text_figures`."""
     samples = pl.read_parquet(run / "round_00" / "samples.parquet")
     titles = history_titles(
         pl.read_parquet(run / "data" / "history.parquet"),
@@ -87,6 +116,12 @@ def knowledge_figures(run: Path) -> dict[str, float]:
     )
     out: dict[str, float] = {"texts": float(samples.height)}
     out["cut_share"] = float((samples["finish_reason"] == "length").mean())
+    factors = prompt_factors(dataset)
+    texts = samples["text"].to_list()
+    restated = [restated_words(t, factors) for t in texts]
+    words = sum(len(t.split()) for t in texts)
+    out["restating_share"] = float(np.mean([r > 0 for r in restated])) if texts else 0.0
+    out["restated_word_share"] = sum(restated) / words if words else 0.0
     out.update(text_figures(samples, titles))
     return out
 
@@ -178,11 +213,12 @@ def _texts(runs: Sequence[Path], loaded: Sequence[dict], names: Sequence[str]) -
         "## Round-0 knowledge texts and their cost",
         "",
         "| policy | texts | words | tokens | cut at the budget | distinct-2 |"
-        " names a history title | seconds | generated tokens | tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        " names a history title | restates the prompt's factors (texts / words) | seconds |"
+        " generated tokens | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run, data, name in zip(runs, loaded, names, strict=True):
-        fig = knowledge_figures(run)
+        fig = knowledge_figures(run, data["params"].get("dataset", "ml-100k"))
         rounds = data["results"].get("rounds", [])
         gen = next((r.get("generation", {}) for r in rounds if r.get("round") == 0), {})
         # runs before generation_seconds: their sample_seconds, the same figure without a resume
@@ -190,7 +226,9 @@ def _texts(runs: Sequence[Path], loaded: Sequence[dict], names: Sequence[str]) -
         lines.append(
             f"| {name} | {fig['texts']:.0f} | {fig['mean_words']:.1f} | {fig['mean_tokens']:.1f}"
             f" | {_pct(fig['cut_share'])} | {fig['distinct_2']:.3f}"
-            f" | {_pct(fig['history_title_share'])} | {seconds:.0f}"
+            f" | {_pct(fig['history_title_share'])}"
+            f" | {_pct(fig['restating_share'])} / {_pct(fig['restated_word_share'])}"
+            f" | {seconds:.0f}"
             f" | {gen.get('generated_tokens', 'n/a')} | {gen.get('tokens_per_s', NAN):.1f} |"
         )
     return lines

@@ -8,7 +8,13 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from tasks.rlrf4rec.compare_runs import cross_run, knowledge_figures, main
+from tasks.rlrf4rec.compare_runs import (
+    cross_run,
+    knowledge_figures,
+    main,
+    prompt_factors,
+    restated_words,
+)
 
 LISTS = [10, 11, 12, 13]
 
@@ -91,6 +97,30 @@ def test_knowledge_figures_count_cut_texts_and_history_titles(tmp_path: Path) ->
     assert fig["history_title_share"] == 0.5
     assert fig["mean_words"] == pytest.approx((5 + 7) / 2)
     assert fig["mean_tokens"] == pytest.approx(6.0)
+
+
+def test_prompt_factors_are_the_movie_instructions_list() -> None:
+    assert prompt_factors("ml-100k") == [
+        "genre", "director", "actors", "time period", "country", "character", "plot", "theme",
+        "mood", "tone", "critical acclaim", "award", "production quality", "soundtrack",
+    ]  # fmt: skip
+
+
+def test_restated_words_count_up_to_the_sentence_that_reads_the_factor_list_back() -> None:
+    factors = prompt_factors("ml-100k")
+    # sentence 1: 4 words; sentence 2 names genre, director, plot, mood, soundtrack (5): 8 words
+    text = "Here is my analysis. I weigh genre, director, plot, mood and soundtrack. Likes heat."
+    assert restated_words(text, factors) == 4 + 8
+    # four factors are not a restatement
+    assert restated_words("I weigh genre, director, plot and mood. Likes heat.", factors) == 0
+
+
+def test_knowledge_figures_share_of_texts_and_words_restating_the_prompt(tmp_path: Path) -> None:
+    restating = "Factors: genre, plot, theme, mood, tone. Heat."  # 7 words, the first 6 restated
+    run = _run(tmp_path, "r", [[0.5] * 4], [restating, "They love Fargo a lot"])  # 5 words
+    fig = knowledge_figures(run)
+    assert fig["restating_share"] == 0.5
+    assert fig["restated_word_share"] == pytest.approx(6 / (7 + 5))
 
 
 def test_main_writes_the_comparison_and_names_a_missing_run(
