@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         f" ({len(ids)} test lists, "
         f"seeds {[c.seed for c in kar_configs(run, args.backbones[0])]}), paired 95% CI:"
     )
-    print("| backbone | metric | run's KAR | restatement cut | difference |")
+    print("| backbone | metric | run's KAR | this pass | difference |")
     print("|---|---|---|---|---|")
     for backbone, by_metric in figures.items():
         for metric, f in by_metric.items():
