@@ -22,7 +22,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.stats import paired_bootstrap_ci  # noqa: E402
-from tasks.common.io import write_parquet  # noqa: E402
+from tasks.common.io import write_json, write_parquet  # noqa: E402
 from tasks.common.stage import Artefact, read_manifest  # noqa: E402
 from tasks.rlrf4rec.compare_runs import (  # noqa: E402
     METRICS,
@@ -118,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict[str, dict] = {}
     for backbone in args.backbones:
         runs_per_list = []
-        for cfg in kar_configs(run, backbone):
+        configs = kar_configs(run, backbone)
+        for cfg in configs:
             t1 = time.perf_counter()
             model = out / backbone / f"seed{cfg.seed}" / "model"
             train_reranker(run, model, cfg, user_vectors=users, item_vectors=items)
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nKAR with the restatement {'kept' if args.keep_texts else 'cut'} - the run's KAR"
         f" ({len(ids)} test lists, "
-        f"seeds {[c.seed for c in kar_configs(run, args.backbones[0])]}), paired 95% CI:"
+        f"seeds {[c.seed for c in configs]}), paired 95% CI:"
     )
     print("| backbone | metric | run's KAR | this pass | difference |")
     print("|---|---|---|---|---|")
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {backbone} | {metric} | {f['run']:.4f} | {f['edited']:.4f} | "
                 f"{f['mean_diff']:+.4f} [{f['ci_low']:+.4f}, {f['ci_high']:+.4f}] |"
             )
-    (out / "figures.json").write_text(json.dumps(figures, indent=1))
+    write_json(figures, out / "figures.json")
     print(f"\n{time.perf_counter() - t0:.0f} s in all")
     return 0
 
